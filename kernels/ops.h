@@ -1,0 +1,101 @@
+// Shared declarations for the course's torch extensions: the C ABI that Rust calls (tensor
+// pointers are tch's `C_tensor*`, which is a `torch::Tensor*`), and the C++ kernel entry points
+// that the .cpp (CPU) and .cu (CUDA) files implement.
+//
+// Error convention: every extern "C" function returns NULL on success or a malloc'd message
+// that Rust copies and frees with course_free_error. No C++ exception crosses the boundary.
+#pragma once
+#include <cstdint>
+
+#ifdef __cplusplus
+#include <ATen/core/Tensor.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <tuple>
+
+namespace course {
+
+// GELU, tanh approximation (Hendrycks & Gimpel 2016, eq. 2): 0.5 x (1 + tanh(k (x + c x^3))).
+constexpr double kGeluK = 0.7978845608028654;  // sqrt(2 / pi)
+constexpr double kGeluC = 0.044715;
+
+// Forward and backward of y = gelu_tanh(x + bias), x of shape (M, N) contiguous, bias (N).
+at::Tensor bias_gelu_forward_cpu(const at::Tensor& x, const at::Tensor& bias);
+std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                          const at::Tensor& bias);
+#ifdef COURSE_CUDA
+at::Tensor bias_gelu_forward_cuda(const at::Tensor& x, const at::Tensor& bias);
+std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                           const at::Tensor& bias);
+#endif
+
+// A malloc'd copy of an exception message for the C ABI, cut before c10's C++ backtrace.
+inline char* dup_error(const char* what) {
+  std::string s(what ? what : "unknown C++ exception");
+  auto nl = s.find("\nException raised from");
+  if (nl != std::string::npos) s.resize(nl);
+  char* out = static_cast<char*>(std::malloc(s.size() + 1));
+  if (out) std::memcpy(out, s.c_str(), s.size() + 1);
+  return out;
+}
+
+}  // namespace course
+
+// Body of an extern "C" function: run it, turn any exception into a returned message.
+#define COURSE_TRY(...)                                \
+  try {                                                \
+    __VA_ARGS__;                                       \
+    return nullptr;                                    \
+  } catch (const std::exception& e) {                  \
+    return course::dup_error(e.what());                \
+  } catch (...) {                                      \
+    return course::dup_error("unknown C++ exception"); \
+  }
+
+extern "C" {
+#endif
+
+typedef void* course_tensor;  // a torch::Tensor*
+
+// Frees a message or string returned by any course_* function.
+void course_free_error(char* msg);
+
+// ---- runtime shim (shim.cpp): what tch does not bind ----
+void course_set_deterministic(int enabled, int warn_only);
+int course_deterministic(void);
+void course_set_cudnn(int benchmark, int deterministic);
+// Autocast for device_type 0 = CPU, 1 = CUDA; dtype is a c10::ScalarType code. enter returns the
+// previous state so exit can restore it (nesting-safe).
+char* course_autocast_enter(int device_type, int enabled, int dtype, int* prev_enabled, int* prev_dtype);
+char* course_autocast_exit(int device_type, int prev_enabled, int prev_dtype);
+char* course_autocast_state(int device_type, int* enabled, int* dtype);
+const char* course_torch_version(void);
+const char* course_cpu_capability(void);
+char* course_parallel_info(void);  // free with course_free_error
+long course_cuda_runtime_version(void);  // 0 when CUDA is absent
+long course_cudnn_version(void);         // 0 when cuDNN is absent
+int course_cuda_device_count(void);
+// Caching-allocator stats of an accelerator device (bytes): allocated now/peak, reserved now/peak.
+char* course_accel_memory(int device_index, int64_t* alloc_cur, int64_t* alloc_peak, int64_t* reserved_cur,
+                          int64_t* reserved_peak);
+char* course_accel_reset_peak(int device_index);
+// c10::InferenceMode as a guard object: exit on the thread that entered, in LIFO order.
+void* course_inference_mode_enter(void);
+void course_inference_mode_exit(void* guard);
+int course_is_inference(course_tensor t);
+int64_t course_peak_rss_bytes(void);
+int64_t course_current_rss_bytes(void);
+
+// Fused bias + GELU as an autograd function: gradients flow to input and bias.
+char* course_bias_gelu(course_tensor input, course_tensor bias, course_tensor* out);
+// The raw kernels, without autograd (for benchmarks and direct tests).
+char* course_bias_gelu_forward(course_tensor input, course_tensor bias, course_tensor* out);
+char* course_bias_gelu_backward(course_tensor grad, course_tensor input, course_tensor bias,
+                                course_tensor* grad_input, course_tensor* grad_bias);
+
+#ifdef __cplusplus
+}
+#endif

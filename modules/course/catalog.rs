@@ -1,0 +1,29 @@
+//! The course's modules, in order. `course list`, `course tour` and the gallery read this table;
+//! a new module joins the course by adding its line here (and its `[[bin]]` in Cargo.toml).
+
+#[derive(Debug, Clone, Copy)]
+pub struct ModuleInfo {
+    /// Binary name and folder under `outputs/`.
+    pub name: &'static str,
+    pub title: &'static str,
+    pub teaches: &'static str,
+    /// The headline target, as the README states it.
+    pub target: &'static str,
+    /// Default run time on a 2-core laptop-class CPU, as measured (or budgeted, before it exists).
+    pub time_2core: &'static str,
+}
+
+pub const MODULES: &[ModuleInfo] = &[
+    ModuleInfo { name: "m01_basics", title: "Basics and reproducibility", teaches: "tensors, autograd, no_grad vs inference mode, seeds and determinism, memory; linear regression three ways", target: "bit-identical reruns; 3 regressions recover the true weights", time_2core: "~10 s" },
+    ModuleInfo { name: "m02_data", title: "Data pipelines", teaches: "Dataset/DataLoader, initialisation, optimizers, schedulers, early stopping, resumable checkpoints, TensorBoard", target: "MNIST MLP >= 97.5%, CNN >= 99%", time_2core: "<= 10 min" },
+    ModuleInfo { name: "m03_transformer", title: "Transformer classification", teaches: "attention from scratch, tokenizers, encoder classifier, fine-tuning MiniLM", target: "BBC macro-F1 >= 0.95 (MiniLM)", time_2core: "<= 15 min" },
+    ModuleInfo { name: "m04_amp", title: "Mixed precision", teaches: "a GPT on Shakespeare, autocast bf16/fp16, GradScaler, clipping, accumulation, fused kernels, profiling", target: "val loss <= 1.90; bf16 >= 1.3x fp32", time_2core: "<= 10 min" },
+    ModuleInfo { name: "m05_ddp", title: "Distributed data parallel", teaches: "c10d (Gloo/NCCL), torchrun-compatible launch, bucketed allreduce, DistributedSampler", target: "N=2 equals N=1 to 1e-5", time_2core: "planned" },
+    ModuleInfo { name: "m06_lora_quant", title: "LoRA and quantization", teaches: "LoRA adapters, int8 and 4-bit weight kernels", target: "planned", time_2core: "planned" },
+    ModuleInfo { name: "m07_serving", title: "Serving", teaches: "generation engine, KV cache, an OpenAI-compatible server", target: "planned", time_2core: "planned" },
+    ModuleInfo { name: "m08_rag", title: "Retrieval-augmented generation", teaches: "embeddings, vector search, grounded answers", target: "planned", time_2core: "planned" },
+];
+
+pub fn find(name: &str) -> Option<&'static ModuleInfo> {
+    MODULES.iter().find(|m| m.name == name)
+}

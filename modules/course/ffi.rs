@@ -1,0 +1,86 @@
+//! Raw declarations of the C ABI in `kernels/ops.h` (compiled by build.rs). Use the safe
+//! wrappers in [`crate::ops`] and [`crate::runtime`]; nothing else should touch these.
+#![allow(dead_code)]
+
+use std::ffi::{c_char, c_int, c_long, c_void, CStr};
+use tch::Tensor;
+
+pub type CTensor = *mut c_void;
+
+extern "C" {
+    pub fn course_free_error(msg: *mut c_char);
+
+    pub fn course_bias_gelu(input: CTensor, bias: CTensor, out: *mut CTensor) -> *mut c_char;
+    pub fn course_bias_gelu_forward(input: CTensor, bias: CTensor, out: *mut CTensor) -> *mut c_char;
+    pub fn course_bias_gelu_backward(
+        grad: CTensor,
+        input: CTensor,
+        bias: CTensor,
+        grad_input: *mut CTensor,
+        grad_bias: *mut CTensor,
+    ) -> *mut c_char;
+
+    pub fn course_set_deterministic(enabled: c_int, warn_only: c_int);
+    pub fn course_deterministic() -> c_int;
+    pub fn course_set_cudnn(benchmark: c_int, deterministic: c_int);
+    pub fn course_autocast_enter(
+        device_type: c_int,
+        enabled: c_int,
+        dtype: c_int,
+        prev_enabled: *mut c_int,
+        prev_dtype: *mut c_int,
+    ) -> *mut c_char;
+    pub fn course_autocast_exit(device_type: c_int, prev_enabled: c_int, prev_dtype: c_int) -> *mut c_char;
+    pub fn course_autocast_state(device_type: c_int, enabled: *mut c_int, dtype: *mut c_int) -> *mut c_char;
+    pub fn course_torch_version() -> *const c_char;
+    pub fn course_cpu_capability() -> *const c_char;
+    pub fn course_parallel_info() -> *mut c_char;
+    pub fn course_cuda_runtime_version() -> c_long;
+    pub fn course_cudnn_version() -> c_long;
+    pub fn course_cuda_device_count() -> c_int;
+    pub fn course_accel_memory(
+        device_index: c_int,
+        alloc_cur: *mut i64,
+        alloc_peak: *mut i64,
+        reserved_cur: *mut i64,
+        reserved_peak: *mut i64,
+    ) -> *mut c_char;
+    pub fn course_accel_reset_peak(device_index: c_int) -> *mut c_char;
+    pub fn course_inference_mode_enter() -> *mut c_void;
+    pub fn course_inference_mode_exit(guard: *mut c_void);
+    pub fn course_is_inference(t: CTensor) -> c_int;
+    pub fn course_peak_rss_bytes() -> i64;
+    pub fn course_current_rss_bytes() -> i64;
+}
+
+/// Turns the C ABI's error convention (NULL = ok, else a malloc'd message) into a `Result`.
+pub(crate) fn check(err: *mut c_char) -> anyhow::Result<()> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null return is a NUL-terminated string malloc'd by ops.h's dup_error.
+    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { course_free_error(err) };
+    Err(anyhow::anyhow!(msg))
+}
+
+/// The `torch::Tensor*` behind a tch tensor, as the C ABI takes it.
+pub(crate) fn ptr(t: &Tensor) -> CTensor {
+    t.as_ptr() as CTensor
+}
+
+/// Takes ownership of a `new at::Tensor(...)` returned through the C ABI.
+pub(crate) fn take(p: CTensor) -> Tensor {
+    assert!(!p.is_null(), "C ABI returned success with a null tensor");
+    // SAFETY: the pointer is a heap `at::Tensor` that nobody else owns; tch frees it on drop.
+    unsafe { Tensor::from_ptr(p as *mut torch_sys::C_tensor) }
+}
+
+/// A static C string from the shim.
+pub(crate) fn static_str(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: the shim returns pointers to static NUL-terminated strings.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}

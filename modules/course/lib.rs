@@ -1,0 +1,31 @@
+//! `course`: the library under the llm-course modules — what tch-rs does not ship and course
+//! users keep asking for. Each file holds one concern; the module binaries in `modules/mNN_*/`
+//! are thin lessons over it.
+//!
+//! - [`ops`]: custom kernels from `kernels/` (C++/ATen and CUDA), each beside a reference.
+//! - [`runtime`]: the C++ shim — determinism, CPU/CUDA autocast, inference mode, versions, memory.
+//! - [`run`]: shared flags, seeding, `outputs/<module>/metrics.json` and the run manifest.
+//! - [`charts`], [`progress`]: PNG charts and progress bars.
+//! - [`device`], [`rng`], [`report`], [`fsutil`]: device choice, seeded RNG, environment report,
+//!   atomic writes.
+//! - [`catalog`], [`gallery`], [`data`]: the module list, the tour's HTML gallery, data set paths.
+//! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
+
+pub mod catalog;
+pub mod charts;
+pub mod data;
+pub mod device;
+mod ffi;
+pub mod fsutil;
+pub mod gallery;
+pub mod linreg;
+pub mod ops;
+pub mod progress;
+pub mod report;
+pub mod repro;
+pub mod rng;
+pub mod run;
+pub mod runtime;
+
+pub use device::DeviceChoice;
+pub use run::{CommonArgs, Metrics, Op, Run};

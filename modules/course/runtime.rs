@@ -1,0 +1,189 @@
+//! Safe wrappers over the runtime shim (`kernels/shim.cpp`): determinism, CPU and CUDA
+//! autocast with any dtype, inference mode, thread count, versions and memory statistics.
+
+use crate::ffi;
+use anyhow::Result;
+use std::ffi::c_int;
+use tch::{Device, Kind};
+
+/// `torch.use_deterministic_algorithms(enabled, warn_only)`; also switches cuDNN to its
+/// deterministic algorithms and turns off its autotuner, which picks kernels by timing.
+pub fn set_deterministic(enabled: bool, warn_only: bool) {
+    unsafe {
+        ffi::course_set_deterministic(enabled as c_int, warn_only as c_int);
+        ffi::course_set_cudnn(!enabled as c_int, enabled as c_int);
+    }
+}
+
+pub fn deterministic() -> bool {
+    unsafe { ffi::course_deterministic() != 0 }
+}
+
+fn device_code(device: Device) -> c_int {
+    match device {
+        Device::Cuda(_) => 1,
+        _ => 0,
+    }
+}
+
+/// c10::ScalarType codes (c10/core/ScalarType.h) of the dtypes autocast takes.
+fn kind_code(kind: Kind) -> c_int {
+    match kind {
+        Kind::Half => 5,
+        Kind::Float => 6,
+        Kind::Double => 7,
+        Kind::BFloat16 => 15,
+        _ => -1,
+    }
+}
+
+fn kind_from_code(code: c_int) -> Kind {
+    match code {
+        5 => Kind::Half,
+        15 => Kind::BFloat16,
+        6 => Kind::Float,
+        _ => Kind::Float,
+    }
+}
+
+/// An autocast region on one device type, like `with torch.autocast(device, dtype)`: ops that
+/// autocast lists run in `dtype` (matmuls, convolutions, linear), the rest in fp32. Dropping the
+/// guard restores the previous state, so regions nest. Works on CPU (bf16, fp16) and CUDA.
+#[must_use = "autocast ends when the guard is dropped"]
+pub struct AutocastGuard {
+    device: c_int,
+    prev_enabled: c_int,
+    prev_dtype: c_int,
+}
+
+/// Enters autocast for `device`'s type with `dtype` (Kind::BFloat16 or Kind::Half); with
+/// `enabled = false` it is a region where autocast is off (like `torch.autocast(enabled=False)`).
+pub fn autocast(device: Device, dtype: Kind, enabled: bool) -> Result<AutocastGuard> {
+    let (mut prev_enabled, mut prev_dtype) = (0, 0);
+    let code = device_code(device);
+    ffi::check(unsafe {
+        ffi::course_autocast_enter(code, enabled as c_int, kind_code(dtype), &mut prev_enabled, &mut prev_dtype)
+    })?;
+    Ok(AutocastGuard { device: code, prev_enabled, prev_dtype })
+}
+
+/// Whether autocast is on for `device`'s type, and its dtype.
+pub fn autocast_state(device: Device) -> Result<(bool, Kind)> {
+    let (mut en, mut dt) = (0, 0);
+    ffi::check(unsafe { ffi::course_autocast_state(device_code(device), &mut en, &mut dt) })?;
+    Ok((en != 0, kind_from_code(dt)))
+}
+
+impl Drop for AutocastGuard {
+    fn drop(&mut self) {
+        // Restoring can only fail for an invalid device code, which enter already rejected.
+        let _ = ffi::check(unsafe { ffi::course_autocast_exit(self.device, self.prev_enabled, self.prev_dtype) });
+    }
+}
+
+/// `torch.inference_mode()`: no autograd recording and no version counters; tensors made inside
+/// are "inference tensors" that autograd refuses later. Cheaper than `no_grad`. The guard must be
+/// dropped on the thread that created it.
+#[must_use = "inference mode ends when the guard is dropped"]
+pub struct InferenceMode {
+    guard: *mut std::ffi::c_void,
+}
+
+pub fn inference_mode() -> InferenceMode {
+    InferenceMode { guard: unsafe { ffi::course_inference_mode_enter() } }
+}
+
+impl Drop for InferenceMode {
+    fn drop(&mut self) {
+        unsafe { ffi::course_inference_mode_exit(self.guard) }
+    }
+}
+
+/// Whether `t` was created under inference mode.
+pub fn is_inference(t: &tch::Tensor) -> bool {
+    unsafe { ffi::course_is_inference(ffi::ptr(t)) != 0 }
+}
+
+/// Intra-op threads used by ATen (`torch.set_num_threads`).
+pub fn set_threads(n: usize) {
+    tch::set_num_threads(n.max(1) as i32);
+}
+
+pub fn threads() -> usize {
+    tch::get_num_threads().max(1) as usize
+}
+
+/// Versions of the libraries actually loaded.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Versions {
+    pub torch: String,
+    /// e.g. 13000 for CUDA 13.0; 0 without a CUDA runtime.
+    pub cuda_runtime: i64,
+    /// e.g. 91900 for cuDNN 9.19.0; 0 without cuDNN.
+    pub cudnn: i64,
+    pub cuda_devices: usize,
+    /// The CPU instruction set ATen dispatches its kernels (and ours) to.
+    pub cpu_capability: String,
+}
+
+pub fn versions() -> Versions {
+    unsafe {
+        let devices = ffi::course_cuda_device_count().max(0) as usize;
+        Versions {
+            torch: ffi::static_str(ffi::course_torch_version()),
+            cuda_runtime: if devices > 0 { ffi::course_cuda_runtime_version() as i64 } else { 0 },
+            cudnn: if devices > 0 { ffi::course_cudnn_version() as i64 } else { 0 },
+            cuda_devices: devices,
+            cpu_capability: ffi::static_str(ffi::course_cpu_capability()),
+        }
+    }
+}
+
+/// ATen's description of its thread pools and parallel backends.
+pub fn parallel_info() -> String {
+    let p = unsafe { ffi::course_parallel_info() };
+    if p.is_null() {
+        return String::new();
+    }
+    let s = unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    unsafe { ffi::course_free_error(p) };
+    s
+}
+
+/// CUDA caching-allocator statistics in bytes.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct AllocatorStats {
+    pub allocated: i64,
+    pub allocated_peak: i64,
+    pub reserved: i64,
+    pub reserved_peak: i64,
+}
+
+/// Allocator stats of CUDA device `index`; an error when there is no such device.
+pub fn cuda_memory(index: usize) -> Result<AllocatorStats> {
+    let mut s = AllocatorStats::default();
+    ffi::check(unsafe {
+        ffi::course_accel_memory(
+            index as c_int,
+            &mut s.allocated,
+            &mut s.allocated_peak,
+            &mut s.reserved,
+            &mut s.reserved_peak,
+        )
+    })?;
+    Ok(s)
+}
+
+pub fn cuda_reset_peak(index: usize) -> Result<()> {
+    ffi::check(unsafe { ffi::course_accel_reset_peak(index as c_int) })
+}
+
+/// Peak resident set size of this process so far (getrusage), in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    unsafe { ffi::course_peak_rss_bytes() }.max(0) as u64
+}
+
+/// Current resident set size (/proc/self/statm), in bytes.
+pub fn current_rss_bytes() -> u64 {
+    unsafe { ffi::course_current_rss_bytes() }.max(0) as u64
+}
