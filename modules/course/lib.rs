@@ -28,4 +28,7 @@ pub mod run;
 pub mod runtime;
 
 pub use device::DeviceChoice;
+
+/// Whether this build carries the CUDA kernels (`--features cuda`).
+pub const CUDA_KERNELS: bool = cfg!(feature = "cuda");
 pub use run::{CommonArgs, Metrics, Op, Run};

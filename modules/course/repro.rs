@@ -10,7 +10,7 @@ pub fn tensor_hash(t: &Tensor) -> u64 {
     let t = t.to_device(Device::Cpu).contiguous();
     let n = t.numel() * t.kind().elt_size_in_bytes();
     let mut bytes = vec![0u8; n];
-    t.copy_data_u8(&mut bytes, n);
+    t.copy_data_u8(&mut bytes, t.numel());
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
