@@ -27,6 +27,7 @@ pub fn synthetic(n: i64, d: i64, noise: f64, kind: Kind, device: Device) -> Prob
 }
 
 /// A fitted model: weights (d, 1), bias, and the loss after each step (empty for closed form).
+#[derive(Debug)]
 pub struct Fit {
     pub w: Tensor,
     pub b: f64,

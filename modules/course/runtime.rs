@@ -61,6 +61,9 @@ pub struct AutocastGuard {
 pub fn autocast(device: Device, dtype: Kind, enabled: bool) -> Result<AutocastGuard> {
     let (mut prev_enabled, mut prev_dtype) = (0, 0);
     let code = device_code(device);
+    if enabled && !matches!(dtype, Kind::BFloat16 | Kind::Half) {
+        anyhow::bail!("autocast on {device:?} supports float16 and bfloat16, got {dtype:?}");
+    }
     ffi::check(unsafe {
         ffi::course_autocast_enter(code, enabled as c_int, kind_code(dtype), &mut prev_enabled, &mut prev_dtype)
     })?;

@@ -81,7 +81,9 @@ fn doctor() -> Result<()> {
     let r = course::report::env_report();
     println!("{r}");
     println!("cuda kernels  {}", if course::CUDA_KERNELS { "compiled in (--features cuda)" } else { "not compiled (build with --features cuda for the CUDA twins)" });
-    println!("threads       {}", course::runtime::parallel_info().lines().filter(|l| l.contains("threads")).collect::<Vec<_>>().join("; "));
+    let info = course::runtime::parallel_info();
+    let threads: Vec<&str> = info.lines().map(str::trim).filter(|l| l.contains("threads")).collect();
+    println!("threads       {}", threads.join(", "));
     let ok_torch = r.torch.starts_with("2.11.0");
     if !ok_torch {
         println!("PROBLEM       libtorch {} is loaded but tch 0.24 needs 2.11.0: rerun `python3 scripts/setup.py`", r.torch);

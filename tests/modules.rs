@@ -1,0 +1,152 @@
+//! Runs the module binaries and the course runner as a user would, in temporary output folders.
+
+use course::catalog::MODULES;
+use course::Metrics;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("course-it-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_course")).parent().unwrap().to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+fn is_png(p: &Path) -> bool {
+    std::fs::read(p).map(|b| b.starts_with(b"\x89PNG\r\n\x1a\n")).unwrap_or(false)
+}
+
+#[test]
+fn every_built_module_runs_quick_and_writes_valid_metrics() {
+    let mut ran = 0;
+    for m in MODULES {
+        let bin = bin_dir().join(m.name);
+        if !bin.exists() {
+            continue;
+        }
+        let out = tmp(m.name);
+        run(Command::new(&bin).args(["--quick", "--quiet", "--device", "cpu", "--outputs"]).arg(&out));
+        let metrics = Metrics::load(&out.join(m.name).join("metrics.json")).unwrap();
+        assert_eq!(metrics.module, m.name);
+        assert!(metrics.quick);
+        assert_eq!(metrics.device, "cpu");
+        assert!(!metrics.targets.is_empty(), "{} records no targets", m.name);
+        for a in &metrics.artifacts {
+            let p = out.join(m.name).join(a);
+            assert!(p.exists(), "{} lists missing artifact {a}", m.name);
+            if a.ends_with(".png") {
+                assert!(is_png(&p), "{a} is not a PNG");
+            }
+        }
+        assert!(out.join(m.name).join("manifest.json").exists());
+        ran += 1;
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    // m01 is always built with the tests (it is a [[bin]] of this package).
+    assert!(ran >= 1, "no module binary found in {}", bin_dir().display());
+}
+
+#[test]
+fn m01_meets_every_target_and_charts_its_fit() {
+    let out = tmp("m01");
+    run(Command::new(env!("CARGO_BIN_EXE_m01_basics")).args(["--quiet", "--device", "cpu", "--seed", "3", "--outputs"]).arg(&out));
+    let m = Metrics::load(&out.join("m01_basics/metrics.json")).unwrap();
+    assert!(!m.quick && m.seed == 3);
+    assert!(m.all_targets_met(), "{:#?}", m.targets);
+    for name in ["closed_form_param_error", "gradient_descent_param_error", "nn_linear_sgd_param_error", "repro_cross_process", "methods_max_disagreement"] {
+        assert!(m.targets.iter().any(|t| t.name == name), "missing target {name}");
+    }
+    assert_eq!(m.artifacts, ["loss.png", "fit.png"]);
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("m01_basics/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["seed"], 3);
+    assert_eq!(manifest["config"]["common"]["seed"], 3);
+    assert!(manifest["versions"]["torch"].as_str().unwrap().starts_with("2.11.0"));
+    assert!(manifest["wall_time_s"].as_f64().unwrap() > 0.0);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    let out = Command::new(env!("CARGO_BIN_EXE_m01_basics")).args(["--device", "tpu"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--device") && err.contains("'tpu'"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_m01_basics")).args(["--device", "cuda:7", "--quick"]).output().unwrap();
+    if tch::Cuda::device_count() < 8 {
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("cuda:7"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_m01_basics")).args(["--samples", "3", "--quick", "--outputs"]).arg(tmp("bad")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--samples"));
+}
+
+#[test]
+fn two_processes_give_the_same_bits_as_this_one() {
+    let probe = |seed: u64| {
+        let s = run(Command::new(env!("CARGO_BIN_EXE_m01_basics")).args(["--probe-fingerprint", &seed.to_string(), "--device", "cpu"]));
+        u64::from_str_radix(s.trim(), 16).unwrap()
+    };
+    let here = course::repro::fingerprint(11, tch::Device::Cpu);
+    assert_eq!(probe(11), here);
+    assert_eq!(probe(11), probe(11));
+    assert_ne!(probe(12), here);
+}
+
+#[test]
+fn course_list_reads_metrics_files() {
+    let out = tmp("list");
+    let list = || run(Command::new(env!("CARGO_BIN_EXE_course")).args(["list", "--outputs"]).arg(&out));
+    assert!(list().lines().any(|l| l.starts_with("m01_basics") && l.contains("not run")));
+    std::fs::create_dir_all(out.join("m01_basics")).unwrap();
+    let m = serde_json::json!({"module": "m01_basics", "quick": false, "seed": 0, "device": "cpu",
+        "metrics": {"x": 1.0},
+        "targets": [{"name": "a", "value": 1.0, "goal": 0.5, "op": ">=", "met": true},
+                    {"name": "b", "value": 1.0, "goal": 0.5, "op": "<=", "met": false}],
+        "artifacts": []});
+    std::fs::write(out.join("m01_basics/metrics.json"), m.to_string()).unwrap();
+    assert!(list().lines().any(|l| l.starts_with("m01_basics") && l.contains("ran (1/2 targets met)")), "{}", list());
+    let mut m2 = m.clone();
+    m2["targets"][1]["value"] = serde_json::json!(0.1);
+    m2["targets"][1]["met"] = serde_json::json!(true);
+    std::fs::write(out.join("m01_basics/metrics.json"), m2.to_string()).unwrap();
+    assert!(list().lines().any(|l| l.starts_with("m01_basics") && l.contains("all targets met")));
+    std::fs::write(out.join("m01_basics/metrics.json"), "{not json").unwrap();
+    assert!(list().lines().any(|l| l.starts_with("m01_basics") && l.contains("invalid metrics")));
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn tour_writes_a_gallery_with_the_charts() {
+    let out = tmp("tour");
+    run(Command::new(env!("CARGO_BIN_EXE_course")).args(["tour", "--quick", "--only", "m01_basics", "--device", "cpu", "--outputs"]).arg(&out));
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    assert!(html.contains("<img src=\"m01_basics/loss.png\"") && html.contains("<img src=\"m01_basics/fit.png\""), "{html}");
+    assert!(html.contains("targets met"));
+    assert!(is_png(&out.join("m01_basics/loss.png")));
+    let bad = Command::new(env!("CARGO_BIN_EXE_course")).args(["tour", "--only", "m99_nope"]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("unknown module 'm99_nope'"));
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn every_module_binary_in_cargo_toml_is_in_the_catalog() {
+    let toml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
+    for line in toml.lines() {
+        if let Some(name) = line.strip_prefix("name = \"m0") {
+            let name = format!("m0{}", name.trim_end_matches('"'));
+            assert!(course::catalog::find(&name).is_some(), "{name} is a binary but not in catalog::MODULES");
+        }
+    }
+}

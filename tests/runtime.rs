@@ -1,0 +1,90 @@
+//! The runtime shim against libtorch's own behaviour: autocast on the CPU, determinism,
+//! inference mode, memory statistics and versions.
+
+use course::runtime::{self, autocast, autocast_state};
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn cpu_autocast_runs_matmul_in_the_chosen_dtype_and_restores_state() {
+    let a = Tensor::randn([8, 16], (Kind::Float, Device::Cpu));
+    let b = Tensor::randn([16, 4], (Kind::Float, Device::Cpu));
+    assert_eq!(a.matmul(&b).kind(), Kind::Float);
+    {
+        let _g = autocast(Device::Cpu, Kind::BFloat16, true).unwrap();
+        assert_eq!(autocast_state(Device::Cpu).unwrap(), (true, Kind::BFloat16));
+        let y = a.matmul(&b);
+        assert_eq!(y.kind(), Kind::BFloat16, "matmul is on autocast's lower-precision list");
+        // The value equals the matmul of the bf16-rounded inputs.
+        let want = a.to_kind(Kind::BFloat16).matmul(&b.to_kind(Kind::BFloat16));
+        assert!(y.equal(&want));
+        // mse_loss is on CPU autocast's fp32 list: a bf16 input is computed in f32 (as in
+        // Python: torch.autocast("cpu", torch.bfloat16) gives mse_loss float32, softmax bfloat16).
+        assert_eq!(y.mse_loss(&y.zeros_like(), tch::Reduction::Mean).kind(), Kind::Float);
+        assert_eq!(y.softmax(-1, None::<Kind>).kind(), Kind::BFloat16);
+        {
+            let _off = autocast(Device::Cpu, Kind::BFloat16, false).unwrap();
+            assert_eq!(a.matmul(&b).kind(), Kind::Float, "nested disabled region");
+            let _half = autocast(Device::Cpu, Kind::Half, true).unwrap();
+            assert_eq!(a.matmul(&b).kind(), Kind::Half, "nested fp16 region");
+        }
+        assert_eq!(autocast_state(Device::Cpu).unwrap(), (true, Kind::BFloat16), "inner regions restored the outer one");
+    }
+    assert!(!autocast_state(Device::Cpu).unwrap().0);
+    assert_eq!(a.matmul(&b).kind(), Kind::Float);
+}
+
+#[test]
+fn autocast_rejects_unsupported_dtypes() {
+    let err = autocast(Device::Cpu, Kind::Int64, true).err().expect("int64 autocast must fail").to_string();
+    assert!(err.contains("supports float16 and bfloat16"), "{err}");
+    assert!(!autocast_state(Device::Cpu).unwrap().0, "a failed enter leaves autocast off");
+}
+
+#[test]
+fn determinism_switch_round_trips() {
+    runtime::set_deterministic(true, false);
+    assert!(runtime::deterministic());
+    runtime::set_deterministic(false, false);
+    assert!(!runtime::deterministic());
+}
+
+#[test]
+fn inference_mode_marks_tensors_and_no_grad_does_not() {
+    let w = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let a = {
+        let _g = runtime::inference_mode();
+        &w * 2.0
+    };
+    let b = tch::no_grad(|| &w * 2.0);
+    assert!(runtime::is_inference(&a) && !runtime::is_inference(&b));
+    assert!(!a.requires_grad() && !b.requires_grad());
+    let c = &w * 2.0;
+    assert!(c.requires_grad() && !runtime::is_inference(&c), "the guard ended with its scope");
+}
+
+#[test]
+fn peak_rss_grows_with_a_large_allocation() {
+    let before = runtime::peak_rss_bytes();
+    let t = Tensor::ones([64 << 20], (Kind::Uint8, Device::Cpu)); // 64 MiB, touched
+    let after = runtime::peak_rss_bytes();
+    assert!(after >= before + (60 << 20) || before > runtime::current_rss_bytes() + (60 << 20), "peak {before} -> {after}");
+    assert!(runtime::current_rss_bytes() > 64 << 20);
+    drop(t);
+}
+
+#[test]
+fn versions_report_the_loaded_libtorch() {
+    let v = runtime::versions();
+    assert!(v.torch.starts_with("2.11.0"), "{}", v.torch);
+    assert_eq!(v.cuda_devices, tch::Cuda::device_count() as usize);
+    assert!(["DEFAULT", "AVX2", "AVX512", "AVX512_VNNI", "ZVECTOR", "SVE256", "SVE128", "VSX"].iter().any(|c| v.cpu_capability.starts_with(c)), "{}", v.cpu_capability);
+    if v.cuda_devices == 0 {
+        assert!(runtime::cuda_memory(0).unwrap_err().to_string().contains("no CUDA device 0"));
+    } else {
+        let t = Tensor::ones([1 << 20], (Kind::Float, Device::Cuda(0)));
+        let s = runtime::cuda_memory(0).unwrap();
+        assert!(s.allocated >= 4 << 20 && s.allocated_peak >= s.allocated);
+        drop(t);
+    }
+    assert_eq!(runtime::threads(), tch::get_num_threads() as usize);
+}
