@@ -1,0 +1,64 @@
+"""PyTorch eager twin of kernels/bench_bias_gelu.rs: F.gelu(x + b, approximate="tanh") on the
+CPU, forward and forward+backward, same sizes, same timing rule (median of repeats).
+Prints one JSON object per line: {"rows", "cols", "dtype", "pass", "ms"}.
+Run: .venv/bin/python kernels/bench_bias_gelu.py [--threads N] [--quick]"""
+import argparse
+import ctypes
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+SIZES = [(256, 1024), (2048, 2048), (4096, 4096), (8192, 4096)]
+
+
+def median_ms(fn, reps):
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--retain-freed-memory", action="store_true", help="glibc mallopt: no mmap, no trim (as the Rust side)")
+    a = ap.parse_args()
+    if a.retain_freed_memory:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    sizes = SIZES[:2] if a.quick else SIZES
+    for rows, cols in sizes:
+        reps = 5 if rows * cols >= 1 << 24 else 20
+        x = torch.randn(rows, cols)
+        b = torch.randn(cols)
+        g = torch.randn(rows, cols)
+
+        def fwd():
+            with torch.no_grad():
+                F.gelu(x + b, approximate="tanh")
+
+        xr = x.clone().requires_grad_(True)
+        br = b.clone().requires_grad_(True)
+
+        def fwd_bwd():
+            xr.grad = None
+            br.grad = None
+            F.gelu(xr + br, approximate="tanh").backward(g)
+
+        for name, fn in [("forward", fwd), ("forward_backward", fwd_bwd)]:
+            print(json.dumps({"rows": rows, "cols": cols, "dtype": "float32", "pass": name, "ms": median_ms(fn, reps)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
