@@ -24,7 +24,18 @@ const CPU_VARIANTS: &[(&str, &str, &[&str])] = &[
     (
         "avx512",
         "AVX512",
-        &["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt"],
+        &[
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-mfma",
+            "-mf16c",
+            "-mbmi",
+            "-mbmi2",
+            "-mlzcnt",
+            "-mpopcnt",
+        ],
     ),
 ];
 
@@ -57,7 +68,8 @@ fn run() -> Result<(), String> {
     check_version(&libtorch)?;
     // torch-sys (links = "tch") reports the lib dir it linked against; prefer it so both agree.
     let lib_dir = env::var("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from).unwrap_or_else(|_| libtorch.join("lib"));
-    let lib_dir = lib_dir.canonicalize().map_err(|e| format!("libtorch lib dir {}: {e}; {SETUP_HINT}", lib_dir.display()))?;
+    let lib_dir =
+        lib_dir.canonicalize().map_err(|e| format!("libtorch lib dir {}: {e}; {SETUP_HINT}", lib_dir.display()))?;
     let include = libtorch.join("include");
     let include_api = include.join("torch/csrc/api/include");
 
@@ -118,7 +130,9 @@ fn run() -> Result<(), String> {
 }
 
 fn libtorch_dir() -> Result<PathBuf, String> {
-    let dir = env::var("LIBTORCH").map(PathBuf::from).map_err(|_| format!("LIBTORCH is not set (.cargo/config.toml sets it to .libtorch); {SETUP_HINT}"))?;
+    let dir = env::var("LIBTORCH")
+        .map(PathBuf::from)
+        .map_err(|_| format!("LIBTORCH is not set (.cargo/config.toml sets it to .libtorch); {SETUP_HINT}"))?;
     if !dir.join("include/ATen/ATen.h").exists() {
         return Err(format!("libtorch not found at {} (no include/ATen/ATen.h); {SETUP_HINT}", dir.display()));
     }
@@ -128,12 +142,15 @@ fn libtorch_dir() -> Result<PathBuf, String> {
 /// The PyPI wheel has `version.py`; the libtorch zip has `build-version`.
 fn check_version(libtorch: &Path) -> Result<(), String> {
     let found = if let Ok(s) = std::fs::read_to_string(libtorch.join("version.py")) {
-        s.lines()
-            .find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string()))
+        s.lines().find_map(|l| {
+            l.strip_prefix("__version__ = ").map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
+        })
     } else {
         std::fs::read_to_string(libtorch.join("build-version")).ok().map(|s| s.trim().to_string())
     };
-    let found = found.ok_or_else(|| format!("cannot read the torch version in {} (version.py or build-version); {SETUP_HINT}", libtorch.display()))?;
+    let found = found.ok_or_else(|| {
+        format!("cannot read the torch version in {} (version.py or build-version); {SETUP_HINT}", libtorch.display())
+    })?;
     let base = found.split('+').next().unwrap_or("");
     if base != TORCH_VERSION {
         return Err(format!(
@@ -164,7 +181,8 @@ fn find_nvcc(libtorch: &Path) -> Option<PathBuf> {
 /// The `cc` crate's CUDA mode passes `-ffunction-sections` straight to this nvcc and fails, so
 /// nvcc is run by hand and its objects archived with `ar`.
 fn build_cuda(libtorch: &Path, include: &Path, include_api: &Path, lib_dir: &Path) -> Result<(), String> {
-    let nvcc = find_nvcc(libtorch).ok_or("feature `cuda` needs nvcc: run `python3 scripts/setup.py --cuda` (or set NVCC)")?;
+    let nvcc =
+        find_nvcc(libtorch).ok_or("feature `cuda` needs nvcc: run `python3 scripts/setup.py --cuda` (or set NVCC)")?;
     let nvcc_root = nvcc.parent().and_then(|p| p.parent()).ok_or("bad nvcc path")?.to_path_buf();
     let site = libtorch.canonicalize().map_err(|e| e.to_string())?.parent().ok_or("bad libtorch path")?.to_path_buf();
     let cu13 = site.join("nvidia/cu13");
@@ -176,14 +194,28 @@ fn build_cuda(libtorch: &Path, include: &Path, include_api: &Path, lib_dir: &Pat
         let obj = out_dir.join(Path::new(src).file_stem().unwrap()).with_extension("o");
         let mut cmd = Command::new(&nvcc);
         cmd.args(["-c", src, "-o"]).arg(&obj);
-        cmd.args(["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-D_GLIBCXX_USE_CXX11_ABI=1", "-DCOURSE_CUDA", "--expt-relaxed-constexpr"]);
+        cmd.args([
+            "-std=c++17",
+            "-O3",
+            "-Xcompiler",
+            "-fPIC",
+            "-D_GLIBCXX_USE_CXX11_ABI=1",
+            "-DCOURSE_CUDA",
+            "--expt-relaxed-constexpr",
+        ]);
         for a in archs.split(';').filter(|a| !a.is_empty()) {
             cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
         }
         if let Some(last) = archs.split(';').filter(|a| !a.is_empty()).last() {
             cmd.arg(format!("-gencode=arch=compute_{last},code=compute_{last}"));
         }
-        for inc in [include.to_path_buf(), include_api.to_path_buf(), PathBuf::from("kernels"), cu13.join("include"), nvcc_root.join("include")] {
+        for inc in [
+            include.to_path_buf(),
+            include_api.to_path_buf(),
+            PathBuf::from("kernels"),
+            cu13.join("include"),
+            nvcc_root.join("include"),
+        ] {
             cmd.arg("-I").arg(inc);
         }
         let status = cmd.status().map_err(|e| format!("running {}: {e}", nvcc.display()))?;
@@ -194,7 +226,8 @@ fn build_cuda(libtorch: &Path, include: &Path, include_api: &Path, lib_dir: &Pat
     }
     let lib = out_dir.join("libcourse_cuda.a");
     let _ = std::fs::remove_file(&lib);
-    let status = Command::new("ar").arg("crs").arg(&lib).args(&objects).status().map_err(|e| format!("running ar: {e}"))?;
+    let status =
+        Command::new("ar").arg("crs").arg(&lib).args(&objects).status().map_err(|e| format!("running ar: {e}"))?;
     if !status.success() {
         return Err(format!("ar failed ({status})"));
     }

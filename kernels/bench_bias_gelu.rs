@@ -68,7 +68,11 @@ fn python_numbers(threads: usize, quick: bool, retain: bool) -> HashMap<(i64, i6
         Ok(o) if o.status.success() => {
             for line in String::from_utf8_lossy(&o.stdout).lines() {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                    let key = (v["rows"].as_i64().unwrap_or(0), v["cols"].as_i64().unwrap_or(0), v["pass"].as_str().unwrap_or("").to_string());
+                    let key = (
+                        v["rows"].as_i64().unwrap_or(0),
+                        v["cols"].as_i64().unwrap_or(0),
+                        v["pass"].as_str().unwrap_or("").to_string(),
+                    );
                     out.insert(key, v["ms"].as_f64().unwrap_or(f64::NAN));
                 }
             }
@@ -88,7 +92,8 @@ fn main() -> anyhow::Result<()> {
         retain_freed_memory();
     }
     if let Some(i) = args.iter().position(|a| a == "--threads") {
-        let n: usize = args.get(i + 1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("--threads needs a number"))?;
+        let n: usize =
+            args.get(i + 1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow::anyhow!("--threads needs a number"))?;
         course::runtime::set_threads(n);
     }
     let threads = course::runtime::threads();
@@ -100,11 +105,17 @@ fn main() -> anyhow::Result<()> {
     let roof = 2.0 * (1u64 << 26) as f64 * 4.0 / (copy_ms * 1e-3) / 1e9;
     drop((src, dst));
     println!("{}", course::report::env_report());
-    println!("memory copy roof: {roof:.1} GB/s (256 MiB copy, read + write), {threads} threads, allocator: {}\n", if retain { "glibc keeping freed memory (both processes)" } else { "glibc defaults" });
+    println!(
+        "memory copy roof: {roof:.1} GB/s (256 MiB copy, read + write), {threads} threads, allocator: {}\n",
+        if retain { "glibc keeping freed memory (both processes)" } else { "glibc defaults" }
+    );
     let py = if no_python { HashMap::new() } else { python_numbers(threads, quick, retain) };
     drop(_guard);
 
-    println!("{:>11} {:>16} {:>10} {:>10} {:>10} {:>9} {:>9} {:>11} {:>9}", "size", "pass", "fused ms", "tch ms", "torch.py ms", "fused GB/s", "of roof", "vs tch", "vs torch");
+    println!(
+        "{:>11} {:>16} {:>10} {:>10} {:>10} {:>9} {:>9} {:>11} {:>9}",
+        "size", "pass", "fused ms", "tch ms", "torch.py ms", "fused GB/s", "of roof", "vs tch", "vs torch"
+    );
     let sizes = if quick { &SIZES[..2] } else { SIZES };
     for &(rows, cols) in sizes {
         tch::manual_seed(0);
@@ -136,7 +147,9 @@ fn main() -> anyhow::Result<()> {
             },
             reps,
         );
-        for (pass, f, u, bytes) in [("forward", fused, unfused, 2.0 * n * 4.0), ("forward_backward", fused_fb, unfused_fb, 5.0 * n * 4.0)] {
+        for (pass, f, u, bytes) in
+            [("forward", fused, unfused, 2.0 * n * 4.0), ("forward_backward", fused_fb, unfused_fb, 5.0 * n * 4.0)]
+        {
             let p = py.get(&(rows, cols, pass.to_string())).copied();
             let gbs = bytes / (f * 1e-3) / 1e9;
             println!(

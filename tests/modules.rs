@@ -60,15 +60,24 @@ fn every_built_module_runs_quick_and_writes_valid_metrics() {
 #[test]
 fn m01_meets_every_target_and_charts_its_fit() {
     let out = tmp("m01");
-    run(Command::new(env!("CARGO_BIN_EXE_m01_basics")).args(["--quiet", "--device", "cpu", "--seed", "3", "--outputs"]).arg(&out));
+    run(Command::new(env!("CARGO_BIN_EXE_m01_basics"))
+        .args(["--quiet", "--device", "cpu", "--seed", "3", "--outputs"])
+        .arg(&out));
     let m = Metrics::load(&out.join("m01_basics/metrics.json")).unwrap();
     assert!(!m.quick && m.seed == 3);
     assert!(m.all_targets_met(), "{:#?}", m.targets);
-    for name in ["closed_form_param_error", "gradient_descent_param_error", "nn_linear_sgd_param_error", "repro_cross_process", "methods_max_disagreement"] {
+    for name in [
+        "closed_form_param_error",
+        "gradient_descent_param_error",
+        "nn_linear_sgd_param_error",
+        "repro_cross_process",
+        "methods_max_disagreement",
+    ] {
         assert!(m.targets.iter().any(|t| t.name == name), "missing target {name}");
     }
     assert_eq!(m.artifacts, ["loss.png", "fit.png"]);
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("m01_basics/manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("m01_basics/manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["seed"], 3);
     assert_eq!(manifest["config"]["common"]["seed"], 3);
     assert!(manifest["versions"]["torch"].as_str().unwrap().starts_with("2.11.0"));
@@ -87,7 +96,11 @@ fn bad_flags_are_clear_errors() {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("cuda:7"), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_m01_basics")).args(["--samples", "3", "--quick", "--outputs"]).arg(tmp("bad")).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_m01_basics"))
+        .args(["--samples", "3", "--quick", "--outputs"])
+        .arg(tmp("bad"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--samples"));
 }
@@ -95,7 +108,12 @@ fn bad_flags_are_clear_errors() {
 #[test]
 fn two_processes_give_the_same_bits_as_this_one() {
     let probe = |seed: u64| {
-        let s = run(Command::new(env!("CARGO_BIN_EXE_m01_basics")).args(["--probe-fingerprint", &seed.to_string(), "--device", "cpu"]));
+        let s = run(Command::new(env!("CARGO_BIN_EXE_m01_basics")).args([
+            "--probe-fingerprint",
+            &seed.to_string(),
+            "--device",
+            "cpu",
+        ]));
         u64::from_str_radix(s.trim(), 16).unwrap()
     };
     let here = course::repro::fingerprint(11, tch::Device::Cpu);
@@ -130,9 +148,14 @@ fn course_list_reads_metrics_files() {
 #[test]
 fn tour_writes_a_gallery_with_the_charts() {
     let out = tmp("tour");
-    run(Command::new(env!("CARGO_BIN_EXE_course")).args(["tour", "--quick", "--only", "m01_basics", "--device", "cpu", "--outputs"]).arg(&out));
+    run(Command::new(env!("CARGO_BIN_EXE_course"))
+        .args(["tour", "--quick", "--only", "m01_basics", "--device", "cpu", "--outputs"])
+        .arg(&out));
     let html = std::fs::read_to_string(out.join("index.html")).unwrap();
-    assert!(html.contains("<img src=\"m01_basics/loss.png\"") && html.contains("<img src=\"m01_basics/fit.png\""), "{html}");
+    assert!(
+        html.contains("<img src=\"m01_basics/loss.png\"") && html.contains("<img src=\"m01_basics/fit.png\""),
+        "{html}"
+    );
     assert!(html.contains("targets met"));
     assert!(is_png(&out.join("m01_basics/loss.png")));
     let bad = Command::new(env!("CARGO_BIN_EXE_course")).args(["tour", "--only", "m99_nope"]).output().unwrap();

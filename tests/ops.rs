@@ -110,7 +110,8 @@ fn every_cpu_kernel_variant_agrees() {
 #[test]
 fn bad_arguments_give_clear_errors() {
     let x = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
-    let err = bias_gelu(&x.to_kind(Kind::Int64), &Tensor::zeros([8], (Kind::Int64, Device::Cpu))).unwrap_err().to_string();
+    let err =
+        bias_gelu(&x.to_kind(Kind::Int64), &Tensor::zeros([8], (Kind::Int64, Device::Cpu))).unwrap_err().to_string();
     assert!(err.contains("dtype must be float32, float64 or bfloat16"), "{err}");
     let err = bias_gelu(&x, &Tensor::zeros([8], (Kind::Double, Device::Cpu))).unwrap_err().to_string();
     assert!(err.contains("bias dtype") && err.contains("differs"), "{err}");
@@ -118,10 +119,16 @@ fn bad_arguments_give_clear_errors() {
     assert!(err.contains("bias has 7 elements") && err.contains("last dimension is 8"), "{err}");
     let err = bias_gelu(&x, &Tensor::zeros([2, 4], (Kind::Float, Device::Cpu))).unwrap_err().to_string();
     assert!(err.contains("bias must be 1-D"), "{err}");
-    let err = bias_gelu(&Tensor::from(1.0f32), &Tensor::zeros([1], (Kind::Float, Device::Cpu))).unwrap_err().to_string();
+    let err =
+        bias_gelu(&Tensor::from(1.0f32), &Tensor::zeros([1], (Kind::Float, Device::Cpu))).unwrap_err().to_string();
     assert!(err.contains("at least one dimension"), "{err}");
     assert!(!err.contains("Exception raised from"), "C++ backtrace leaked: {err}");
-    let err = bias_gelu_backward(&Tensor::zeros([3, 8], (Kind::Float, Device::Cpu)), &x, &Tensor::zeros([8], (Kind::Float, Device::Cpu))).unwrap_err();
+    let err = bias_gelu_backward(
+        &Tensor::zeros([3, 8], (Kind::Float, Device::Cpu)),
+        &x,
+        &Tensor::zeros([8], (Kind::Float, Device::Cpu)),
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("grad shape"), "{err:#}");
 }
 

@@ -27,7 +27,11 @@ fn cpu_autocast_runs_matmul_in_the_chosen_dtype_and_restores_state() {
             let _half = autocast(Device::Cpu, Kind::Half, true).unwrap();
             assert_eq!(a.matmul(&b).kind(), Kind::Half, "nested fp16 region");
         }
-        assert_eq!(autocast_state(Device::Cpu).unwrap(), (true, Kind::BFloat16), "inner regions restored the outer one");
+        assert_eq!(
+            autocast_state(Device::Cpu).unwrap(),
+            (true, Kind::BFloat16),
+            "inner regions restored the outer one"
+        );
     }
     assert!(!autocast_state(Device::Cpu).unwrap().0);
     assert_eq!(a.matmul(&b).kind(), Kind::Float);
@@ -67,7 +71,10 @@ fn peak_rss_grows_with_a_large_allocation() {
     let before = runtime::peak_rss_bytes();
     let t = Tensor::ones([64 << 20], (Kind::Uint8, Device::Cpu)); // 64 MiB, touched
     let after = runtime::peak_rss_bytes();
-    assert!(after >= before + (60 << 20) || before > runtime::current_rss_bytes() + (60 << 20), "peak {before} -> {after}");
+    assert!(
+        after >= before + (60 << 20) || before > runtime::current_rss_bytes() + (60 << 20),
+        "peak {before} -> {after}"
+    );
     assert!(runtime::current_rss_bytes() > 64 << 20);
     drop(t);
 }
@@ -77,7 +84,13 @@ fn versions_report_the_loaded_libtorch() {
     let v = runtime::versions();
     assert!(v.torch.starts_with("2.11.0"), "{}", v.torch);
     assert_eq!(v.cuda_devices, tch::Cuda::device_count() as usize);
-    assert!(["DEFAULT", "AVX2", "AVX512", "AVX512_VNNI", "ZVECTOR", "SVE256", "SVE128", "VSX"].iter().any(|c| v.cpu_capability.starts_with(c)), "{}", v.cpu_capability);
+    assert!(
+        ["DEFAULT", "AVX2", "AVX512", "AVX512_VNNI", "ZVECTOR", "SVE256", "SVE128", "VSX"]
+            .iter()
+            .any(|c| v.cpu_capability.starts_with(c)),
+        "{}",
+        v.cpu_capability
+    );
     if v.cuda_devices == 0 {
         assert!(runtime::cuda_memory(0).unwrap_err().to_string().contains("no CUDA device 0"));
     } else {

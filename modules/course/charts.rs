@@ -14,14 +14,26 @@ use std::sync::Once;
 const FONT: &[u8] = include_bytes!("assets/DejaVuSans.ttf");
 const SIZE: (u32, u32) = (1000, 640);
 /// Tableau 10: distinct, colour-blind-friendlier than plotters' default palette.
-const TAB10: [(u8, u8, u8); 10] = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)];
+const TAB10: [(u8, u8, u8); 10] = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+];
 
 fn fonts() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         for style in [FontStyle::Normal, FontStyle::Bold] {
             // The bytes are a valid TTF compiled in; failure would be a build defect.
-            plotters::style::register_font("sans-serif", style, FONT).unwrap_or_else(|_| panic!("bundled font is invalid"));
+            plotters::style::register_font("sans-serif", style, FONT)
+                .unwrap_or_else(|_| panic!("bundled font is invalid"));
         }
     });
 }
@@ -86,9 +98,18 @@ impl LineChart {
     /// Draws the chart to `path` (PNG).
     pub fn save(&self, path: &Path) -> Result<()> {
         fonts();
-        let pts: Vec<(f64, f64)> = self.series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite() && (!self.log_y || *y > 0.0)).collect();
+        let pts: Vec<(f64, f64)> = self
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().copied())
+            .filter(|(x, y)| x.is_finite() && y.is_finite() && (!self.log_y || *y > 0.0))
+            .collect();
         if pts.is_empty() {
-            bail!("chart '{}' has no finite points to draw{}", self.title, if self.log_y { " (log scale needs y > 0)" } else { "" });
+            bail!(
+                "chart '{}' has no finite points to draw{}",
+                self.title,
+                if self.log_y { " (log scale needs y > 0)" } else { "" }
+            );
         }
         let x = padded(pts.iter().map(|p| p.0), 0.0);
         write_via_temp(path, |tmp| {
@@ -129,11 +150,20 @@ impl LineChart {
             .map_err(err)?;
         for (i, s) in self.series.iter().enumerate() {
             let c = color(i);
-            let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite() && (!self.log_y || *y > 0.0)).collect();
+            let pts: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .copied()
+                .filter(|(x, y)| x.is_finite() && y.is_finite() && (!self.log_y || *y > 0.0))
+                .collect();
             let anno = match s.style {
                 Style::Line => chart.draw_series(LineSeries::new(pts, c.stroke_width(3))).map_err(err)?,
-                Style::Dashed => chart.draw_series(DashedLineSeries::new(pts, 10, 6, c.stroke_width(3))).map_err(err)?,
-                Style::Points => chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.mix(0.6).filled()))).map_err(err)?,
+                Style::Dashed => {
+                    chart.draw_series(DashedLineSeries::new(pts, 10, 6, c.stroke_width(3))).map_err(err)?
+                }
+                Style::Points => {
+                    chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.mix(0.6).filled()))).map_err(err)?
+                }
             };
             let style = s.style;
             anno.label(&s.name).legend(move |(x, y)| match style {
@@ -205,11 +235,19 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]
             .draw()
             .map_err(err)?;
         chart
-            .draw_series(bars.iter().enumerate().map(|(i, b)| Rectangle::new([(i as f64 - 0.35, 0.0), (i as f64 + 0.35, b.1)], color(i).filled())))
+            .draw_series(
+                bars.iter()
+                    .enumerate()
+                    .map(|(i, b)| Rectangle::new([(i as f64 - 0.35, 0.0), (i as f64 + 0.35, b.1)], color(i).filled())),
+            )
             .map_err(err)?;
         chart
             .draw_series(bars.iter().enumerate().map(|(i, b)| {
-                Text::new(format_value(b.1), (i as f64 - 0.12, b.1 + 0.03 * span), ("sans-serif", 17).into_font().color(&BLACK))
+                Text::new(
+                    format_value(b.1),
+                    (i as f64 - 0.12, b.1 + 0.03 * span),
+                    ("sans-serif", 17).into_font().color(&BLACK),
+                )
             }))
             .map_err(err)?;
         root.present().map_err(err)
@@ -231,7 +269,8 @@ fn format_value(v: f64) -> String {
 
 /// Viridis, by linear interpolation between five of its stops.
 pub fn viridis(t: f64) -> RGBColor {
-    const STOPS: [(f64, f64, f64); 5] = [(68.0, 1.0, 84.0), (59.0, 82.0, 139.0), (33.0, 145.0, 140.0), (94.0, 201.0, 98.0), (253.0, 231.0, 37.0)];
+    const STOPS: [(f64, f64, f64); 5] =
+        [(68.0, 1.0, 84.0), (59.0, 82.0, 139.0), (33.0, 145.0, 140.0), (94.0, 201.0, 98.0), (253.0, 231.0, 37.0)];
     let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 } * 4.0;
     let i = (t.floor() as usize).min(3);
     let f = t - i as f64;
@@ -292,7 +331,10 @@ impl Heatmap {
             chart
                 .draw_series(self.values.iter().enumerate().flat_map(|(r, row)| {
                     row.iter().enumerate().map(move |(c, v)| {
-                        Rectangle::new([(c as f64, y_of(r)), (c as f64 + 1.0, y_of(r) + 1.0)], viridis((v - lo) / span).filled())
+                        Rectangle::new(
+                            [(c as f64, y_of(r)), (c as f64 + 1.0, y_of(r) + 1.0)],
+                            viridis((v - lo) / span).filled(),
+                        )
                     })
                 }))
                 .map_err(err)?;
@@ -302,7 +344,12 @@ impl Heatmap {
                     for (c, v) in row.iter().enumerate() {
                         let (px, py) = chart.backend_coord(&(c as f64 + 0.5, y_of(r) + 0.5));
                         let text_color = if (v - lo) / span > 0.6 { BLACK } else { WHITE };
-                        let style = ("sans-serif", font_px).into_font().color(&text_color).pos(plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Center, plotters::style::text_anchor::VPos::Center));
+                        let style = ("sans-serif", font_px).into_font().color(&text_color).pos(
+                            plotters::style::text_anchor::Pos::new(
+                                plotters::style::text_anchor::HPos::Center,
+                                plotters::style::text_anchor::VPos::Center,
+                            ),
+                        );
                         main.draw(&Text::new(format_value(*v), (px, py), style)).map_err(err)?;
                     }
                 }
@@ -311,17 +358,37 @@ impl Heatmap {
             let every = |n: usize| (n / 25).max(1);
             for (c, name) in self.x_ticks.iter().enumerate().take(cols).step_by(every(cols)) {
                 let (px, py) = chart.backend_coord(&(c as f64 + 0.5, 0.0));
-                let style = ("sans-serif", font_px).into_font().color(&BLACK).pos(plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Center, plotters::style::text_anchor::VPos::Top));
+                let style =
+                    ("sans-serif", font_px).into_font().color(&BLACK).pos(plotters::style::text_anchor::Pos::new(
+                        plotters::style::text_anchor::HPos::Center,
+                        plotters::style::text_anchor::VPos::Top,
+                    ));
                 main.draw(&Text::new(name.clone(), (px, py + 6), style)).map_err(err)?;
             }
             for (r, name) in self.y_ticks.iter().enumerate().take(rows).step_by(every(rows)) {
                 let (px, py) = chart.backend_coord(&(0.0, y_of(r) + 0.5));
-                let style = ("sans-serif", font_px).into_font().color(&BLACK).pos(plotters::style::text_anchor::Pos::new(plotters::style::text_anchor::HPos::Right, plotters::style::text_anchor::VPos::Center));
+                let style =
+                    ("sans-serif", font_px).into_font().color(&BLACK).pos(plotters::style::text_anchor::Pos::new(
+                        plotters::style::text_anchor::HPos::Right,
+                        plotters::style::text_anchor::VPos::Center,
+                    ));
                 main.draw(&Text::new(name.clone(), (px - 6, py), style)).map_err(err)?;
             }
             // Colour bar.
-            let mut cb = ChartBuilder::on(&bar).margin_top(60).margin_bottom(88).margin_right(10).y_label_area_size(70).build_cartesian_2d(0f64..1f64, lo..(lo + span)).map_err(err)?;
-            cb.configure_mesh().disable_mesh().disable_x_axis().y_labels(6).label_style(("sans-serif", 15)).draw().map_err(err)?;
+            let mut cb = ChartBuilder::on(&bar)
+                .margin_top(60)
+                .margin_bottom(88)
+                .margin_right(10)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0f64..1f64, lo..(lo + span))
+                .map_err(err)?;
+            cb.configure_mesh()
+                .disable_mesh()
+                .disable_x_axis()
+                .y_labels(6)
+                .label_style(("sans-serif", 15))
+                .draw()
+                .map_err(err)?;
             let steps = 100;
             cb.draw_series((0..steps).map(|i| {
                 let a = lo + span * i as f64 / steps as f64;
@@ -348,11 +415,23 @@ mod tests {
     fn draws_every_chart_kind_and_rejects_empty_input() {
         let dir = std::env::temp_dir().join(format!("course-charts-{}", std::process::id()));
         let pts: Vec<(f64, f64)> = (1..50).map(|i| (i as f64, 1.0 / i as f64)).collect();
-        let c = LineChart::new("loss", "step", "loss").series(Series::line("train", pts.clone())).series(Series::points("val", pts)).log_y(true);
+        let c = LineChart::new("loss", "step", "loss")
+            .series(Series::line("train", pts.clone()))
+            .series(Series::points("val", pts))
+            .log_y(true);
         c.save(&dir.join("l.png")).unwrap();
         assert_eq!(png_size(&dir.join("l.png")), SIZE);
-        bar_chart(&dir.join("b.png"), "tokens/s", "tokens/s", &[("fp32".into(), 100.0), ("bf16".into(), 140.0)]).unwrap();
-        let h = Heatmap { title: "cm".into(), x_label: "pred".into(), y_label: "true".into(), values: vec![vec![5.0, 1.0], vec![0.0, 7.0]], x_ticks: vec!["a".into(), "b".into()], y_ticks: vec!["a".into(), "b".into()], annotate: true };
+        bar_chart(&dir.join("b.png"), "tokens/s", "tokens/s", &[("fp32".into(), 100.0), ("bf16".into(), 140.0)])
+            .unwrap();
+        let h = Heatmap {
+            title: "cm".into(),
+            x_label: "pred".into(),
+            y_label: "true".into(),
+            values: vec![vec![5.0, 1.0], vec![0.0, 7.0]],
+            x_ticks: vec!["a".into(), "b".into()],
+            y_ticks: vec!["a".into(), "b".into()],
+            annotate: true,
+        };
         h.save(&dir.join("h.png")).unwrap();
         assert_eq!(png_size(&dir.join("h.png")), (1000, 800));
         assert!(LineChart::new("empty", "x", "y").save(&dir.join("e.png")).is_err());

@@ -48,7 +48,9 @@ impl DeviceChoice {
             Self::Auto => Ok(if n > 0 { Device::Cuda(0) } else { Device::Cpu }),
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(i) if i < n => Ok(Device::Cuda(i)),
-            Self::Cuda(i) => bail!("--device cuda:{i} asked for, but {n} CUDA device(s) are visible (try --device cpu or auto)"),
+            Self::Cuda(i) => {
+                bail!("--device cuda:{i} asked for, but {n} CUDA device(s) are visible (try --device cpu or auto)")
+            }
         }
     }
 }

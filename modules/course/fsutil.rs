@@ -65,7 +65,11 @@ mod tests {
         write_atomic(&p, b"first").unwrap();
         write_atomic(&p, b"second, longer").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"second, longer");
-        let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .collect();
         assert!(leftovers.is_empty());
         fs::remove_dir_all(&dir).unwrap();
     }

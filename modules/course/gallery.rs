@@ -56,7 +56,13 @@ nav a{margin-right:1em}</style></head><body>
     }
     h += "</nav>";
     for info in MODULES {
-        h += &format!("<section id=\"{}\"><h2>{} — {}</h2><p>{}</p>", info.name, info.name, esc(info.title), esc(info.teaches));
+        h += &format!(
+            "<section id=\"{}\"><h2>{} — {}</h2><p>{}</p>",
+            info.name,
+            info.name,
+            esc(info.title),
+            esc(info.teaches)
+        );
         match status(outputs, info.name) {
             Status::NotRun => h += "<p class=\"dim\">Not run yet.</p>",
             Status::Invalid(e) => h += &format!("<p class=\"miss\">metrics.json unreadable: {}</p>", esc(&e)),
@@ -88,7 +94,11 @@ nav a{margin-right:1em}</style></head><body>
                 }
                 h += "</table></details>";
                 for a in m.artifacts.iter().filter(|a| a.ends_with(".png")) {
-                    h += &format!("<figure><img src=\"{0}/{1}\" alt=\"{1}\"><figcaption>{1}</figcaption></figure>", info.name, esc(a));
+                    h += &format!(
+                        "<figure><img src=\"{0}/{1}\" alt=\"{1}\"><figcaption>{1}</figcaption></figure>",
+                        info.name,
+                        esc(a)
+                    );
                 }
                 let others: Vec<_> = m.artifacts.iter().filter(|a| !a.ends_with(".png")).collect();
                 if !others.is_empty() {

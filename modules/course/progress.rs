@@ -17,7 +17,10 @@ fn visible() -> bool {
 
 /// A bar of `len` steps labelled `what`; call `.set_message()` for live figures (loss, tokens/s).
 pub fn bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::with_draw_target(Some(len), if visible() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
+    let pb = ProgressBar::with_draw_target(
+        Some(len),
+        if visible() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
+    );
     pb.set_style(
         ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {elapsed_precise}<{eta_precise} {msg}")
             .expect("static template")

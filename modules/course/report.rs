@@ -22,12 +22,33 @@ pub struct EnvReport {
 }
 
 /// Flags worth reporting, in this order.
-const INTERESTING: &[&str] = &["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "asimd", "sve", "bf16"];
+const INTERESTING: &[&str] = &[
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+    "bf16",
+];
 
 fn cpuinfo() -> (String, Vec<String>) {
     let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = text.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())).unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    let flags: Vec<&str> = text.lines().find_map(|l| l.strip_prefix("flags").or_else(|| l.strip_prefix("Features"))).map(|r| r.trim_start_matches([' ', '\t', ':']).split_whitespace().collect()).unwrap_or_default();
+    let model = text
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let flags: Vec<&str> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("flags").or_else(|| l.strip_prefix("Features")))
+        .map(|r| r.trim_start_matches([' ', '\t', ':']).split_whitespace().collect())
+        .unwrap_or_default();
     let feats = INTERESTING.iter().filter(|f| flags.contains(f)).map(|s| s.to_string()).collect();
     (model, feats)
 }
@@ -65,8 +86,17 @@ pub fn env_report() -> EnvReport {
 impl std::fmt::Display for EnvReport {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         writeln!(f, "libtorch      {} (tch {})", self.torch, self.tch_crate)?;
-        writeln!(f, "cpu           {} ({} logical CPUs, {} torch threads)", self.cpu_model, self.logical_cpus, self.threads)?;
-        writeln!(f, "cpu features  {} -> ATen kernels: {}", if self.cpu_features.is_empty() { "-".into() } else { self.cpu_features.join(" ") }, self.cpu_capability)?;
+        writeln!(
+            f,
+            "cpu           {} ({} logical CPUs, {} torch threads)",
+            self.cpu_model, self.logical_cpus, self.threads
+        )?;
+        writeln!(
+            f,
+            "cpu features  {} -> ATen kernels: {}",
+            if self.cpu_features.is_empty() { "-".into() } else { self.cpu_features.join(" ") },
+            self.cpu_capability
+        )?;
         write!(f, "cuda          {} device(s), runtime {}, cuDNN {}", self.cuda_devices, self.cuda_runtime, self.cudnn)
     }
 }

@@ -106,7 +106,8 @@ impl Metrics {
     /// Reads and checks a metrics.json; errors name the file and the field that is wrong.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let m: Metrics = serde_json::from_str(&text).with_context(|| format!("{} is not a valid metrics.json", path.display()))?;
+        let m: Metrics =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a valid metrics.json", path.display()))?;
         for t in &m.targets {
             if t.met != t.op.holds(t.value, t.goal) {
                 bail!(
@@ -173,7 +174,10 @@ impl Run {
             seed: common.seed,
             config: serde_json::to_value(config).context("serialising the run config")?,
             started: Instant::now(),
-            started_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
             metrics: BTreeMap::new(),
             targets: vec![],
             artifacts: vec![],
@@ -256,17 +260,30 @@ pub fn targets_table(m: &Metrics) -> String {
     let w = m.targets.iter().map(|t| t.name.len()).max().unwrap_or(6).max(6);
     let mut s = format!("{:<w$}  {:>12}  {:>2}  {:>10}  met\n", "target", "value", "op", "goal");
     for t in &m.targets {
-        s += &format!("{:<w$}  {:>12.6}  {:>2}  {:>10}  {}\n", t.name, t.value, t.op.symbol(), t.goal, if t.met { "yes" } else { "NO" });
+        s += &format!(
+            "{:<w$}  {:>12.6}  {:>2}  {:>10}  {}\n",
+            t.name,
+            t.value,
+            t.op.symbol(),
+            t.goal,
+            if t.met { "yes" } else { "NO" }
+        );
     }
     let met = m.targets.iter().filter(|t| t.met).count();
-    s += &format!("{met}/{} targets met{}", m.targets.len(), if m.quick { " (--quick: sizes too small for the targets to mean much)" } else { "" });
+    s += &format!(
+        "{met}/{} targets met{}",
+        m.targets.len(),
+        if m.quick { " (--quick: sizes too small for the targets to mean much)" } else { "" }
+    );
     s
 }
 
 /// The current git commit and whether the work tree has changes; "unknown" outside a checkout.
 pub fn git_commit() -> (String, bool) {
     let run = |args: &[&str]| std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success());
-    let commit = run(&["rev-parse", "HEAD"]).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_else(|| "unknown".into());
+    let commit = run(&["rev-parse", "HEAD"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
     let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).map(|o| !o.stdout.is_empty()).unwrap_or(false);
     (commit, dirty)
 }

@@ -69,8 +69,12 @@ fn list(outputs: &Path) -> Result<()> {
             (None, _) => "not built".to_string(),
             (Some(_), Status::NotRun) => "not run".to_string(),
             (Some(_), Status::Invalid(e)) => format!("invalid metrics ({})", e.lines().next().unwrap_or("")),
-            (Some(_), Status::Ran(r)) if r.all_targets_met() => format!("all targets met{}", if r.quick { " (quick)" } else { "" }),
-            (Some(_), Status::Ran(r)) => format!("ran ({}/{} targets met)", r.targets.iter().filter(|t| t.met).count(), r.targets.len()),
+            (Some(_), Status::Ran(r)) if r.all_targets_met() => {
+                format!("all targets met{}", if r.quick { " (quick)" } else { "" })
+            }
+            (Some(_), Status::Ran(r)) => {
+                format!("ran ({}/{} targets met)", r.targets.iter().filter(|t| t.met).count(), r.targets.len())
+            }
         };
         println!("{:<16} {:<32} {:<24} {}", m.name, m.title, st, m.target);
     }
@@ -80,13 +84,23 @@ fn list(outputs: &Path) -> Result<()> {
 fn doctor() -> Result<()> {
     let r = course::report::env_report();
     println!("{r}");
-    println!("cuda kernels  {}", if course::CUDA_KERNELS { "compiled in (--features cuda)" } else { "not compiled (build with --features cuda for the CUDA twins)" });
+    println!(
+        "cuda kernels  {}",
+        if course::CUDA_KERNELS {
+            "compiled in (--features cuda)"
+        } else {
+            "not compiled (build with --features cuda for the CUDA twins)"
+        }
+    );
     let info = course::runtime::parallel_info();
     let threads: Vec<&str> = info.lines().map(str::trim).filter(|l| l.contains("threads")).collect();
     println!("threads       {}", threads.join(", "));
     let ok_torch = r.torch.starts_with("2.11.0");
     if !ok_torch {
-        println!("PROBLEM       libtorch {} is loaded but tch 0.24 needs 2.11.0: rerun `python3 scripts/setup.py`", r.torch);
+        println!(
+            "PROBLEM       libtorch {} is loaded but tch 0.24 needs 2.11.0: rerun `python3 scripts/setup.py`",
+            r.torch
+        );
     }
     let root = data_root();
     println!("\ndata sets in {}:", root.display());
@@ -94,7 +108,13 @@ fn doctor() -> Result<()> {
     for d in DATASETS {
         let present = d.present(&root);
         missing += !present as usize;
-        println!("  {:<18} {:<8} {:<44} {}", d.name, if present { "present" } else { "MISSING" }, d.what, if present { String::new() } else { format!("fetch: {}", d.fetch_command()) });
+        println!(
+            "  {:<18} {:<8} {:<44} {}",
+            d.name,
+            if present { "present" } else { "MISSING" },
+            d.what,
+            if present { String::new() } else { format!("fetch: {}", d.fetch_command()) }
+        );
     }
     if missing > 0 {
         println!("\n{missing} data set(s) missing; `python3 scripts/setup.py` fetches them all");
@@ -108,7 +128,10 @@ fn doctor() -> Result<()> {
 fn tour(quick: bool, only: &[String], device: &str, outputs: &Path) -> Result<()> {
     for name in only {
         if course::catalog::find(name).is_none() {
-            bail!("--only: unknown module '{name}' (known: {})", MODULES.iter().map(|m| m.name).collect::<Vec<_>>().join(", "));
+            bail!(
+                "--only: unknown module '{name}' (known: {})",
+                MODULES.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+            );
         }
     }
     let mut failed = vec![];
@@ -127,7 +150,12 @@ fn tour(quick: bool, only: &[String], device: &str, outputs: &Path) -> Result<()
         }
         let st = cmd.status()?;
         ran += 1;
-        println!("== {} finished in {:.1} s ({})", m.name, t.elapsed().as_secs_f64(), if st.success() { "ok" } else { "FAILED" });
+        println!(
+            "== {} finished in {:.1} s ({})",
+            m.name,
+            t.elapsed().as_secs_f64(),
+            if st.success() { "ok" } else { "FAILED" }
+        );
         if !st.success() {
             failed.push(m.name);
         }

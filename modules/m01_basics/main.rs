@@ -76,7 +76,11 @@ fn tensors(run: &mut Run) -> Result<()> {
     // dtypes: the same number in four of them.
     let third = Tensor::from(1.0f64 / 3.0);
     for k in [Kind::Double, Kind::Float, Kind::BFloat16, Kind::Half] {
-        println!("1/3 as {k:?}: {:.10} ({} bytes per element)", third.to_kind(k).double_value(&[]), k.elt_size_in_bytes());
+        println!(
+            "1/3 as {k:?}: {:.10} ({} bytes per element)",
+            third.to_kind(k).double_value(&[]),
+            k.elt_size_in_bytes()
+        );
     }
     // Broadcasting: (3, 1) + (1, 4) -> (3, 4); sizes align from the right, 1s stretch.
     let col = Tensor::arange(3, (Kind::Float, d)).view([3, 1]);
@@ -97,12 +101,23 @@ fn tensors(run: &mut Run) -> Result<()> {
         copy.double_value(&[0, 0])
     );
     let t = base.transpose(0, 1); // (3, 2), a strided view: not contiguous
-    println!("transpose is contiguous: {}; .contiguous() copies: {}", t.is_contiguous(), t.contiguous().data_ptr() != t.data_ptr());
-    run.metric("view_shares_storage", (shares && view.double_value(&[0]) == 2.0 && copy.double_value(&[0, 0]) == 1.0) as u8 as f64);
+    println!(
+        "transpose is contiguous: {}; .contiguous() copies: {}",
+        t.is_contiguous(),
+        t.contiguous().data_ptr() != t.data_ptr()
+    );
+    run.metric(
+        "view_shares_storage",
+        (shares && view.double_value(&[0]) == 2.0 && copy.double_value(&[0, 0]) == 1.0) as u8 as f64,
+    );
     // CPU <-> CUDA.
     if tch::Cuda::is_available() {
         let g = a.to_device(Device::Cuda(0));
-        println!("moved to {:?} and back: equal = {}", g.device(), g.to_device(Device::Cpu).equal(&a.to_device(Device::Cpu)));
+        println!(
+            "moved to {:?} and back: equal = {}",
+            g.device(),
+            g.to_device(Device::Cpu).equal(&a.to_device(Device::Cpu))
+        );
     } else {
         println!("no CUDA device here: `.to_device(Device::Cuda(0))` would fail, so the course runs on the CPU (--device auto picks CUDA when present)");
     }
@@ -121,16 +136,31 @@ fn autograd(run: &mut Run) -> Result<()> {
     // (name, f, analytic gradient of f at its input)
     let cases: Vec<(&str, Tensor, Box<dyn Fn(&Tensor) -> Tensor>, Tensor)> = vec![
         ("sum(x^3)", x.copy(), Box::new(|x: &Tensor| x.pow_tensor_scalar(3).sum(Kind::Double)), x.square() * 3.0),
-        ("sum(sin(x) exp(x))", x.copy(), Box::new(|x: &Tensor| (x.sin() * x.exp()).sum(Kind::Double)), (x.sin() + x.cos()) * x.exp()),
-        ("||A w - b||^2", x.copy(), Box::new({
-            let (a, b) = (a.copy(), b.copy());
-            move |w: &Tensor| (a.matmul(w) - &b).square().sum(Kind::Double)
-        }), a.tr().matmul(&(a.matmul(&x) - &b)) * 2.0),
-        ("cross_entropy(logits)", logits.copy(), Box::new({
-            let onehot = labels.one_hot(4).to_kind(Kind::Double);
-            // mean over the batch of -log softmax(z)[label], in f64 throughout
-            move |z: &Tensor| -(z.log_softmax(-1, Kind::Double) * &onehot).sum(Kind::Double) / 3.0
-        }), (logits.softmax(-1, Kind::Double) - labels.one_hot(4).to_kind(Kind::Double)) / 3.0),
+        (
+            "sum(sin(x) exp(x))",
+            x.copy(),
+            Box::new(|x: &Tensor| (x.sin() * x.exp()).sum(Kind::Double)),
+            (x.sin() + x.cos()) * x.exp(),
+        ),
+        (
+            "||A w - b||^2",
+            x.copy(),
+            Box::new({
+                let (a, b) = (a.copy(), b.copy());
+                move |w: &Tensor| (a.matmul(w) - &b).square().sum(Kind::Double)
+            }),
+            a.tr().matmul(&(a.matmul(&x) - &b)) * 2.0,
+        ),
+        (
+            "cross_entropy(logits)",
+            logits.copy(),
+            Box::new({
+                let onehot = labels.one_hot(4).to_kind(Kind::Double);
+                // mean over the batch of -log softmax(z)[label], in f64 throughout
+                move |z: &Tensor| -(z.log_softmax(-1, Kind::Double) * &onehot).sum(Kind::Double) / 3.0
+            }),
+            (logits.softmax(-1, Kind::Double) - labels.one_hot(4).to_kind(Kind::Double)) / 3.0,
+        ),
     ];
     let mut worst = 0f64;
     for (name, input, f, analytic) in cases {
@@ -205,10 +235,17 @@ fn reproducibility(run: &mut Run, args: &Args) -> Result<()> {
     runtime::set_threads(threads.max(2));
     let s2 = v.sum(Kind::Float).double_value(&[]);
     runtime::set_threads(threads);
-    println!("sum of 4M floats with 1 thread = {s1:.6}, with {} = {s2:.6} (equal bits: {})", threads.max(2), s1.to_bits() == s2.to_bits());
+    println!(
+        "sum of 4M floats with 1 thread = {s1:.6}, with {} = {s2:.6} (equal bits: {})",
+        threads.max(2),
+        s1.to_bits() == s2.to_bits()
+    );
     let before = runtime::deterministic();
     runtime::set_deterministic(true, false);
-    println!("determinism switch: was {before}, now {} (ops without a deterministic kernel now raise an error)", runtime::deterministic());
+    println!(
+        "determinism switch: was {before}, now {} (ops without a deterministic kernel now raise an error)",
+        runtime::deterministic()
+    );
     runtime::set_deterministic(before, false);
     Ok(())
 }
@@ -239,7 +276,12 @@ fn memory(run: &mut Run) -> Result<()> {
     if let Device::Cuda(i) = run.device {
         let t = Tensor::ones([n], (Kind::Float, run.device));
         let s = runtime::cuda_memory(i)?;
-        println!("CUDA allocator: allocated {:.1} MiB (peak {:.1}), reserved {:.1} MiB", mib(s.allocated as u64), mib(s.allocated_peak as u64), mib(s.reserved as u64));
+        println!(
+            "CUDA allocator: allocated {:.1} MiB (peak {:.1}), reserved {:.1} MiB",
+            mib(s.allocated as u64),
+            mib(s.allocated_peak as u64),
+            mib(s.reserved as u64)
+        );
         drop(t);
     } else {
         println!("(no CUDA device: the caching-allocator stats would be printed here)");
@@ -265,7 +307,11 @@ fn regression(run: &mut Run, args: &Args) -> Result<()> {
     let tol = if run.quick { 0.05 } else { 0.02 };
     for (name, f) in fits {
         let err = f.max_error(&p);
-        println!("{name:<17} w = {:?}, b = {:.4}, max |error| = {err:.4}", Vec::<f32>::try_from(f.w.flatten(0, -1).to_device(Device::Cpu))?, f.b);
+        println!(
+            "{name:<17} w = {:?}, b = {:.4}, max |error| = {err:.4}",
+            Vec::<f32>::try_from(f.w.flatten(0, -1).to_device(Device::Cpu))?,
+            f.b
+        );
         run.target(&format!("{name}_param_error"), err, Op::Le, tol);
     }
     let diff = |a: &linreg::Fit, b: &linreg::Fit| (&a.w - &b.w).abs().max().double_value(&[]).max((a.b - b.b).abs());
@@ -280,14 +326,21 @@ fn regression(run: &mut Run, args: &Args) -> Result<()> {
     LineChart::new("Training loss (MSE) by step", "step", "mean squared error (log)")
         .series(Series::line("gradient descent by hand", steps(&gd.losses)))
         .series(Series::dashed("nn::Linear + SGD", steps(&lin.losses)))
-        .series(Series::line("noise variance (the floor)", vec![(0.0, args.noise * args.noise), (args.steps as f64, args.noise * args.noise)]))
+        .series(Series::line(
+            "noise variance (the floor)",
+            vec![(0.0, args.noise * args.noise), (args.steps as f64, args.noise * args.noise)],
+        ))
         .log_y(true)
         .save(&loss_png)?;
     run.artifact(&loss_png);
     // Predictions against targets: a perfect fit lies on y = x, spread only by the noise.
     let pred = (p.x.matmul(&closed.w) + closed.b).flatten(0, -1).to_device(Device::Cpu);
     let y = p.y.flatten(0, -1).to_device(Device::Cpu);
-    let pts: Vec<(f64, f64)> = Vec::<f32>::try_from(&pred)?.into_iter().zip(Vec::<f32>::try_from(&y)?).map(|(a, b)| (a as f64, b as f64)).collect();
+    let pts: Vec<(f64, f64)> = Vec::<f32>::try_from(&pred)?
+        .into_iter()
+        .zip(Vec::<f32>::try_from(&y)?)
+        .map(|(a, b)| (a as f64, b as f64))
+        .collect();
     let (lo, hi) = pts.iter().fold((f64::MAX, f64::MIN), |(l, h), p| (l.min(p.0), h.max(p.0)));
     let fit_png = run.path("fit.png");
     LineChart::new("Closed-form fit: prediction vs target", "prediction (closed form)", "target y")
