@@ -1059,8 +1059,8 @@ def cmd_list():
 
 
 def main(argv=None):
-    if sys.version_info < (3, 8):
-        sys.exit("scripts/setup.py needs Python 3.8 or newer (this is %s)" % sys.version.split()[0])
+    if sys.version_info < (3, 10):
+        sys.exit("scripts/setup.py needs Python 3.10 or newer: torch==2.11.0 has no wheel for %s" % sys.version.split()[0])
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.list:
         cmd_list()
