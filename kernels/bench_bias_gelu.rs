@@ -14,7 +14,6 @@
 //! floats); forward+backward adds reading the upstream gradient and x, and writing the input
 //! gradient (5 N floats). The same byte count is used for every implementation, so GB/s ratios
 //! are time ratios. The PyTorch column runs `F.gelu(x + b).backward(g)` through its autograd
-//! engine, which adds a small fixed cost per call (visible only at the smallest size). The PyTorch column runs `F.gelu(x + b).backward(g)` through its autograd
 //! engine, which adds a small fixed cost per call (visible only at the smallest size).
 
 use course::ops::{bias_gelu, bias_gelu_backward, bias_gelu_forward, bias_gelu_reference};

@@ -90,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor> backward_any(const at::Tensor& g, const at::T
   TORCH_CHECK(g.sizes() == x.sizes(), "bias_gelu backward: grad shape ", g.sizes(), " differs from input shape ", x.sizes());
   TORCH_CHECK(g.device() == x.device(), "bias_gelu backward: grad is on ", g.device(), " but input is on ", x.device());
   auto gg = g.to(x.scalar_type());
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), "bias_gelu backward: unsupported device ", x.device());
   if (x.is_cuda()) {
 #ifdef COURSE_CUDA
     return bias_gelu_backward_cuda(gg, x, b);
@@ -109,6 +110,9 @@ struct BiasGeluFunction : public torch::autograd::Function<BiasGeluFunction> {
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
+    // With create_graph the engine runs backward in grad mode; our backward kernel is not
+    // itself differentiable, so say so rather than return gradients without a graph.
+    TORCH_CHECK(!at::GradMode::is_enabled(), "bias_gelu: double backward (create_graph=true) is not supported");
     auto saved = ctx->get_saved_variables();
     auto [gx, gb] = backward_any(grads[0], saved[0], saved[1]);
     return {gx, gb};

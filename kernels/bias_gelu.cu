@@ -1,6 +1,6 @@
-// CUDA twin of bias_gelu_cpu.cpp: y = gelu_tanh(x + bias) and its backward, one thread per
-// element in a grid-stride loop, computed in fp32 for bf16 (at::opmath_type), launched on the
-// current torch CUDA stream so it orders with the surrounding torch ops. The bias gradient is a
+// CUDA twin of bias_gelu_cpu.cpp: y = gelu_tanh(x + bias) and its backward (same sigmoid form),
+// one thread per element in a grid-stride loop, computed in fp32 for bf16 (at::opmath_type),
+// launched on the current torch CUDA stream so it orders with the surrounding torch ops. The bias gradient is a
 // column sum of the input gradient, done by ATen's reduction (fp32 accumulation).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -13,18 +13,28 @@
 namespace course {
 namespace {
 
+// The sigmoid form of GELU-tanh used by the CPU kernel (see bias_gelu_cpu.cpp): no cancellation
+// in either tail. v is clamped so exp(-v) stays finite.
+template <typename A>
+__device__ __forceinline__ A exp_neg_clamped(A v) {
+  const A lim = sizeof(A) == 4 ? A(87) : A(700);
+  return exp(fmin(fmax(-v, -lim), lim));
+}
+
 template <typename A>
 __device__ __forceinline__ A gelu_fwd(A u) {
-  const A k = static_cast<A>(kGeluK), c = static_cast<A>(kGeluC);
-  return A(0.5) * u * (A(1) + tanh(k * (u + c * u * u * u)));
+  const A k2 = static_cast<A>(2 * kGeluK), kc2 = static_cast<A>(2 * kGeluK * kGeluC);
+  return u / (A(1) + exp_neg_clamped(u * (k2 + kc2 * u * u)));
 }
 
 template <typename A>
 __device__ __forceinline__ A gelu_grad(A u) {
-  const A k = static_cast<A>(kGeluK), c = static_cast<A>(kGeluC);
+  const A k2 = static_cast<A>(2 * kGeluK), kc2 = static_cast<A>(2 * kGeluK * kGeluC),
+          kc6 = static_cast<A>(6 * kGeluK * kGeluC);
   A u2 = u * u;
-  A t = tanh(k * (u + c * u2 * u));
-  return A(0.5) * (A(1) + t) + A(0.5) * u * (A(1) - t * t) * k * (A(1) + A(3) * c * u2);
+  A e = exp_neg_clamped(u * (k2 + kc2 * u2));
+  A s = A(1) / (A(1) + e);
+  return s + u * (k2 + kc6 * u2) * (e * s) * s;
 }
 
 template <typename T>

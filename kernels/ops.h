@@ -32,13 +32,22 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cuda(const at::Tensor& gra
                                                            const at::Tensor& bias);
 #endif
 
+// Returned when even the error message cannot be allocated; course_free_error never frees it.
+inline char* out_of_memory_error() {
+  static char msg[] = "out of memory while reporting a C++ error";
+  return msg;
+}
+
 // A malloc'd copy of an exception message for the C ABI, cut before c10's C++ backtrace.
-inline char* dup_error(const char* what) {
-  std::string s(what ? what : "unknown C++ exception");
-  auto nl = s.find("\nException raised from");
-  if (nl != std::string::npos) s.resize(nl);
-  char* out = static_cast<char*>(std::malloc(s.size() + 1));
-  if (out) std::memcpy(out, s.c_str(), s.size() + 1);
+// Never throws and never returns NULL (NULL means success to the caller).
+inline char* dup_error(const char* what) noexcept {
+  if (!what) what = "unknown C++ exception";
+  const char* cut = std::strstr(what, "\nException raised from");
+  size_t n = cut ? static_cast<size_t>(cut - what) : std::strlen(what);
+  char* out = static_cast<char*>(std::malloc(n + 1));
+  if (!out) return out_of_memory_error();
+  std::memcpy(out, what, n);
+  out[n] = '\0';
   return out;
 }
 

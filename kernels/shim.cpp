@@ -41,7 +41,9 @@ c10::ScalarType autocast_dtype_of(c10::DeviceType dev, int code) {
 
 extern "C" {
 
-void course_free_error(char* msg) { std::free(msg); }
+void course_free_error(char* msg) {
+  if (msg != course::out_of_memory_error()) std::free(msg);
+}
 
 void course_set_deterministic(int enabled, int warn_only) {
   at::globalContext().setDeterministicAlgorithms(enabled != 0, warn_only != 0);
@@ -92,7 +94,13 @@ const char* course_cpu_capability(void) {
   return cap.c_str();
 }
 
-char* course_parallel_info(void) { return course::dup_error(at::get_parallel_info().c_str()); }
+char* course_parallel_info(void) {
+  try {
+    return course::dup_error(at::get_parallel_info().c_str());
+  } catch (...) {
+    return course::dup_error("at::get_parallel_info failed");
+  }
+}
 
 long course_cuda_runtime_version(void) {
   try {

@@ -65,6 +65,17 @@ fn m01_meets_every_target_and_charts_its_fit() {
         .arg(&out));
     let m = Metrics::load(&out.join("m01_basics/metrics.json")).unwrap();
     assert!(!m.quick && m.seed == 3);
+    // A failing rerun removes the old metrics instead of leaving them looking current.
+    let out2 = Command::new(env!("CARGO_BIN_EXE_m01_basics"))
+        .args(["--samples", "5", "--features", "5", "--quiet", "--outputs"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!out2.status.success());
+    assert!(!out.join("m01_basics/metrics.json").exists(), "stale metrics.json survived a failed run");
+    run(Command::new(env!("CARGO_BIN_EXE_m01_basics"))
+        .args(["--quiet", "--device", "cpu", "--seed", "3", "--outputs"])
+        .arg(&out));
     assert!(m.all_targets_met(), "{:#?}", m.targets);
     for name in [
         "closed_form_param_error",

@@ -99,5 +99,15 @@ fn versions_report_the_loaded_libtorch() {
         assert!(s.allocated >= 4 << 20 && s.allocated_peak >= s.allocated);
         drop(t);
     }
-    assert_eq!(runtime::threads(), tch::get_num_threads() as usize);
+}
+
+#[test]
+fn thread_count_is_set_and_clamped() {
+    let n = runtime::threads();
+    runtime::set_threads(1);
+    assert_eq!(runtime::threads(), 1);
+    runtime::set_threads(0); // clamped to 1, not a libtorch error
+    assert_eq!(runtime::threads(), 1);
+    runtime::set_threads(n);
+    assert_eq!(runtime::threads(), n);
 }

@@ -4,7 +4,16 @@
 use anyhow::{Context, Result};
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A temporary name next to `path`, unique per process and per call, so concurrent writers of
+/// the same file never share a temporary.
+fn temp_name(dir: &Path, name: &str, ext: &str) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".{name}.tmp-{}-{n}{ext}", std::process::id()))
+}
 
 /// Writes `bytes` to `path` via a temporary file in the same directory, fsync, rename, then
 /// fsync of the directory so the rename itself survives a power cut.
@@ -12,9 +21,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
     let name = path.file_name().with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let tmp = temp_name(dir, &name.to_string_lossy(), "");
     let result = (|| -> Result<()> {
-        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
@@ -36,7 +49,7 @@ pub fn write_via_temp(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> R
     fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
     let name = path.file_name().with_context(|| format!("{} has no file name", path.display()))?.to_string_lossy();
     let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}{ext}", std::process::id()));
+    let tmp = temp_name(dir, &name, &ext);
     let result = write(&tmp).and_then(|_| {
         File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))

@@ -1,6 +1,7 @@
 //! Linear regression three ways (module m01): the closed form, gradient descent with autograd by
 //! hand, and `nn::Linear` trained by tch's SGD. All three must recover the same weights.
 
+use crate::rng::Rng;
 use anyhow::{ensure, Result};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -16,14 +17,28 @@ pub struct Problem {
     pub b_true: f64,
 }
 
-/// A synthetic problem drawn from torch's generator (seed it first: `rng::seed_everything`).
-pub fn synthetic(n: i64, d: i64, noise: f64, kind: Kind, device: Device) -> Problem {
-    let opts = (kind, device);
-    let w_true = Tensor::randn([d, 1], opts) * 2.0; // (d, 1)
+/// A synthetic problem drawn from the course RNG (so it does not depend on torch's global
+/// generator, which tests running in parallel share).
+pub fn synthetic(n: i64, d: i64, noise: f64, rng: &mut Rng, kind: Kind, device: Device) -> Result<Problem> {
+    ensure!(n >= 1 && d >= 1, "need at least one sample and one feature, got {n} x {d}");
+    let mut normal = |count: i64, scale: f64| -> Result<Tensor> {
+        let v: Vec<f64> = (0..count).map(|_| rng.normal() * scale).collect();
+        Ok(Tensor::from_slice(&v).f_to_kind(kind)?.f_to_device(device)?)
+    };
+    let w_true = normal(d, 2.0)?.view([d, 1]); // (d, 1)
     let b_true = 0.5;
-    let x = Tensor::randn([n, d], opts); // (n, d)
-    let y = x.matmul(&w_true) + b_true + Tensor::randn([n, 1], opts) * noise; // (n, 1)
-    Problem { x, y, w_true, b_true }
+    let x = normal(n * d, 1.0)?.view([n, d]); // (n, d)
+    let y = x.matmul(&w_true) + b_true + normal(n, noise)?.view([n, 1]); // (n, 1)
+    Ok(Problem { x, y, w_true, b_true })
+}
+
+/// max that propagates NaN (f64::max would drop it and let a diverged fit look good).
+pub fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 /// A fitted model: weights (d, 1), bias, and the loss after each step (empty for closed form).
@@ -38,7 +53,7 @@ impl Fit {
     /// max |w - w_true| and |b - b_true| together.
     pub fn max_error(&self, p: &Problem) -> f64 {
         let dw = (&self.w - &p.w_true).abs().max().double_value(&[]);
-        dw.max((self.b - p.b_true).abs())
+        nan_max(dw, (self.b - p.b_true).abs())
     }
 }
 

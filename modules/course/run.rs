@@ -34,8 +34,8 @@ pub struct CommonArgs {
     /// none then fail loudly
     #[arg(long)]
     pub deterministic: bool,
-    /// Intra-op CPU threads (default: libtorch's choice, one per core)
-    #[arg(long)]
+    /// Intra-op CPU threads, 1 to 1024 (default: libtorch's choice, one per core)
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub threads: Option<usize>,
     /// No progress bars (they are also hidden when stderr is not a terminal)
     #[arg(long)]
@@ -80,10 +80,37 @@ impl Op {
     }
 }
 
+/// JSON has no NaN or infinity: a non-finite value (a diverged loss, say) is written as `null`
+/// and read back as NaN, which meets no target.
+mod nullable {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn ser<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+    pub fn de<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+    pub fn ser_map<S: Serializer>(m: &BTreeMap<String, f64>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(m.iter().map(|(k, v)| (k, v.is_finite().then_some(*v))))
+    }
+    pub fn de_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f64>, D::Error> {
+        let m = BTreeMap::<String, Option<f64>>::deserialize(d)?;
+        Ok(m.into_iter().map(|(k, v)| (k, v.unwrap_or(f64::NAN))).collect())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Target {
     pub name: String,
+    #[serde(serialize_with = "nullable::ser", deserialize_with = "nullable::de")]
     pub value: f64,
+    #[serde(serialize_with = "nullable::ser", deserialize_with = "nullable::de")]
     pub goal: f64,
     pub op: Op,
     pub met: bool,
@@ -97,6 +124,7 @@ pub struct Metrics {
     pub quick: bool,
     pub seed: u64,
     pub device: String,
+    #[serde(serialize_with = "nullable::ser_map", deserialize_with = "nullable::de_map")]
     pub metrics: BTreeMap<String, f64>,
     pub targets: Vec<Target>,
     pub artifacts: Vec<String>,
@@ -109,7 +137,7 @@ impl Metrics {
         let m: Metrics =
             serde_json::from_str(&text).with_context(|| format!("{} is not a valid metrics.json", path.display()))?;
         for t in &m.targets {
-            if t.met != t.op.holds(t.value, t.goal) {
+            if t.met != t.op.holds(t.value, t.goal) && !(t.value.is_nan() && !t.met) {
                 bail!(
                     "{}: target '{}' says met = {} but {} {} {} is {}",
                     path.display(),
@@ -154,8 +182,8 @@ impl Run {
     pub fn start<C: Serialize>(module: &str, common: &CommonArgs, config: &C) -> Result<Run> {
         let device = common.device.resolve()?;
         if let Some(n) = common.threads {
-            if n == 0 {
-                bail!("--threads must be at least 1");
+            if !(1..=1024).contains(&n) {
+                bail!("--threads must be between 1 and 1024, got {n}");
             }
             runtime::set_threads(n);
         }
@@ -163,6 +191,11 @@ impl Run {
         let rng = seed_everything(common.seed);
         let dir = common.outputs.join(module);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating output folder {}", dir.display()))?;
+        // A run that fails must not leave the previous run's metrics looking current.
+        let stale = dir.join("metrics.json");
+        if stale.exists() {
+            std::fs::remove_file(&stale).with_context(|| format!("removing the previous {}", stale.display()))?;
+        }
         crate::progress::set_quiet(common.quiet);
         Ok(Run {
             module: module.to_string(),
@@ -229,7 +262,6 @@ impl Run {
     pub fn finish(self) -> Result<Metrics> {
         let m = self.metrics();
         let wall = self.started.elapsed().as_secs_f64();
-        write_json_atomic(&self.path("metrics.json"), &m)?;
         let (commit, dirty) = git_commit();
         let manifest = serde_json::json!({
             "module": self.module,
@@ -249,6 +281,8 @@ impl Run {
             "peak_rss_bytes": runtime::peak_rss_bytes(),
         });
         write_json_atomic(&self.path("manifest.json"), &manifest)?;
+        // metrics.json last: its presence means the run finished and its manifest is current.
+        write_json_atomic(&self.path("metrics.json"), &m)?;
         println!("\n{}", targets_table(&m));
         println!("wrote {} and manifest.json ({wall:.1} s)", self.dir.join("metrics.json").display());
         Ok(m)
@@ -318,6 +352,24 @@ mod tests {
         assert_eq!(tkeys, ["goal", "met", "name", "op", "value"]);
         let back: Metrics = serde_json::from_value(v).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn non_finite_values_round_trip_as_null_and_never_meet() {
+        let m = Metrics {
+            module: "m".into(),
+            quick: true,
+            seed: 1,
+            device: "cpu".into(),
+            metrics: BTreeMap::from([("loss".to_string(), f64::NAN), ("ok".to_string(), 2.0)]),
+            targets: vec![Target { name: "loss".into(), value: f64::INFINITY, goal: 1.0, op: Op::Le, met: false }],
+            artifacts: vec![],
+        };
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains(r#""loss":null"#) && text.contains(r#""value":null"#), "{text}");
+        let back: Metrics = serde_json::from_str(&text).unwrap();
+        assert!(back.metrics["loss"].is_nan() && back.metrics["ok"] == 2.0);
+        assert!(back.targets[0].value.is_nan() && !back.targets[0].met);
     }
 
     #[test]

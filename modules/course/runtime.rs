@@ -6,13 +6,20 @@ use anyhow::Result;
 use std::ffi::c_int;
 use tch::{Device, Kind};
 
-/// `torch.use_deterministic_algorithms(enabled, warn_only)`; also switches cuDNN to its
-/// deterministic algorithms and turns off its autotuner, which picks kernels by timing.
+/// `torch.use_deterministic_algorithms(enabled, warn_only)`; enabling also switches cuDNN to its
+/// deterministic algorithms. The cuDNN autotuner (`cudnn.benchmark`, which picks kernels by
+/// timing them) stays off either way, PyTorch's default; turn it on with [`set_cudnn_benchmark`].
 pub fn set_deterministic(enabled: bool, warn_only: bool) {
     unsafe {
         ffi::course_set_deterministic(enabled as c_int, warn_only as c_int);
-        ffi::course_set_cudnn(!enabled as c_int, enabled as c_int);
+        ffi::course_set_cudnn(0, enabled as c_int);
     }
+}
+
+/// `torch.backends.cudnn.benchmark`: faster convolutions on GPUs, chosen by timing, so runs may
+/// differ. Leaves cuDNN's determinism flag as [`set_deterministic`] set it.
+pub fn set_cudnn_benchmark(on: bool) {
+    unsafe { ffi::course_set_cudnn(on as c_int, ffi::course_deterministic()) }
 }
 
 pub fn deterministic() -> bool {
@@ -54,6 +61,8 @@ pub struct AutocastGuard {
     device: c_int,
     prev_enabled: c_int,
     prev_dtype: c_int,
+    /// Autocast state is thread-local in ATen: the guard must drop on the thread that made it.
+    _not_send: std::marker::PhantomData<*const ()>,
 }
 
 /// Enters autocast for `device`'s type with `dtype` (Kind::BFloat16 or Kind::Half); with
@@ -67,7 +76,7 @@ pub fn autocast(device: Device, dtype: Kind, enabled: bool) -> Result<AutocastGu
     ffi::check(unsafe {
         ffi::course_autocast_enter(code, enabled as c_int, kind_code(dtype), &mut prev_enabled, &mut prev_dtype)
     })?;
-    Ok(AutocastGuard { device: code, prev_enabled, prev_dtype })
+    Ok(AutocastGuard { device: code, prev_enabled, prev_dtype, _not_send: std::marker::PhantomData })
 }
 
 /// Whether autocast is on for `device`'s type, and its dtype.
@@ -109,7 +118,7 @@ pub fn is_inference(t: &tch::Tensor) -> bool {
 
 /// Intra-op threads used by ATen (`torch.set_num_threads`).
 pub fn set_threads(n: usize) {
-    tch::set_num_threads(n.max(1) as i32);
+    tch::set_num_threads(n.clamp(1, 1024) as i32);
 }
 
 pub fn threads() -> usize {
@@ -120,9 +129,9 @@ pub fn threads() -> usize {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Versions {
     pub torch: String,
-    /// e.g. 13000 for CUDA 13.0; 0 without a CUDA runtime.
+    /// e.g. 13000 for CUDA 13.0; 0 when no CUDA device is visible.
     pub cuda_runtime: i64,
-    /// e.g. 91900 for cuDNN 9.19.0; 0 without cuDNN.
+    /// e.g. 91900 for cuDNN 9.19.0; 0 when no CUDA device is visible or cuDNN is absent.
     pub cudnn: i64,
     pub cuda_devices: usize,
     /// The CPU instruction set ATen dispatches its kernels (and ours) to.

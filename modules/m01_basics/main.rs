@@ -6,7 +6,7 @@
 use anyhow::{ensure, Result};
 use clap::Parser;
 use course::charts::{LineChart, Series};
-use course::linreg;
+use course::linreg::{self, nan_max};
 use course::repro::fingerprint;
 use course::run::{CommonArgs, Op, Run};
 use course::runtime;
@@ -24,20 +24,20 @@ use tch::{Device, Kind, Tensor};
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// Samples in the regression problem (default 2000; 200 with --quick)
-    #[arg(long)]
+    /// Samples in the regression problem, 2 to 10,000,000 (default 2000; 200 with --quick)
+    #[arg(long, value_parser = clap::value_parser!(i64).range(2..=10_000_000))]
     samples: Option<i64>,
-    /// Features in the regression problem
-    #[arg(long, default_value_t = 5)]
+    /// Features in the regression problem, 1 to 1000
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..=1000))]
     features: i64,
-    /// Standard deviation of the label noise
+    /// Standard deviation of the label noise (>= 0)
     #[arg(long, default_value_t = 0.1)]
     noise: f64,
-    /// Learning rate of both gradient-descent fits
+    /// Learning rate of both gradient-descent fits (> 0; above 1.0 this problem diverges)
     #[arg(long, default_value_t = 0.1)]
     lr: f64,
-    /// Steps of both gradient-descent fits
-    #[arg(long, default_value_t = 300)]
+    /// Steps of both gradient-descent fits, 1 to 1,000,000
+    #[arg(long, default_value_t = 300, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     steps: usize,
     /// (internal) print the reproducibility fingerprint for this seed and exit; used to compare
     /// two processes
@@ -47,6 +47,8 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    ensure!(args.noise.is_finite() && args.noise >= 0.0, "--noise must be a finite number >= 0, got {}", args.noise);
+    ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be a finite number > 0, got {}", args.lr);
     if let Some(seed) = args.probe_fingerprint {
         println!("{:016x}", fingerprint(seed, args.common.device.resolve()?));
         return Ok(());
@@ -167,7 +169,7 @@ fn autograd(run: &mut Run) -> Result<()> {
         let v = input.set_requires_grad(true);
         f(&v).backward();
         let err = (v.grad() - analytic).abs().max().double_value(&[]);
-        worst = worst.max(err);
+        worst = nan_max(worst, err);
         println!("d/dx {name:<24} max |autograd - analytic| = {err:.2e}");
     }
     run.target("autograd_max_abs_error", worst, Op::Le, 1e-10);
@@ -211,8 +213,9 @@ fn reproducibility(run: &mut Run, args: &Args) -> Result<()> {
     let seed = run.seed();
     let f1 = fingerprint(seed, run.device);
     let f2 = fingerprint(seed, run.device);
-    let f3 = fingerprint(seed + 1, run.device);
-    println!("fingerprint(seed {seed}) = {f1:016x}, again = {f2:016x}, seed {} = {f3:016x}", seed + 1);
+    let other_seed = seed.wrapping_add(1);
+    let f3 = fingerprint(other_seed, run.device);
+    println!("fingerprint(seed {seed}) = {f1:016x}, again = {f2:016x}, seed {other_seed} = {f3:016x}");
     // A second process, started fresh with the same seed and the same thread count.
     let exe = std::env::current_exe()?;
     let out = std::process::Command::new(exe)
@@ -294,9 +297,7 @@ fn regression(run: &mut Run, args: &Args) -> Result<()> {
     section("5. Linear regression, three ways");
     let n = args.samples.unwrap_or(if run.quick { 200 } else { 2000 });
     ensure!(n > args.features, "--samples ({n}) must exceed --features ({})", args.features);
-    ensure!(args.features >= 1, "--features must be at least 1");
-    tch::manual_seed(run.seed() as i64);
-    let p = linreg::synthetic(n, args.features, args.noise, Kind::Float, run.device);
+    let p = linreg::synthetic(n, args.features, args.noise, &mut run.rng, Kind::Float, run.device)?;
     let closed = linreg::closed_form(&p.x, &p.y)?;
     let gd = linreg::gradient_descent(&p.x, &p.y, args.lr, args.steps);
     let lin = linreg::nn_linear_sgd(&p.x, &p.y, args.lr, args.steps)?;
@@ -314,8 +315,9 @@ fn regression(run: &mut Run, args: &Args) -> Result<()> {
         );
         run.target(&format!("{name}_param_error"), err, Op::Le, tol);
     }
-    let diff = |a: &linreg::Fit, b: &linreg::Fit| (&a.w - &b.w).abs().max().double_value(&[]).max((a.b - b.b).abs());
-    let disagreement = diff(&closed, &gd).max(diff(&closed, &lin)).max(diff(&gd, &lin));
+    let diff =
+        |a: &linreg::Fit, b: &linreg::Fit| nan_max((&a.w - &b.w).abs().max().double_value(&[]), (a.b - b.b).abs());
+    let disagreement = nan_max(nan_max(diff(&closed, &gd), diff(&closed, &lin)), diff(&gd, &lin));
     println!("largest disagreement between the three: {disagreement:.2e}");
     run.target("methods_max_disagreement", disagreement, Op::Le, 1e-4);
     run.metric("gd_final_loss", *gd.losses.last().unwrap_or(&f64::NAN));
