@@ -256,8 +256,8 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]
 
 fn format_value(v: f64) -> String {
     let a = v.abs();
-    if a == 0.0 {
-        "0".into()
+    if v == v.trunc() && a < 1e6 {
+        format!("{v:.0}") // counts (confusion matrices) print as integers
     } else if a >= 1e4 || a < 1e-3 {
         format!("{v:.2e}")
     } else if a >= 100.0 {
@@ -413,7 +413,12 @@ mod tests {
 
     #[test]
     fn draws_every_chart_kind_and_rejects_empty_input() {
-        let dir = std::env::temp_dir().join(format!("course-charts-{}", std::process::id()));
+        // COURSE_CHART_DIR keeps the PNGs for a look; otherwise a temporary folder.
+        let keep = std::env::var_os("COURSE_CHART_DIR");
+        let dir = keep
+            .clone()
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("course-charts-{}", std::process::id())));
         let pts: Vec<(f64, f64)> = (1..50).map(|i| (i as f64, 1.0 / i as f64)).collect();
         let c = LineChart::new("loss", "step", "loss")
             .series(Series::line("train", pts.clone()))
@@ -436,7 +441,9 @@ mod tests {
         assert_eq!(png_size(&dir.join("h.png")), (1000, 800));
         assert!(LineChart::new("empty", "x", "y").save(&dir.join("e.png")).is_err());
         assert!(!dir.join("e.png").exists());
-        std::fs::remove_dir_all(&dir).unwrap();
+        if keep.is_none() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
     }
 
     #[test]

@@ -298,9 +298,16 @@ fn regression(run: &mut Run, args: &Args) -> Result<()> {
     let n = args.samples.unwrap_or(if run.quick { 200 } else { 2000 });
     ensure!(n > args.features, "--samples ({n}) must exceed --features ({})", args.features);
     let p = linreg::synthetic(n, args.features, args.noise, &mut run.rng, Kind::Float, run.device)?;
+    let bar = course::progress::bar(3, "regression");
+    bar.set_message("closed form");
     let closed = linreg::closed_form(&p.x, &p.y)?;
+    bar.inc(1);
+    bar.set_message("gradient descent by hand");
     let gd = linreg::gradient_descent(&p.x, &p.y, args.lr, args.steps);
+    bar.inc(1);
+    bar.set_message("nn::Linear + SGD");
     let lin = linreg::nn_linear_sgd(&p.x, &p.y, args.lr, args.steps)?;
+    bar.finish_and_clear();
     println!("true w = {:?}, b = {}", Vec::<f32>::try_from(p.w_true.flatten(0, -1).to_device(Device::Cpu))?, p.b_true);
     let fits = [("closed_form", &closed), ("gradient_descent", &gd), ("nn_linear_sgd", &lin)];
     // With noise sigma and n samples the estimate's standard error is about sigma / sqrt(n);
