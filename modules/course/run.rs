@@ -293,15 +293,18 @@ impl Run {
 pub fn targets_table(m: &Metrics) -> String {
     let w = m.targets.iter().map(|t| t.name.len()).max().unwrap_or(6).max(6);
     let mut s = format!("{:<w$}  {:>12}  {:>2}  {:>10}  met\n", "target", "value", "op", "goal");
+    // Plain decimals for ordinary values, scientific for tiny or huge ones (a diverged loss).
+    let num = |v: f64| {
+        let a = v.abs();
+        if a != 0.0 && (a >= 1e6 || a < 1e-3) {
+            format!("{v:.3e}")
+        } else {
+            format!("{v:.6}")
+        }
+    };
     for t in &m.targets {
-        s += &format!(
-            "{:<w$}  {:>12.6}  {:>2}  {:>10}  {}\n",
-            t.name,
-            t.value,
-            t.op.symbol(),
-            t.goal,
-            if t.met { "yes" } else { "NO" }
-        );
+        let met = if t.met { "yes" } else { "NO" };
+        s += &format!("{:<w$}  {:>12}  {:>2}  {:>10}  {met}\n", t.name, num(t.value), t.op.symbol(), num(t.goal));
     }
     let met = m.targets.iter().filter(|t| t.met).count();
     s += &format!(
