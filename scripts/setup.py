@@ -937,6 +937,9 @@ def build(ds, manifest, args):
             if ds.kind == "npm":
                 new["archive"]["integrity"] = npm_integrity(archive)
             new["source"] = ds.source
+            # Read by the Rust side (modules/course/data.rs) so the list of sets exists once.
+            new["dir"] = ds.dirname
+            new["desc"] = ds.desc
             manifest[ds.name] = entry = new
             say("manifest", "%s: recorded %d file(s)%s" % (ds.name, len(new["files"]),
                 ", %d groups" % len(new.get("groups", {})) if new.get("groups") else ""))

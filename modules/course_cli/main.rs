@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use course::catalog::MODULES;
-use course::data::{data_root, DATASETS};
+use course::data::{data_root, datasets};
 use course::gallery::{status, write_gallery, Status};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -105,14 +105,14 @@ fn doctor() -> Result<()> {
     let root = data_root();
     println!("\ndata sets in {}:", root.display());
     let mut missing = 0;
-    for d in DATASETS {
+    for d in datasets() {
         let present = d.present(&root);
         missing += !present as usize;
         println!(
             "  {:<18} {:<8} {:<44} {}",
             d.name,
             if present { "present" } else { "MISSING" },
-            d.what,
+            d.desc,
             if present { String::new() } else { format!("fetch: {}", d.fetch_command()) }
         );
     }
