@@ -175,6 +175,18 @@ fn tour_writes_a_gallery_with_the_charts() {
 }
 
 #[test]
+fn tour_without_module_binaries_says_how_to_build_them() {
+    // A copy of the runner alone in a folder, as after `cargo run --bin course` in a fresh clone.
+    let dir = tmp("lonely");
+    let lonely = dir.join("course");
+    std::fs::copy(env!("CARGO_BIN_EXE_course"), &lonely).unwrap();
+    let out = Command::new(&lonely).args(["tour", "--quick", "--outputs"]).arg(dir.join("out")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cargo build --release"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn every_module_binary_in_cargo_toml_is_in_the_catalog() {
     let toml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
     for line in toml.lines() {

@@ -162,6 +162,11 @@ fn tour(quick: bool, only: &[String], device: &str, outputs: &Path) -> Result<()
     }
     let page = write_gallery(outputs)?;
     println!("\nran {ran} module(s); gallery: {}", page.display());
+    if ran == 0 {
+        let dir =
+            std::env::current_exe().ok().and_then(|e| e.parent().map(|p| p.display().to_string())).unwrap_or_default();
+        bail!("no module binary found in {dir}: build them first with `cargo build --release`");
+    }
     if !failed.is_empty() {
         bail!("module(s) failed: {}", failed.join(", "));
     }
