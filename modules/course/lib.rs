@@ -9,6 +9,7 @@
 //! - [`device`], [`rng`], [`report`], [`fsutil`]: device choice, seeded RNG, environment report,
 //!   atomic writes.
 //! - [`catalog`], [`gallery`], [`data`]: the module list, the tour's HTML gallery, data set paths.
+//! - [`idx`]: the IDX reader (MNIST, Fashion-MNIST), plain or gzipped.
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod catalog;
@@ -18,6 +19,7 @@ pub mod device;
 mod ffi;
 pub mod fsutil;
 pub mod gallery;
+pub mod idx;
 pub mod linreg;
 pub mod ops;
 pub mod progress;
