@@ -10,6 +10,7 @@
 //!   atomic writes.
 //! - [`catalog`], [`gallery`], [`data`]: the module list, the tour's HTML gallery, data set paths.
 //! - [`idx`]: the IDX reader (MNIST, Fashion-MNIST), plain or gzipped.
+//! - [`loader`]: `Dataset`, samplers and the multi-worker `DataLoader`.
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod catalog;
@@ -21,6 +22,7 @@ pub mod fsutil;
 pub mod gallery;
 pub mod idx;
 pub mod linreg;
+pub mod loader;
 pub mod ops;
 pub mod progress;
 pub mod report;
