@@ -27,7 +27,8 @@ const TAB10: [(u8, u8, u8); 10] = [
     (23, 190, 207),
 ];
 
-fn fonts() {
+/// Registers the bundled font (once); every drawing function calls it.
+pub fn ensure_fonts() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         for style in [FontStyle::Normal, FontStyle::Bold] {
@@ -97,7 +98,7 @@ impl LineChart {
 
     /// Draws the chart to `path` (PNG).
     pub fn save(&self, path: &Path) -> Result<()> {
-        fonts();
+        ensure_fonts();
         let pts: Vec<(f64, f64)> = self
             .series
             .iter()
@@ -198,7 +199,7 @@ fn padded(v: impl Iterator<Item = f64>, frac: f64) -> Range<f64> {
 
 /// A bar chart: one bar per `(label, value)`, values printed above the bars.
 pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]) -> Result<()> {
-    fonts();
+    ensure_fonts();
     if bars.is_empty() || bars.iter().any(|b| !b.1.is_finite()) {
         bail!("bar chart '{title}' needs at least one bar and finite values");
     }
@@ -294,7 +295,7 @@ pub struct Heatmap {
 
 impl Heatmap {
     pub fn save(&self, path: &Path) -> Result<()> {
-        fonts();
+        ensure_fonts();
         let rows = self.values.len();
         let cols = self.values.first().map_or(0, |r| r.len());
         if rows == 0 || cols == 0 || self.values.iter().any(|r| r.len() != cols) {

@@ -11,6 +11,7 @@
 //! - [`catalog`], [`gallery`], [`data`]: the module list, the tour's HTML gallery, data set paths.
 //! - [`idx`]: the IDX reader (MNIST, Fashion-MNIST), plain or gzipped.
 //! - [`loader`]: `Dataset`, samplers and the multi-worker `DataLoader`.
+//! - [`vision`]: MNIST/Fashion-MNIST data sets, transforms, collate, image grids.
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod catalog;
@@ -30,6 +31,7 @@ pub mod repro;
 pub mod rng;
 pub mod run;
 pub mod runtime;
+pub mod vision;
 
 pub use device::DeviceChoice;
 
