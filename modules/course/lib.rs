@@ -12,6 +12,7 @@
 //! - [`idx`]: the IDX reader (MNIST, Fashion-MNIST), plain or gzipped.
 //! - [`loader`]: `Dataset`, samplers and the multi-worker `DataLoader`.
 //! - [`vision`]: MNIST/Fashion-MNIST data sets, transforms, collate, image grids.
+//! - [`optim`]: SGD and AdamW with saveable state and parameter groups.
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod catalog;
@@ -25,6 +26,7 @@ pub mod idx;
 pub mod linreg;
 pub mod loader;
 pub mod ops;
+pub mod optim;
 pub mod progress;
 pub mod report;
 pub mod repro;
