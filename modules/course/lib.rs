@@ -13,6 +13,7 @@
 //! - [`loader`]: `Dataset`, samplers and the multi-worker `DataLoader`.
 //! - [`vision`]: MNIST/Fashion-MNIST data sets, transforms, collate, image grids.
 //! - [`optim`]: SGD and AdamW with saveable state and parameter groups.
+//! - [`sched`]: learning-rate schedules and early stopping.
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod catalog;
@@ -33,6 +34,7 @@ pub mod repro;
 pub mod rng;
 pub mod run;
 pub mod runtime;
+pub mod sched;
 pub mod vision;
 
 pub use device::DeviceChoice;
