@@ -51,7 +51,7 @@ DOWNLOADS = DATA / ".downloads"
 MANIFEST = ROOT / "scripts" / "data_manifest.json"
 STAMP = ".ok"
 
-TORCH_VERSION = "2.11.0"   # numpy is installed next to it (the MNIST conversion needs it)
+TORCH_VERSION = "2.11.0"   # numpy (the MNIST conversion) and tensorboard (tests) go next to it
 # Exact pin: without the extras' pins pip pulls a crt that does not match nvcc.
 CUDA_SPEC = "cuda-toolkit[nvcc,crt,nvvm,cccl]==13.0.2"
 CUDA_DISTS = ["cuda_toolkit-13.0.2", "nvidia_cuda_nvcc-13.0.*", "nvidia_cuda_crt-13.0.*",
@@ -199,8 +199,11 @@ def step_venv():
         need.append("torch==" + TORCH_VERSION)
     if not has_dist(site, "numpy-*"):
         need.append("numpy")
+    # tensorboard: the tests read our event files with its own reader (a few MB, no torch).
+    if not has_dist(site, "tensorboard-*"):
+        need.append("tensorboard")
     if not need:
-        say("ok", ".venv (torch %s, numpy present)" % tv)
+        say("ok", ".venv (torch %s, numpy, tensorboard present)" % tv)
         return "cached"
     say("fetch", ".venv: pip install %s%s" % (" ".join(need),
         "  (torch is a large download: a few GB with its CUDA libraries)" if need[0].startswith("torch") else ""))
@@ -212,7 +215,7 @@ def step_venv():
     if not (tv and tv.startswith(TORCH_VERSION)):
         raise SetupError("after pip install, torch version is %r, expected %s" % (tv, TORCH_VERSION),
                          "remove .venv and re-run: python3 scripts/setup.py")
-    say("ok", ".venv: torch %s + numpy installed (%.0f s)" % (tv, time.time() - t0))
+    say("ok", ".venv: torch %s + numpy + tensorboard installed (%.0f s)" % (tv, time.time() - t0))
     return "installed"
 
 

@@ -14,6 +14,7 @@
 //! - [`vision`]: MNIST/Fashion-MNIST data sets, transforms, collate, image grids.
 //! - [`optim`]: SGD and AdamW with saveable state and parameter groups.
 //! - [`sched`]: learning-rate schedules and early stopping.
+//! - [`tensorboard`]: TensorBoard event files (and the same scalars as JSON lines).
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod catalog;
@@ -35,6 +36,7 @@ pub mod rng;
 pub mod run;
 pub mod runtime;
 pub mod sched;
+pub mod tensorboard;
 pub mod vision;
 
 pub use device::DeviceChoice;
