@@ -15,10 +15,12 @@
 //! - [`optim`]: SGD and AdamW with saveable state and parameter groups.
 //! - [`sched`]: learning-rate schedules and early stopping.
 //! - [`tensorboard`]: TensorBoard event files (and the same scalars as JSON lines).
+//! - [`models`], [`classify`]: m02's MLP and CNN, losses; accuracy, top-k, confusion matrix.
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod catalog;
 pub mod charts;
+pub mod classify;
 pub mod data;
 pub mod device;
 mod ffi;
@@ -27,6 +29,7 @@ pub mod gallery;
 pub mod idx;
 pub mod linreg;
 pub mod loader;
+pub mod models;
 pub mod ops;
 pub mod optim;
 pub mod progress;
