@@ -91,6 +91,9 @@ int course_cuda_device_count(void);
 char* course_accel_memory(int device_index, int64_t* alloc_cur, int64_t* alloc_peak, int64_t* reserved_cur,
                           int64_t* reserved_peak);
 char* course_accel_reset_peak(int device_index);
+// Default generator state of device_type (0 = CPU, 1 = CUDA) device `index`, as a uint8 tensor.
+char* course_generator_get_state(int device_type, int index, course_tensor* out);
+char* course_generator_set_state(int device_type, int index, course_tensor state);
 // c10::InferenceMode as a guard object: exit on the thread that entered, in LIFO order.
 void* course_inference_mode_enter(void);
 void course_inference_mode_exit(void* guard);

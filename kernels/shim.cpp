@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <mutex>
 
 #include "ops.h"
 
@@ -146,6 +147,26 @@ char* course_accel_reset_peak(int device_index) {
   COURSE_TRY({
     TORCH_CHECK(course_cuda_device_count() > device_index && device_index >= 0, "no CUDA device ", device_index);
     at::accelerator::resetPeakStats(static_cast<c10::DeviceIndex>(device_index));
+  })
+}
+
+// The default generator of a device (0 = CPU, 1 = CUDA) as a byte tensor, and back: what a
+// checkpoint needs for dropout and other torch randomness to resume exactly.
+char* course_generator_get_state(int device_type, int index, course_tensor* out) {
+  COURSE_TRY({
+    auto dev = device_type == 0 ? c10::Device(c10::DeviceType::CPU) : c10::Device(device_type_of(device_type), index);
+    auto gen = at::globalContext().defaultGenerator(dev);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    *out = new at::Tensor(gen.get_state());
+  })
+}
+
+char* course_generator_set_state(int device_type, int index, course_tensor state) {
+  COURSE_TRY({
+    auto dev = device_type == 0 ? c10::Device(c10::DeviceType::CPU) : c10::Device(device_type_of(device_type), index);
+    auto gen = at::globalContext().defaultGenerator(dev);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(*static_cast<at::Tensor*>(state));
   })
 }
 

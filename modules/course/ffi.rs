@@ -46,6 +46,8 @@ extern "C" {
         reserved_peak: *mut i64,
     ) -> *mut c_char;
     pub fn course_accel_reset_peak(device_index: c_int) -> *mut c_char;
+    pub fn course_generator_get_state(device_type: c_int, index: c_int, out: *mut CTensor) -> *mut c_char;
+    pub fn course_generator_set_state(device_type: c_int, index: c_int, state: CTensor) -> *mut c_char;
     pub fn course_inference_mode_enter() -> *mut c_void;
     pub fn course_inference_mode_exit(guard: *mut c_void);
     pub fn course_is_inference(t: CTensor) -> c_int;

@@ -116,6 +116,27 @@ pub fn is_inference(t: &tch::Tensor) -> bool {
     unsafe { ffi::course_is_inference(ffi::ptr(t)) != 0 }
 }
 
+/// The state of `device`'s default torch generator (what `torch.get_rng_state()` returns for the
+/// CPU), as a uint8 tensor.
+pub fn generator_state(device: Device) -> Result<tch::Tensor> {
+    let (code, idx) = match device {
+        Device::Cuda(i) => (1, i as c_int),
+        _ => (0, 0),
+    };
+    let mut out = std::ptr::null_mut();
+    ffi::check(unsafe { ffi::course_generator_get_state(code, idx, &mut out) })?;
+    Ok(ffi::take(out))
+}
+
+/// Restores a state from [`generator_state`]; an error names what libtorch rejected.
+pub fn set_generator_state(device: Device, state: &tch::Tensor) -> Result<()> {
+    let (code, idx) = match device {
+        Device::Cuda(i) => (1, i as c_int),
+        _ => (0, 0),
+    };
+    ffi::check(unsafe { ffi::course_generator_set_state(code, idx, ffi::ptr(state)) })
+}
+
 /// Intra-op threads used by ATen (`torch.set_num_threads`).
 pub fn set_threads(n: usize) {
     tch::set_num_threads(n.clamp(1, 1024) as i32);
