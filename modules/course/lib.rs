@@ -16,10 +16,12 @@
 //! - [`sched`]: learning-rate schedules and early stopping.
 //! - [`tensorboard`]: TensorBoard event files (and the same scalars as JSON lines).
 //! - [`models`], [`classify`]: m02's MLP and CNN, losses; accuracy, top-k, confusion matrix.
+//! - [`checkpoint`]: `best/` and `last/` checkpoint directories, replaced atomically.
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod catalog;
 pub mod charts;
+pub mod checkpoint;
 pub mod classify;
 pub mod data;
 pub mod device;
