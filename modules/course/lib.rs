@@ -17,6 +17,7 @@
 //! - [`tensorboard`]: TensorBoard event files (and the same scalars as JSON lines).
 //! - [`models`], [`classify`]: m02's MLP and CNN, losses; accuracy, top-k, confusion matrix.
 //! - [`checkpoint`]: `best/` and `last/` checkpoint directories, replaced atomically.
+//! - [`train`]: the classification trainer (schedules, early stopping, checkpoints, resume, logs).
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod catalog;
@@ -42,6 +43,7 @@ pub mod run;
 pub mod runtime;
 pub mod sched;
 pub mod tensorboard;
+pub mod train;
 pub mod vision;
 
 pub use device::DeviceChoice;

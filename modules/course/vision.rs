@@ -99,14 +99,15 @@ impl Transform {
 
 /// An image set with its transform, as a loader `Dataset` of (pixels, label).
 pub struct ImageFolder {
-    pub set: ImageSet,
+    /// Shared: train, validation and test loaders index the same bytes.
+    pub set: std::sync::Arc<ImageSet>,
     pub transform: Transform,
     /// Only these example indices (a validation split or a --quick slice); all when None.
     pub subset: Option<Vec<usize>>,
 }
 
 impl ImageFolder {
-    pub fn new(set: ImageSet, transform: Transform) -> Self {
+    pub fn new(set: std::sync::Arc<ImageSet>, transform: Transform) -> Self {
         Self { set, transform, subset: None }
     }
     pub fn with_subset(mut self, idx: Vec<usize>) -> Self {

@@ -1,0 +1,315 @@
+//! The classification trainer used by m02: optimizer and schedule from a config, per-epoch
+//! validation, early stopping that restores the best weights, `best/` and `last/` checkpoints
+//! after every epoch, exact resume, TensorBoard + JSON-lines logs, and progress bars.
+//!
+//! Exact resume rests on four things saved in `last/`: the weights and buffers, the optimizer's
+//! moments, torch's generator (dropout), and the epoch/step counters. The data order needs no
+//! saving: the loader draws it from `(seed, epoch)`, and augmentation from `(seed, epoch, index)`.
+
+use crate::checkpoint::{self, TrainingState};
+use crate::classify::{self, Confusion};
+use crate::loader::DataLoader;
+use crate::models::{cross_entropy, ModelConfig};
+use crate::optim::{decay_groups, AdamW, Optimizer, Sgd};
+use crate::sched::{EarlyStopping, Mode, ReduceLrOnPlateau, Schedule, Verdict};
+use crate::tensorboard::SummaryWriter;
+use crate::vision::{ImageBatch, ImageFolder};
+use crate::{progress, runtime};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::nn::{ModuleT, VarStore};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OptKind {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedKind {
+    /// Constant learning rate.
+    Constant,
+    /// x0.1 after each third of training (StepLR).
+    Step,
+    /// Cosine from lr to lr/100 over all steps (CosineAnnealingLR).
+    Cosine,
+    /// Linear warmup over the first epoch, then cosine to lr/100.
+    WarmupCosine,
+    /// x0.5 when validation loss stalls for an epoch (ReduceLROnPlateau).
+    Plateau,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub lr: f64,
+    pub optimizer: OptKind,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    pub schedule: SchedKind,
+    pub label_smoothing: f64,
+    /// Early stopping patience in epochs (None: off).
+    pub patience: Option<usize>,
+    pub min_delta: f64,
+    /// Stop each epoch after this many batches (--quick).
+    pub max_batches: Option<usize>,
+}
+
+/// One epoch's figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub val_loss: f64,
+    pub val_acc: f64,
+    pub lr: f64,
+    pub seconds: f64,
+    pub samples_per_s: f64,
+}
+
+pub struct Outcome {
+    pub history: Vec<EpochRecord>,
+    /// (global step, learning rate) at every step.
+    pub lr_trace: Vec<(usize, f64)>,
+    pub best_epoch: Option<usize>,
+    pub stopped_early: bool,
+    /// True when training stopped at `stop_after` (a simulated interruption).
+    pub interrupted: bool,
+}
+
+/// Trainer counters and the pieces of state that live in `last/state.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Progress {
+    next_epoch: usize,
+    step: usize,
+    history: Vec<EpochRecord>,
+    lr_trace: Vec<(usize, f64)>,
+    plateau: Option<ReduceLrOnPlateau>,
+    early: Option<EarlyStopping>,
+}
+
+/// Loss and accuracy of `model` over a loader, in eval mode without autograd.
+pub fn evaluate(
+    model: &dyn ModuleT,
+    data: &DataLoader<ImageFolder, ImageBatch>,
+    device: Device,
+    confusion: Option<&mut Confusion>,
+) -> Result<(f64, f64)> {
+    let _g = tch::no_grad_guard();
+    let (mut loss_sum, mut correct, mut n) = (0.0, 0i64, 0i64);
+    let mut conf = confusion;
+    for b in data.epoch(0) {
+        let b = b?;
+        let logits = model.forward_t(&b.images.to_device(device), false);
+        let labels = b.labels.to_device(device);
+        let bs = labels.size()[0];
+        loss_sum += cross_entropy(&logits, &labels, 0.0).double_value(&[]) * bs as f64;
+        correct += classify::correct(&logits, &labels);
+        n += bs;
+        if let Some(c) = conf.as_deref_mut() {
+            c.add(&logits.argmax(-1, false), &labels);
+        }
+    }
+    if n == 0 {
+        bail!("evaluation data is empty");
+    }
+    Ok((loss_sum / n as f64, correct as f64 / n as f64))
+}
+
+fn global_grad_norm(vs: &VarStore) -> f64 {
+    let mut s = 0.0;
+    for t in vs.trainable_variables() {
+        let g = t.grad();
+        if g.defined() {
+            s += g.square().sum(Kind::Double).double_value(&[]);
+        }
+    }
+    s.sqrt()
+}
+
+/// Trains `model` (whose variables live in `vs`) and writes checkpoints under `dir`.
+/// With `resume`, continues from `dir/last` if it exists. `stop_after` ends training after that
+/// many epochs in total, as an interruption would (used to test resume).
+#[allow(clippy::too_many_arguments)]
+pub fn fit(
+    dir: &Path,
+    model_cfg: &ModelConfig,
+    vs: &VarStore,
+    model: &dyn ModuleT,
+    train: &DataLoader<ImageFolder, ImageBatch>,
+    val: &DataLoader<ImageFolder, ImageBatch>,
+    cfg: &TrainConfig,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> Result<Outcome> {
+    if cfg.epochs == 0 {
+        bail!("--epochs must be at least 1");
+    }
+    let device = vs.device();
+    let (params, groups) = decay_groups(vs, cfg.weight_decay);
+    let mut opt: Box<dyn Optimizer> = match cfg.optimizer {
+        OptKind::Sgd => Box::new(Sgd::new(params, groups, cfg.lr, cfg.momentum, cfg.nesterov)?),
+        OptKind::Adamw => Box::new(AdamW::new(params, groups, cfg.lr, (0.9, 0.999), 1e-8)?),
+    };
+    let per_epoch = cfg.max_batches.map_or(train.num_batches(0), |m| m.min(train.num_batches(0)));
+    let total = per_epoch * cfg.epochs;
+    let schedule = match cfg.schedule {
+        SchedKind::Constant | SchedKind::Plateau => Schedule::Constant,
+        SchedKind::Step => Schedule::Step { step_size: (total / 3).max(1), gamma: 0.1 },
+        SchedKind::Cosine => Schedule::Cosine { t_max: total, eta_min: cfg.lr / 100.0 },
+        SchedKind::WarmupCosine => {
+            Schedule::WarmupCosine { warmup: per_epoch.min(total / 2), total, min_lr: cfg.lr / 100.0 }
+        }
+    };
+    let mut p = Progress {
+        plateau: (cfg.schedule == SchedKind::Plateau)
+            .then(|| ReduceLrOnPlateau::new(cfg.lr, Mode::Min, 0.5, 0, 1e-3, 0, cfg.lr / 100.0)),
+        early: cfg.patience.map(|pat| EarlyStopping::new(Mode::Max, pat, cfg.min_delta)),
+        ..Default::default()
+    };
+    if resume {
+        if let Some(saved) = checkpoint::load_last(dir, vs)? {
+            opt.load_state(&saved.optimizer).context("restoring the optimizer")?;
+            runtime::set_generator_state(Device::Cpu, &saved.torch_rng).context("restoring torch's generator")?;
+            p = serde_json::from_value(saved.state["progress"].clone()).context("last/state.json: bad 'progress'")?;
+            if saved.state["model"] != serde_json::to_value(model_cfg)? {
+                bail!("{}: the checkpoint was trained with another model config; start afresh without --resume or use the same flags", dir.join("last").display());
+            }
+            println!("resumed from {} at epoch {}", dir.join("last").display(), p.next_epoch + 1);
+        }
+    }
+    let mut tb = SummaryWriter::new(&dir.join("tb"))?;
+    let mut stopped_early = false;
+    let end = stop_after.map_or(cfg.epochs, |s| s.min(cfg.epochs));
+    while p.next_epoch < end {
+        let epoch = p.next_epoch;
+        let t0 = Instant::now();
+        let bar = progress::bar(per_epoch as u64, &format!("{} ep {}", model_cfg.name(), epoch + 1));
+        let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0i64);
+        for (i, batch) in train.epoch(epoch as u64).take(per_epoch).enumerate() {
+            let b = batch?;
+            let lr = match &p.plateau {
+                Some(pl) => pl.lr,
+                None => schedule.lr(cfg.lr, p.step),
+            };
+            opt.set_lr(lr);
+            let x = b.images.to_device(device);
+            let y = b.labels.to_device(device);
+            let logits = model.forward_t(&x, true);
+            let loss = cross_entropy(&logits, &y, cfg.label_smoothing);
+            opt.zero_grad();
+            loss.backward();
+            let gnorm = global_grad_norm(vs);
+            opt.step()?;
+            let l = loss.double_value(&[]);
+            if !l.is_finite() {
+                bail!("epoch {} step {}: the loss is {l} (lr {lr}); try a smaller --lr", epoch + 1, i + 1);
+            }
+            let bs = y.size()[0];
+            loss_sum += l * bs as f64;
+            correct += classify::correct(&logits, &y);
+            seen += bs;
+            p.lr_trace.push((p.step, lr));
+            if p.step % 20 == 0 {
+                tb.add_scalar("train/loss", l, p.step as i64)?;
+                tb.add_scalar("train/lr", lr, p.step as i64)?;
+                tb.add_scalar("train/grad_norm", gnorm, p.step as i64)?;
+            }
+            p.step += 1;
+            bar.inc(1);
+            bar.set_message(format!("loss {l:.4}"));
+        }
+        bar.finish_and_clear();
+        let train_secs = t0.elapsed().as_secs_f64();
+        let (val_loss, val_acc) = evaluate(model, val, device, None)?;
+        let lr_now = opt.lr();
+        if let Some(pl) = &mut p.plateau {
+            pl.step(val_loss);
+        }
+        let rec = EpochRecord {
+            epoch: epoch + 1,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_acc: correct as f64 / seen.max(1) as f64,
+            val_loss,
+            val_acc,
+            lr: lr_now,
+            seconds: t0.elapsed().as_secs_f64(),
+            samples_per_s: seen as f64 / train_secs.max(1e-9),
+        };
+        println!(
+            "{} epoch {:>2}: train loss {:.4} acc {:.4} | val loss {:.4} acc {:.4} | lr {:.2e} | {:.0} samples/s",
+            model_cfg.name(),
+            rec.epoch,
+            rec.train_loss,
+            rec.train_acc,
+            val_loss,
+            val_acc,
+            lr_now,
+            rec.samples_per_s
+        );
+        for (tag, v) in [
+            ("epoch/train_loss", rec.train_loss),
+            ("epoch/train_acc", rec.train_acc),
+            ("epoch/val_loss", val_loss),
+            ("epoch/val_acc", val_acc),
+        ] {
+            tb.add_scalar(tag, v, rec.epoch as i64)?;
+        }
+        p.history.push(rec);
+        p.next_epoch += 1;
+        let verdict = match &mut p.early {
+            Some(es) => es.update(epoch + 1, val_acc),
+            None => Verdict::Improved,
+        };
+        let best_so_far = p.history.iter().map(|r| r.val_acc).fold(f64::NEG_INFINITY, f64::max);
+        if verdict == Verdict::Improved || (p.early.is_none() && val_acc >= best_so_far) {
+            checkpoint::save_best(
+                dir,
+                vs,
+                &serde_json::json!({"model": model_cfg, "epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss}),
+            )?;
+        }
+        let state = TrainingState {
+            optimizer: opt.state(),
+            torch_rng: runtime::generator_state(Device::Cpu)?,
+            state: serde_json::json!({"progress": p, "model": model_cfg, "train": cfg}),
+        };
+        checkpoint::save_last(dir, vs, &state)?;
+        if verdict == Verdict::Stop {
+            println!(
+                "early stopping after epoch {}: no val-accuracy gain in {} epochs",
+                epoch + 1,
+                cfg.patience.unwrap_or(0)
+            );
+            stopped_early = true;
+            break;
+        }
+    }
+    let interrupted = p.next_epoch < cfg.epochs && !stopped_early;
+    if stopped_early {
+        checkpoint::load_into(vs, &best_dir(dir).join("model.safetensors")).context("restoring the best weights")?;
+    }
+    let best_epoch = p.early.as_ref().and_then(|e| e.best_epoch).or_else(|| {
+        p.history
+            .iter()
+            .max_by(|a, b| a.val_acc.partial_cmp(&b.val_acc).unwrap_or(std::cmp::Ordering::Equal))
+            .map(|r| r.epoch)
+    });
+    Ok(Outcome { history: p.history, lr_trace: p.lr_trace, best_epoch, stopped_early, interrupted })
+}
+
+pub fn best_dir(dir: &Path) -> PathBuf {
+    checkpoint::resolve(&dir.join("best")).unwrap_or_else(|| dir.join("best"))
+}
+
+/// Predictions `(B)` of `model` for a batch of images.
+pub fn predict(model: &dyn ModuleT, images: &Tensor, device: Device) -> Tensor {
+    tch::no_grad(|| model.forward_t(&images.to_device(device), false).argmax(-1, false).to_device(Device::Cpu))
+}
