@@ -94,6 +94,8 @@ char* course_accel_reset_peak(int device_index);
 // Default generator state of device_type (0 = CPU, 1 = CUDA) device `index`, as a uint8 tensor.
 char* course_generator_get_state(int device_type, int index, course_tensor* out);
 char* course_generator_set_state(int device_type, int index, course_tensor state);
+// Resets a tensor's gradient to undefined (zero_grad(set_to_none=True)).
+void course_clear_grad(course_tensor t);
 // c10::InferenceMode as a guard object: exit on the thread that entered, in LIFO order.
 void* course_inference_mode_enter(void);
 void course_inference_mode_exit(void* guard);

@@ -170,6 +170,15 @@ char* course_generator_set_state(int device_type, int index, course_tensor state
   })
 }
 
+// Drops a tensor's .grad (PyTorch's zero_grad(set_to_none=True)): the next backward writes a
+// fresh gradient instead of adding into a zeroed buffer, and the memory is freed in between.
+void course_clear_grad(course_tensor t) {
+  try {
+    static_cast<at::Tensor*>(t)->mutable_grad().reset();
+  } catch (...) {
+  }
+}
+
 void* course_inference_mode_enter(void) { return new c10::InferenceMode(true); }
 void course_inference_mode_exit(void* guard) { delete static_cast<c10::InferenceMode*>(guard); }
 int course_is_inference(course_tensor t) { return static_cast<at::Tensor*>(t)->is_inference() ? 1 : 0; }

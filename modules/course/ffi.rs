@@ -48,6 +48,7 @@ extern "C" {
     pub fn course_accel_reset_peak(device_index: c_int) -> *mut c_char;
     pub fn course_generator_get_state(device_type: c_int, index: c_int, out: *mut CTensor) -> *mut c_char;
     pub fn course_generator_set_state(device_type: c_int, index: c_int, state: CTensor) -> *mut c_char;
+    pub fn course_clear_grad(t: CTensor);
     pub fn course_inference_mode_enter() -> *mut c_void;
     pub fn course_inference_mode_exit(guard: *mut c_void);
     pub fn course_is_inference(t: CTensor) -> c_int;

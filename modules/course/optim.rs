@@ -55,13 +55,11 @@ pub trait Optimizer {
     fn params(&self) -> &[Param];
 }
 
+/// PyTorch's default `zero_grad(set_to_none=True)`: gradients become undefined, so backward
+/// writes fresh ones (no accumulate pass) and their memory is free between steps.
 fn zero_grads(params: &[Param]) {
     for p in params {
-        let mut g = p.tensor.grad();
-        if g.defined() {
-            let _ = g.detach_();
-            let _ = g.zero_();
-        }
+        crate::runtime::clear_grad(&p.tensor);
     }
 }
 

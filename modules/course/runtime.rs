@@ -137,6 +137,11 @@ pub fn set_generator_state(device: Device, state: &tch::Tensor) -> Result<()> {
     ffi::check(unsafe { ffi::course_generator_set_state(code, idx, ffi::ptr(state)) })
 }
 
+/// Drops `t`'s gradient (PyTorch's `zero_grad(set_to_none=True)`, its default since 2.0).
+pub fn clear_grad(t: &tch::Tensor) {
+    unsafe { ffi::course_clear_grad(ffi::ptr(t)) }
+}
+
 /// Intra-op threads used by ATen (`torch.set_num_threads`).
 pub fn set_threads(n: usize) {
     tch::set_num_threads(n.clamp(1, 1024) as i32);
