@@ -189,10 +189,18 @@ fn tour_without_module_binaries_says_how_to_build_them() {
 #[test]
 fn every_module_binary_in_cargo_toml_is_in_the_catalog() {
     let toml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
+    let mut section = "";
+    let mut bins = 0;
     for line in toml.lines() {
-        if let Some(name) = line.strip_prefix("name = \"m0") {
-            let name = format!("m0{}", name.trim_end_matches('"'));
-            assert!(course::catalog::find(&name).is_some(), "{name} is a binary but not in catalog::MODULES");
+        if line.starts_with('[') {
+            section = line.trim();
+        } else if let (true, Some(name)) = (section == "[[bin]]", line.strip_prefix("name = \"")) {
+            let name = name.trim_end_matches('"');
+            if name.starts_with('m') && name.as_bytes().get(1).is_some_and(u8::is_ascii_digit) {
+                assert!(course::catalog::find(name).is_some(), "{name} is a binary but not in catalog::MODULES");
+                bins += 1;
+            }
         }
     }
+    assert!(bins >= 2, "found {bins} module binaries in Cargo.toml");
 }
