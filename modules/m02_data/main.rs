@@ -33,7 +33,7 @@ struct Args {
     /// Which models to train
     #[arg(long, default_value = "both", value_parser = ["mlp", "cnn", "both"])]
     model: String,
-    /// Epochs (default: 10 for the MLP, 4 for the CNN; 1 with --quick)
+    /// Epochs (default: 10 for the MLP, 4 for the CNN (6 on Fashion-MNIST); 1 with --quick)
     #[arg(long)]
     epochs: Option<usize>,
     /// Batch size
@@ -150,9 +150,11 @@ fn main() -> Result<()> {
     );
     let (mean, std) = ds.mean_std();
     let plain = Transform { normalize: Some((mean, std)), ..Default::default() };
-    // Light augmentation for the CNN: shifts of up to 2 pixels (and flips for clothes, not digits).
+    // For digits, shifts of up to 2 pixels; for clothes, left-right flips only (with shifts as
+    // well, 4 epochs underfit Fashion-MNIST: 89.2 % test, train accuracy below validation).
+    let fashion = ds == ImageDataset::FashionMnist;
     let augmented =
-        Transform { crop_padding: 2, hflip: ds == ImageDataset::FashionMnist, normalize: Some((mean, std)) };
+        Transform { crop_padding: if fashion { 0 } else { 2 }, hflip: fashion, normalize: Some((mean, std)) };
     let full = Arc::new(full);
     let test_set = Arc::new(test_set);
 
@@ -176,7 +178,7 @@ fn main() -> Result<()> {
             ),
             _ => (
                 ModelConfig::Cnn(CnnConfig { channels: (32, 64), hidden: 256, classes: 10, dropout: 0.3 }),
-                4,
+                if fashion { 6 } else { 4 },
                 augmented.clone(),
             ),
         };
