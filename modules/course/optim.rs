@@ -44,30 +44,55 @@ pub struct OptimizerState {
     pub json: serde_json::Value,
 }
 
+/// What every optimizer holds: the parameters, their groups and the base learning rate.
+pub struct Core {
+    pub params: Vec<Param>,
+    pub groups: Vec<Group>,
+    pub lr: f64,
+}
+
+impl Core {
+    fn new(params: Vec<Param>, groups: Vec<Group>, lr: f64) -> Result<Self> {
+        if let Some(p) = params.iter().find(|p| p.group >= groups.len()) {
+            bail!("parameter {} is in group {} but only {} groups exist", p.name, p.group, groups.len());
+        }
+        Ok(Self { params, groups, lr })
+    }
+
+    /// Checks a saved state's kind and restores the learning rate.
+    fn load_common(&mut self, kind: &str, s: &OptimizerState) -> Result<()> {
+        if s.json["kind"] != kind {
+            bail!("optimizer state is for '{}', not {kind}", s.json["kind"]);
+        }
+        self.lr = s.json["lr"].as_f64().context("optimizer state: missing lr")?;
+        Ok(())
+    }
+}
+
 pub trait Optimizer {
     /// One update from the gradients currently in the parameters' `.grad()`.
     fn step(&mut self) -> Result<()>;
-    fn zero_grad(&mut self);
-    fn lr(&self) -> f64;
-    fn set_lr(&mut self, lr: f64);
     fn state(&self) -> OptimizerState;
     fn load_state(&mut self, state: &OptimizerState) -> Result<()>;
-    fn params(&self) -> &[Param];
-}
+    fn core(&self) -> &Core;
+    fn core_mut(&mut self) -> &mut Core;
 
-/// PyTorch's default `zero_grad(set_to_none=True)`: gradients become undefined, so backward
-/// writes fresh ones (no accumulate pass) and their memory is free between steps.
-fn zero_grads(params: &[Param]) {
-    for p in params {
-        crate::runtime::clear_grad(&p.tensor);
+    /// PyTorch's default `zero_grad(set_to_none=True)`: gradients become undefined, so backward
+    /// writes fresh ones (no accumulate pass) and their memory is free between steps.
+    fn zero_grad(&mut self) {
+        for p in &self.core().params {
+            crate::runtime::clear_grad(&p.tensor);
+        }
     }
-}
-
-fn check_groups(params: &[Param], groups: &[Group]) -> Result<()> {
-    if let Some(p) = params.iter().find(|p| p.group >= groups.len()) {
-        bail!("parameter {} is in group {} but only {} groups exist", p.name, p.group, groups.len());
+    fn lr(&self) -> f64 {
+        self.core().lr
     }
-    Ok(())
+    fn set_lr(&mut self, lr: f64) {
+        self.core_mut().lr = lr;
+    }
+    fn params(&self) -> &[Param] {
+        &self.core().params
+    }
 }
 
 fn shape_check(what: &str, t: &Tensor, p: &Param) -> Result<()> {
@@ -80,9 +105,7 @@ fn shape_check(what: &str, t: &Tensor, p: &Param) -> Result<()> {
 /// SGD as torch.optim.SGD: weight decay added to the gradient (L2), momentum buffer
 /// b = m b + (1 - dampening) g (b = g on its first step), Nesterov g + m b.
 pub struct Sgd {
-    params: Vec<Param>,
-    groups: Vec<Group>,
-    lr: f64,
+    core: Core,
     pub momentum: f64,
     pub dampening: f64,
     pub nesterov: bool,
@@ -91,7 +114,6 @@ pub struct Sgd {
 
 impl Sgd {
     pub fn new(params: Vec<Param>, groups: Vec<Group>, lr: f64, momentum: f64, nesterov: bool) -> Result<Self> {
-        check_groups(&params, &groups)?;
         if !(lr.is_finite() && lr >= 0.0) || !(0.0..1.0).contains(&momentum) {
             bail!("SGD needs lr >= 0 and 0 <= momentum < 1, got lr {lr}, momentum {momentum}");
         }
@@ -99,19 +121,25 @@ impl Sgd {
             bail!("Nesterov momentum needs momentum > 0");
         }
         let n = params.len();
-        Ok(Self { params, groups, lr, momentum, dampening: 0.0, nesterov, bufs: (0..n).map(|_| None).collect() })
+        Ok(Self {
+            core: Core::new(params, groups, lr)?,
+            momentum,
+            dampening: 0.0,
+            nesterov,
+            bufs: (0..n).map(|_| None).collect(),
+        })
     }
 }
 
 impl Optimizer for Sgd {
     fn step(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        for (i, p) in self.params.iter().enumerate() {
+        for (i, p) in self.core.params.iter().enumerate() {
             let g = p.tensor.grad();
             if !g.defined() {
                 continue;
             }
-            let grp = &self.groups[p.group];
+            let grp = &self.core.groups[p.group];
             let mut d = if grp.weight_decay != 0.0 { &g + &p.tensor * grp.weight_decay } else { g.shallow_clone() };
             if self.momentum != 0.0 {
                 let buf = match &mut self.bufs[i] {
@@ -127,38 +155,30 @@ impl Optimizer for Sgd {
                 };
                 d = if self.nesterov { d + buf * self.momentum } else { buf };
             }
-            let _ = p.tensor.shallow_clone().f_sub_(&(d * (self.lr * grp.lr_scale)))?;
+            let _ = p.tensor.shallow_clone().f_sub_(&(d * (self.core.lr * grp.lr_scale)))?;
         }
         Ok(())
     }
-    fn zero_grad(&mut self) {
-        zero_grads(&self.params)
+    fn core(&self) -> &Core {
+        &self.core
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn params(&self) -> &[Param] {
-        &self.params
+    fn core_mut(&mut self) -> &mut Core {
+        &mut self.core
     }
     fn state(&self) -> OptimizerState {
         let tensors = self
+            .core
             .params
             .iter()
             .zip(&self.bufs)
             .filter_map(|(p, b)| b.as_ref().map(|b| (format!("{}.momentum_buffer", p.name), b.copy())))
             .collect();
-        let json = serde_json::json!({"kind": "sgd", "lr": self.lr, "momentum": self.momentum, "dampening": self.dampening, "nesterov": self.nesterov, "groups": self.groups});
+        let json = serde_json::json!({"kind": "sgd", "lr": self.core.lr, "momentum": self.momentum, "dampening": self.dampening, "nesterov": self.nesterov, "groups": self.core.groups});
         OptimizerState { tensors, json }
     }
     fn load_state(&mut self, s: &OptimizerState) -> Result<()> {
-        if s.json["kind"] != "sgd" {
-            bail!("optimizer state is for '{}', not sgd", s.json["kind"]);
-        }
-        self.lr = s.json["lr"].as_f64().context("optimizer state: missing lr")?;
-        for (i, p) in self.params.iter().enumerate() {
+        self.core.load_common("sgd", s)?;
+        for (i, p) in self.core.params.iter().enumerate() {
             self.bufs[i] = match s.tensors.get(&format!("{}.momentum_buffer", p.name)) {
                 Some(t) => {
                     shape_check("momentum_buffer", t, p)?;
@@ -174,9 +194,7 @@ impl Optimizer for Sgd {
 /// AdamW as torch.optim.AdamW (amsgrad off): decoupled decay p *= 1 - lr wd, then Adam with
 /// bias corrections, denom = sqrt(v) / sqrt(1 - b2^t) + eps.
 pub struct AdamW {
-    params: Vec<Param>,
-    groups: Vec<Group>,
-    lr: f64,
+    core: Core,
     pub betas: (f64, f64),
     pub eps: f64,
     steps: Vec<i64>,
@@ -186,7 +204,6 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: Vec<Param>, groups: Vec<Group>, lr: f64, betas: (f64, f64), eps: f64) -> Result<Self> {
-        check_groups(&params, &groups)?;
         if !(lr.is_finite() && lr >= 0.0)
             || !(0.0..1.0).contains(&betas.0)
             || !(0.0..1.0).contains(&betas.1)
@@ -197,9 +214,7 @@ impl AdamW {
         }
         let n = params.len();
         Ok(Self {
-            params,
-            groups,
-            lr,
+            core: Core::new(params, groups, lr)?,
             betas,
             eps,
             steps: vec![0; n],
@@ -213,13 +228,13 @@ impl Optimizer for AdamW {
     fn step(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let (b1, b2) = self.betas;
-        for (i, p) in self.params.iter().enumerate() {
+        for (i, p) in self.core.params.iter().enumerate() {
             let g = p.tensor.grad();
             if !g.defined() {
                 continue;
             }
-            let grp = &self.groups[p.group];
-            let lr = self.lr * grp.lr_scale;
+            let grp = &self.core.groups[p.group];
+            let lr = self.core.lr * grp.lr_scale;
             self.steps[i] += 1;
             let t = self.steps[i] as f64;
             let mut pt = p.tensor.shallow_clone();
@@ -237,37 +252,28 @@ impl Optimizer for AdamW {
         }
         Ok(())
     }
-    fn zero_grad(&mut self) {
-        zero_grads(&self.params)
+    fn core(&self) -> &Core {
+        &self.core
     }
-    fn lr(&self) -> f64 {
-        self.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn params(&self) -> &[Param] {
-        &self.params
+    fn core_mut(&mut self) -> &mut Core {
+        &mut self.core
     }
     fn state(&self) -> OptimizerState {
         let mut tensors = BTreeMap::new();
-        for (i, p) in self.params.iter().enumerate() {
+        for (i, p) in self.core.params.iter().enumerate() {
             if let (Some(m), Some(v)) = (&self.m[i], &self.v[i]) {
                 tensors.insert(format!("{}.exp_avg", p.name), m.copy());
                 tensors.insert(format!("{}.exp_avg_sq", p.name), v.copy());
             }
         }
         let steps: BTreeMap<&str, i64> =
-            self.params.iter().zip(&self.steps).map(|(p, s)| (p.name.as_str(), *s)).collect();
-        let json = serde_json::json!({"kind": "adamw", "lr": self.lr, "betas": [self.betas.0, self.betas.1], "eps": self.eps, "steps": steps, "groups": self.groups});
+            self.core.params.iter().zip(&self.steps).map(|(p, s)| (p.name.as_str(), *s)).collect();
+        let json = serde_json::json!({"kind": "adamw", "lr": self.core.lr, "betas": [self.betas.0, self.betas.1], "eps": self.eps, "steps": steps, "groups": self.core.groups});
         OptimizerState { tensors, json }
     }
     fn load_state(&mut self, s: &OptimizerState) -> Result<()> {
-        if s.json["kind"] != "adamw" {
-            bail!("optimizer state is for '{}', not adamw", s.json["kind"]);
-        }
-        self.lr = s.json["lr"].as_f64().context("optimizer state: missing lr")?;
-        for (i, p) in self.params.iter().enumerate() {
+        self.core.load_common("adamw", s)?;
+        for (i, p) in self.core.params.iter().enumerate() {
             self.steps[i] = s.json["steps"][&p.name].as_i64().unwrap_or(0);
             let get = |k: &str| -> Result<Option<Tensor>> {
                 match s.tensors.get(&format!("{}.{k}", p.name)) {

@@ -116,7 +116,6 @@ struct Trained {
     out: train::Outcome,
     test_acc: f64,
     confusion: Confusion,
-    params: i64,
 }
 
 fn main() -> Result<()> {
@@ -253,7 +252,7 @@ fn main() -> Result<()> {
             image_grid(&p, &wrong, &caps, 28, 28, 8, 4)?;
             run.artifact(&p);
         }
-        trained.push(Trained { name: name.to_string(), out, test_acc, confusion, params });
+        trained.push(Trained { name: name.to_string(), out, test_acc, confusion });
     }
     if trained.is_empty() {
         return Ok(()); // interrupted on purpose; no metrics for an unfinished run
@@ -301,7 +300,6 @@ fn main() -> Result<()> {
             (ImageDataset::FashionMnist, _) => 0.85,
         };
         run.target(&format!("{}_test_accuracy", t.name), t.test_acc, Op::Ge, goal);
-        let _ = t.params;
     }
     if !args.skip_resume_check {
         let equal = resume_check(&run, &full, &train_idx, &val_idx, &plain, seed, args.workers)?;
