@@ -93,6 +93,7 @@ fn m01_meets_every_target_and_charts_its_fit() {
     assert_eq!(manifest["config"]["common"]["seed"], 3);
     assert!(manifest["versions"]["torch"].as_str().unwrap().starts_with("2.11.0"));
     assert!(manifest["wall_time_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(manifest["retains_freed_memory"], cfg!(all(target_os = "linux", target_env = "gnu")));
     std::fs::remove_dir_all(&out).unwrap();
 }
 

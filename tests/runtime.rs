@@ -129,3 +129,36 @@ fn generator_state_round_trips_and_replays_dropout() {
         .to_string();
     assert!(!err.is_empty() && !err.contains("Exception raised from"), "{err}");
 }
+
+/// Minor page faults taken by the calling thread (field 10 of /proc/thread-self/stat).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn thread_minor_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(7).unwrap().parse().unwrap()
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn retained_memory_is_reused_without_page_faults() {
+    // A 48 MiB block is above glibc's largest mmap threshold (32 MiB), so by default freeing it
+    // unmaps it and the next one faults in all 12,288 pages again. Once freed memory is kept,
+    // the second block reuses the first one's pages. (Test threads are not the main thread:
+    // their arena's heaps hold at most 64 MiB, and glibc still maps larger blocks there.)
+    const PAGES: usize = 12_288;
+    let touch = || {
+        let mut v: Vec<u8> = Vec::with_capacity(PAGES * 4096);
+        let p = v.as_mut_ptr();
+        let before = thread_minor_faults();
+        for i in 0..PAGES {
+            unsafe { std::ptr::write_volatile(p.add(i * 4096), 1) };
+        }
+        let faults = thread_minor_faults() - before;
+        drop(v);
+        faults
+    };
+    assert!(course::runtime::retain_freed_memory(), "mallopt refused");
+    let first = touch();
+    let second = touch();
+    assert!(second < PAGES as u64 / 8, "second 48 MiB block took {second} page faults (first {first})");
+}

@@ -43,6 +43,11 @@ pub struct CommonArgs {
     /// Root folder of run outputs; this module writes to <OUTPUTS>/<module>/
     #[arg(long, default_value = "outputs")]
     pub outputs: PathBuf,
+    /// Let glibc hand freed memory back to the OS at once (its default). Without this flag the
+    /// process keeps it for reuse, which spares every training step its page faults (up to a
+    /// fifth of a CPU step); see course::runtime::retain_freed_memory
+    #[arg(long)]
+    pub release_freed_memory: bool,
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
@@ -168,6 +173,8 @@ pub struct Run {
     pub quick: bool,
     pub quiet: bool,
     seed: u64,
+    /// Whether glibc keeps freed memory for this run (see `runtime::retain_freed_memory`).
+    retains_freed_memory: bool,
     config: serde_json::Value,
     started: Instant,
     started_unix: u64,
@@ -188,6 +195,7 @@ impl Run {
             runtime::set_threads(n);
         }
         runtime::set_deterministic(common.deterministic, false);
+        let retains_freed_memory = !common.release_freed_memory && runtime::retain_freed_memory();
         let rng = seed_everything(common.seed);
         let dir = common.outputs.join(module);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating output folder {}", dir.display()))?;
@@ -204,6 +212,7 @@ impl Run {
             rng,
             quick: common.quick,
             quiet: common.quiet,
+            retains_freed_memory,
             seed: common.seed,
             config: serde_json::to_value(config).context("serialising the run config")?,
             started: Instant::now(),
@@ -272,6 +281,7 @@ impl Run {
             "quick": self.quick,
             "deterministic": runtime::deterministic(),
             "threads": runtime::threads(),
+            "retains_freed_memory": self.retains_freed_memory,
             "git_commit": commit,
             "git_dirty": dirty,
             "versions": runtime::versions(),

@@ -1,9 +1,12 @@
 """PyTorch twin of modules/m02_data/bench.rs: the same MLP and CNN, AdamW, batch 128, eager mode,
 and a torch DataLoader doing the same per-example work (bytes -> normalised floats) over MNIST.
-Prints JSON lines {"what", "samples_per_s"}.
-Run: .venv/bin/python modules/m02_data/bench_train.py [--threads N] [--steps N]"""
+Driven by bench.rs over stdin/stdout (one request line in, one JSON line {"what", "samples_per_s"} out),
+so that the two sides take turns and this shared machine's drift hits both alike.
+Run by hand: echo "train_cnn 30" | .venv/bin/python modules/m02_data/bench_train.py"""
 import argparse
+import ctypes
 import json
+import sys
 import time
 
 import numpy as np
@@ -23,23 +26,25 @@ def cnn():
                          nn.Linear(1600, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, 10))
 
 
-def train_speed(model, steps, batch=128):
-    torch.manual_seed(0)
-    x = torch.randn(batch, 1, 28, 28)
-    y = torch.randint(0, 10, (batch,))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    best = 0.0
-    for rep in range(4):  # repeat 0 warms up; best of the other three, as the Rust side
+class Trainer:
+    """One model, its AdamW and a fixed batch; `run(steps)` times that many training steps."""
+
+    def __init__(self, model, batch=128):
+        torch.manual_seed(0)
+        self.model, self.batch = model, batch
+        self.x = torch.randn(batch, 1, 28, 28)
+        self.y = torch.randint(0, 10, (batch,))
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        self.loss_fn = nn.CrossEntropyLoss()
+        model.train()
+
+    def run(self, steps):
         t = time.perf_counter()
         for _ in range(steps):
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
-        if rep > 0:
-            best = max(best, steps * batch / (time.perf_counter() - t))
-    return best
+            self.opt.zero_grad()
+            self.loss_fn(self.model(self.x), self.y).backward()
+            self.opt.step()
+        return steps * self.batch / (time.perf_counter() - t)
 
 
 class Mnist(Dataset):
@@ -69,11 +74,22 @@ def loader_speed(workers, batches):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=60)
-    a = ap.parse_args()
+    ap.add_argument("--retain-freed-memory", action="store_true",
+                    help="glibc mallopt: no mmap, no trim (what the Rust side's runtime does)")
+    a = ap.parse_args()  # then requests on stdin: "train_mlp STEPS", "train_cnn STEPS", "loader_workersN BATCHES"
+    if a.retain_freed_memory:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
     if a.threads:
         torch.set_num_threads(a.threads)
-    for name, make, steps in [("train_mlp", mlp, a.steps * 4), ("train_cnn", cnn, a.steps)]:
-        print(json.dumps({"what": name, "samples_per_s": train_speed(make(), steps)}), flush=True)
-    for w in [0, 2]:
-        print(json.dumps({"what": f"loader_workers{w}", "samples_per_s": loader_speed(w, 200)}), flush=True)
+    trainers = {}
+    for line in sys.stdin:
+        what, n = line.split()
+        if what.startswith("train_"):
+            if what not in trainers:
+                trainers[what] = Trainer({"train_mlp": mlp, "train_cnn": cnn}[what]())
+            speed = trainers[what].run(int(n))
+        else:
+            speed = loader_speed(int(what.removeprefix("loader_workers")), int(n))
+        print(json.dumps({"what": what, "samples_per_s": speed}), flush=True)
