@@ -51,6 +51,7 @@ DOWNLOADS = DATA / ".downloads"
 MANIFEST = ROOT / "scripts" / "data_manifest.json"
 STAMP = ".ok"
 
+TRANSFORMERS_VERSION = "4.57.1"
 TORCH_VERSION = "2.11.0"   # numpy (the MNIST conversion) and tensorboard (tests) go next to it
 # Exact pin: without the extras' pins pip pulls a crt that does not match nvcc.
 CUDA_SPEC = "cuda-toolkit[nvcc,crt,nvvm,cccl]==13.0.2"
@@ -202,8 +203,12 @@ def step_venv():
     # tensorboard: the tests read our event files with its own reader (a few MB, no torch).
     if not has_dist(site, "tensorboard-*"):
         need.append("tensorboard")
+    # transformers: m03's benchmark twin and its fixture script (MiniLM through Hugging Face's
+    # own BertModel). Pinned: a later major release may change the model code we compare with.
+    if not has_dist(site, "transformers-%s*" % TRANSFORMERS_VERSION):
+        need.append("transformers==" + TRANSFORMERS_VERSION)
     if not need:
-        say("ok", ".venv (torch %s, numpy, tensorboard present)" % tv)
+        say("ok", ".venv (torch %s, numpy, tensorboard, transformers present)" % tv)
         return "cached"
     say("fetch", ".venv: pip install %s%s" % (" ".join(need),
         "  (torch is a large download: a few GB with its CUDA libraries)" if need[0].startswith("torch") else ""))
@@ -215,7 +220,7 @@ def step_venv():
     if not (tv and tv.startswith(TORCH_VERSION)):
         raise SetupError("after pip install, torch version is %r, expected %s" % (tv, TORCH_VERSION),
                          "remove .venv and re-run: python3 scripts/setup.py")
-    say("ok", ".venv: torch %s + numpy + tensorboard installed (%.0f s)" % (tv, time.time() - t0))
+    say("ok", ".venv: torch %s + numpy + tensorboard + transformers installed (%.0f s)" % (tv, time.time() - t0))
     return "installed"
 
 

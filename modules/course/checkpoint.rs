@@ -107,18 +107,28 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 /// Copies saved weights into `vs` strictly: a missing or unexpected name, or a shape mismatch,
 /// is an error naming it.
 pub fn load_into(vs: &VarStore, path: &Path) -> Result<()> {
-    let saved = read_tensors(path)?;
-    let vars = vs.variables();
-    for name in saved.keys() {
-        if !vars.contains_key(name) {
-            bail!("{}: unexpected tensor '{name}' (the model has no such variable)", path.display());
-        }
+    copy_strict(vs, &read_tensors(path)?, &[], &path.display().to_string())
+}
+
+/// Copies `saved` into the variables of `vs` whose names do not start with one of
+/// `skip_prefixes`, strictly: a variable without a saved tensor, a saved tensor without a
+/// variable, or a shape mismatch is an error naming it. `source` names the file in errors.
+pub fn copy_strict(
+    vs: &VarStore,
+    saved: &BTreeMap<String, Tensor>,
+    skip_prefixes: &[&str],
+    source: &str,
+) -> Result<()> {
+    let vars: BTreeMap<String, Tensor> =
+        vs.variables().into_iter().filter(|(k, _)| !skip_prefixes.iter().any(|p| k.starts_with(p))).collect();
+    if let Some(k) = saved.keys().find(|k| !vars.contains_key(*k)) {
+        bail!("{source}: unexpected tensor '{k}' (the model has no such variable)");
     }
     tch::no_grad(|| -> Result<()> {
         for (name, var) in &vars {
-            let src = saved.get(name).with_context(|| format!("{}: missing tensor '{name}'", path.display()))?;
+            let src = saved.get(name).with_context(|| format!("{source}: missing tensor '{name}'"))?;
             if src.size() != var.size() {
-                bail!("{}: '{name}' has shape {:?}, the model expects {:?}", path.display(), src.size(), var.size());
+                bail!("{source}: '{name}' has shape {:?}, the model expects {:?}", src.size(), var.size());
             }
             var.shallow_clone().f_copy_(&src.to_device(var.device()).to_kind(var.kind()))?;
         }
@@ -128,9 +138,23 @@ pub fn load_into(vs: &VarStore, path: &Path) -> Result<()> {
 
 /// Writes `<dir>/best/`: weights and config.json.
 pub fn save_best(dir: &Path, vs: &VarStore, config: &serde_json::Value) -> Result<()> {
+    save_best_with(dir, vs, config, None)
+}
+
+/// [`save_best`] plus whatever files `extra` writes into the new directory.
+pub fn save_best_with(
+    dir: &Path,
+    vs: &VarStore,
+    config: &serde_json::Value,
+    extra: Option<&dyn Fn(&Path) -> Result<()>>,
+) -> Result<()> {
     write_dir(&dir.join("best"), |tmp| {
         write_tensors(&tmp.join("model.safetensors"), &named_tensors(vs))?;
-        crate::fsutil::write_json_atomic(&tmp.join("config.json"), config)
+        crate::fsutil::write_json_atomic(&tmp.join("config.json"), config)?;
+        match extra {
+            Some(f) => f(tmp),
+            None => Ok(()),
+        }
     })
 }
 

@@ -18,8 +18,13 @@
 //! - [`models`], [`classify`]: m02's MLP and CNN, losses; accuracy, top-k, confusion matrix.
 //! - [`checkpoint`]: `best/` and `last/` checkpoint directories, replaced atomically.
 //! - [`train`]: the classification trainer (schedules, early stopping, checkpoints, resume, logs).
+//! - [`attention`]: attention from scratch, masks, positional encodings, encoder blocks and classifier.
+//! - [`bert`]: a BERT encoder with Hugging Face names (MiniLM), sentence embeddings, classifier.
+//! - [`text`], [`tokenize`]: BBC News and SpamAssassin with fixed stratified splits; tokenizers.
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
+pub mod attention;
+pub mod bert;
 pub mod catalog;
 pub mod charts;
 pub mod checkpoint;
@@ -43,6 +48,8 @@ pub mod run;
 pub mod runtime;
 pub mod sched;
 pub mod tensorboard;
+pub mod text;
+pub mod tokenize;
 pub mod train;
 pub mod vision;
 

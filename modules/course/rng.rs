@@ -88,6 +88,14 @@ impl Rng {
         }
     }
 
+    /// An f32 CPU tensor of standard normal draws, independent of torch's global generator
+    /// (which tests running in parallel threads would share).
+    pub fn normal_tensor(&mut self, shape: &[i64]) -> tch::Tensor {
+        let n: i64 = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.normal() as f32).collect();
+        tch::Tensor::from_slice(&v).view(shape)
+    }
+
     /// A permutation of 0..n.
     pub fn permutation(&mut self, n: usize) -> Vec<usize> {
         let mut v: Vec<usize> = (0..n).collect();

@@ -8,12 +8,12 @@
 
 use crate::checkpoint::{self, TrainingState};
 use crate::classify::{self, Confusion};
-use crate::loader::DataLoader;
-use crate::models::{cross_entropy, ModelConfig};
+use crate::loader::{DataLoader, Dataset};
+use crate::models::cross_entropy;
 use crate::optim::{decay_groups, AdamW, Optimizer, Sgd};
 use crate::sched::{EarlyStopping, Mode, ReduceLrOnPlateau, Schedule, Verdict};
 use crate::tensorboard::SummaryWriter;
-use crate::vision::{ImageBatch, ImageFolder};
+use crate::vision::ImageBatch;
 use crate::{progress, runtime};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -95,10 +95,42 @@ struct Progress {
     early: Option<EarlyStopping>,
 }
 
+/// A batch the trainer can use: it knows its labels `(B)`.
+pub trait Batch: Send + 'static {
+    fn labels(&self) -> &Tensor;
+}
+
+impl Batch for ImageBatch {
+    fn labels(&self) -> &Tensor {
+        &self.labels
+    }
+}
+
+/// A model that turns a batch of kind `B` into class logits `(B, classes)`. Every tch
+/// `ModuleT` is one for image batches; m03's text models implement it for token batches.
+pub trait Classifier<B> {
+    fn logits(&self, batch: &B, device: Device, train: bool) -> Tensor;
+}
+
+impl<M: ModuleT + ?Sized> Classifier<ImageBatch> for M {
+    fn logits(&self, batch: &ImageBatch, device: Device, train: bool) -> Tensor {
+        self.forward_t(&batch.images.to_device(device), train)
+    }
+}
+
+/// What the trainer records about the model: a short name for logs, the config that rebuilds
+/// it (saved in `best/config.json` and checked on resume), and any extra files `best/` needs
+/// (m03 puts its `tokenizer.json` there).
+pub struct ModelInfo<'a> {
+    pub name: &'a str,
+    pub config: serde_json::Value,
+    pub extra_files: Option<&'a dyn Fn(&Path) -> Result<()>>,
+}
+
 /// Loss and accuracy of `model` over a loader, in eval mode without autograd.
-pub fn evaluate(
-    model: &dyn ModuleT,
-    data: &DataLoader<ImageFolder, ImageBatch>,
+pub fn evaluate<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
+    model: &M,
+    data: &DataLoader<D, B>,
     device: Device,
     confusion: Option<&mut Confusion>,
 ) -> Result<(f64, f64)> {
@@ -107,8 +139,8 @@ pub fn evaluate(
     let mut conf = confusion;
     for b in data.epoch(0) {
         let b = b?;
-        let logits = model.forward_t(&b.images.to_device(device), false);
-        let labels = b.labels.to_device(device);
+        let logits = model.logits(&b, device, false);
+        let labels = b.labels().to_device(device);
         let bs = labels.size()[0];
         loss_sum += cross_entropy(&logits, &labels, 0.0).double_value(&[]) * bs as f64;
         correct += classify::correct(&logits, &labels);
@@ -138,13 +170,13 @@ fn global_grad_norm(vs: &VarStore) -> f64 {
 /// With `resume`, continues from `dir/last` if it exists. `stop_after` ends training after that
 /// many epochs in total, as an interruption would (used to test resume).
 #[allow(clippy::too_many_arguments)]
-pub fn fit(
+pub fn fit<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
     dir: &Path,
-    model_cfg: &ModelConfig,
+    info: &ModelInfo,
     vs: &VarStore,
-    model: &dyn ModuleT,
-    train: &DataLoader<ImageFolder, ImageBatch>,
-    val: &DataLoader<ImageFolder, ImageBatch>,
+    model: &M,
+    train: &DataLoader<D, B>,
+    val: &DataLoader<D, B>,
     cfg: &TrainConfig,
     resume: bool,
     stop_after: Option<usize>,
@@ -179,7 +211,7 @@ pub fn fit(
             opt.load_state(&saved.optimizer).context("restoring the optimizer")?;
             runtime::set_generator_state(Device::Cpu, &saved.torch_rng).context("restoring torch's generator")?;
             p = serde_json::from_value(saved.state["progress"].clone()).context("last/state.json: bad 'progress'")?;
-            if saved.state["model"] != serde_json::to_value(model_cfg)? {
+            if saved.state["model"] != info.config {
                 bail!("{}: the checkpoint was trained with another model config; start afresh without --resume or use the same flags", dir.join("last").display());
             }
             println!("resumed from {} at epoch {}", dir.join("last").display(), p.next_epoch + 1);
@@ -191,7 +223,7 @@ pub fn fit(
     while p.next_epoch < end {
         let epoch = p.next_epoch;
         let t0 = Instant::now();
-        let bar = progress::bar(per_epoch as u64, &format!("{} ep {}", model_cfg.name(), epoch + 1));
+        let bar = progress::bar(per_epoch as u64, &format!("{} ep {}", info.name, epoch + 1));
         let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0i64);
         for (i, batch) in train.epoch(epoch as u64).take(per_epoch).enumerate() {
             let b = batch?;
@@ -200,9 +232,8 @@ pub fn fit(
                 None => schedule.lr(cfg.lr, p.step),
             };
             opt.set_lr(lr);
-            let x = b.images.to_device(device);
-            let y = b.labels.to_device(device);
-            let logits = model.forward_t(&x, true);
+            let y = b.labels().to_device(device);
+            let logits = model.logits(&b, device, true);
             let loss = cross_entropy(&logits, &y, cfg.label_smoothing);
             opt.zero_grad();
             loss.backward();
@@ -246,14 +277,7 @@ pub fn fit(
         };
         println!(
             "{} epoch {:>2}: train loss {:.4} acc {:.4} | val loss {:.4} acc {:.4} | lr {:.2e} | {:.0} samples/s",
-            model_cfg.name(),
-            rec.epoch,
-            rec.train_loss,
-            rec.train_acc,
-            val_loss,
-            val_acc,
-            lr_now,
-            rec.samples_per_s
+            info.name, rec.epoch, rec.train_loss, rec.train_acc, val_loss, val_acc, lr_now, rec.samples_per_s
         );
         for (tag, v) in [
             ("epoch/train_loss", rec.train_loss),
@@ -271,16 +295,17 @@ pub fn fit(
         };
         let best_so_far = p.history.iter().map(|r| r.val_acc).fold(f64::NEG_INFINITY, f64::max);
         if verdict == Verdict::Improved || (p.early.is_none() && val_acc >= best_so_far) {
-            checkpoint::save_best(
+            checkpoint::save_best_with(
                 dir,
                 vs,
-                &serde_json::json!({"model": model_cfg, "epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss}),
+                &serde_json::json!({"model": info.config, "epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss}),
+                info.extra_files,
             )?;
         }
         let state = TrainingState {
             optimizer: opt.state(),
             torch_rng: runtime::generator_state(Device::Cpu)?,
-            state: serde_json::json!({"progress": p, "model": model_cfg, "train": cfg}),
+            state: serde_json::json!({"progress": p, "model": info.config, "train": cfg}),
         };
         checkpoint::save_last(dir, vs, &state)?;
         if verdict == Verdict::Stop {

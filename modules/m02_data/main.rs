@@ -212,8 +212,17 @@ fn main() -> Result<()> {
             args.optimizer, args.schedule
         );
         let dir = run.path(name);
-        let out =
-            train::fit(&dir, &model_cfg, &vs, model.as_ref(), &train_l, &val_l, &cfg, args.resume, args.stop_after)?;
+        let out = train::fit(
+            &dir,
+            &info(&model_cfg),
+            &vs,
+            model.as_ref(),
+            &train_l,
+            &val_l,
+            &cfg,
+            args.resume,
+            args.stop_after,
+        )?;
         if out.interrupted {
             println!(
                 "{name}: stopped after epoch {} as asked (--stop-after); rerun with --resume to continue",
@@ -361,7 +370,7 @@ fn resume_check(
         let vs = VarStore::new(run.device);
         course::rng::seed_everything(seed);
         let m = cfg_m.build(&vs.root());
-        let out = train::fit(dir, &cfg_m, &vs, m.as_ref(), &tl, &vl, &cfg, resume, stop)?;
+        let out = train::fit(dir, &info(&cfg_m), &vs, m.as_ref(), &tl, &vl, &cfg, resume, stop)?;
         Ok((vs, out))
     };
     let a = run.path("resume_check/straight");
@@ -379,4 +388,13 @@ fn resume_check(
     let same_losses = out_a.history.iter().map(|r| r.train_loss).eq(out_b.history.iter().map(|r| r.train_loss));
     println!("resume check: weights identical = {same_weights}, epoch losses identical = {same_losses}");
     Ok(same_weights && same_losses)
+}
+
+/// The trainer's record of one of m02's models.
+fn info(cfg: &ModelConfig) -> train::ModelInfo<'_> {
+    train::ModelInfo {
+        name: cfg.name(),
+        config: serde_json::to_value(cfg).expect("model configs serialise"),
+        extra_files: None,
+    }
 }
