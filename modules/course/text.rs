@@ -229,3 +229,57 @@ impl Split {
 pub fn split_path(task: TextTask) -> PathBuf {
     data::data_root().join("splits").join(format!("{}.json", task.name()))
 }
+
+/// Token ids and labels of a tokenized corpus part, for the [`DataLoader`](crate::loader::DataLoader).
+pub struct TokenDataset {
+    pub ids: Vec<Vec<i64>>,
+    pub labels: Vec<i64>,
+}
+
+impl crate::loader::Dataset for TokenDataset {
+    type Item = (Vec<i64>, i64);
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+    fn get(&self, index: usize, _rng: &mut Rng) -> Result<Self::Item> {
+        match (self.ids.get(index), self.labels.get(index)) {
+            (Some(i), Some(&l)) => Ok((i.clone(), l)),
+            _ => bail!("token data set: index {index} out of range (length {})", self.ids.len()),
+        }
+    }
+}
+
+/// Token ids `(B, T)`, attention mask `(B, T)` and labels `(B)`, on the CPU.
+pub struct TextBatch {
+    pub ids: tch::Tensor,
+    pub mask: tch::Tensor,
+    pub labels: tch::Tensor,
+}
+
+impl crate::train::Batch for TextBatch {
+    fn labels(&self) -> &tch::Tensor {
+        &self.labels
+    }
+}
+
+/// Collate for [`TokenDataset`]: pads each batch to its longest sequence with `pad_id`.
+pub fn collate_tokens(pad_id: i64) -> impl Fn(Vec<(Vec<i64>, i64)>) -> Result<TextBatch> + Send + Sync {
+    move |items| {
+        let seqs: Vec<&[i64]> = items.iter().map(|(s, _)| s.as_slice()).collect();
+        let (ids, mask) = crate::tokenize::pad_batch(&seqs, pad_id);
+        let labels: Vec<i64> = items.iter().map(|(_, l)| *l).collect();
+        Ok(TextBatch { ids, mask, labels: tch::Tensor::from_slice(&labels) })
+    }
+}
+
+impl crate::train::Classifier<TextBatch> for crate::attention::EncoderClassifier {
+    fn logits(&self, b: &TextBatch, device: tch::Device, train: bool) -> tch::Tensor {
+        crate::attention::EncoderClassifier::logits(self, &b.ids.to_device(device), &b.mask.to_device(device), train)
+    }
+}
+
+impl crate::train::Classifier<TextBatch> for crate::bert::BertClassifier {
+    fn logits(&self, b: &TextBatch, device: tch::Device, train: bool) -> tch::Tensor {
+        crate::bert::BertClassifier::logits(self, &b.ids.to_device(device), &b.mask.to_device(device), train)
+    }
+}
