@@ -61,6 +61,17 @@ fn padding_mask_equals_sdpa_with_the_same_boolean_mask() {
 }
 
 #[test]
+fn fused_attention_equals_attention_with_a_padding_mask() {
+    let mut rng = Rng::new(9);
+    let [q, k, v] = [0, 1, 2].map(|_| rng.normal_tensor(&[2, 4, 7, 16]));
+    let am = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]).view([2, 7]);
+    let keep = padding_mask(&am);
+    let a = attention(&q, &k, &v, Some(&keep), 0.0, false).0;
+    let b = course::attention::fused_attention(&q, &k, &v, Some(&keep), 0.0, false);
+    assert!(max_diff(&a, &b) < 1e-5);
+}
+
+#[test]
 fn masked_keys_get_zero_weight_and_rows_sum_to_one() {
     let mut rng = Rng::new(5);
     let q = rng.normal_tensor(&[1, 1, 4, 8]);

@@ -74,6 +74,32 @@ pub fn attention(
     (out, weights)
 }
 
+/// The same attention through libtorch's fused kernel (`scaled_dot_product_attention`, flash
+/// attention on CPU and CUDA), which never materialises the `(Tq, Tk)` weights: faster and
+/// lighter, and equal to [`attention`] in values and gradients (tests/attention.rs). Models use
+/// it unless a chart asks for the weights.
+pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Tensor>, dropout: f64, train: bool) -> Tensor {
+    Tensor::scaled_dot_product_attention(q, k, v, keep, if train { dropout } else { 0.0 }, false, None, false)
+}
+
+/// [`attention`] when the weights are wanted, else [`fused_attention`].
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    keep: Option<&Tensor>,
+    dropout: f64,
+    train: bool,
+    need_weights: bool,
+) -> (Tensor, Option<Tensor>) {
+    if need_weights {
+        let (o, w) = attention(q, k, v, keep, dropout, train);
+        (o, Some(w))
+    } else {
+        (fused_attention(q, k, v, keep, dropout, train), None)
+    }
+}
+
 /// How token positions enter the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -177,8 +203,15 @@ impl MultiHeadAttention {
         })
     }
 
-    /// `x`: `(B, T, D)` -> `((B, T, D), weights (B, H, T, T))`.
-    pub fn forward(&self, x: &Tensor, keep: Option<&Tensor>, rope: Option<&Rope>, train: bool) -> (Tensor, Tensor) {
+    /// `x`: `(B, T, D)` -> `((B, T, D), weights (B, H, T, T) if asked for)`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        keep: Option<&Tensor>,
+        rope: Option<&Rope>,
+        train: bool,
+        need_weights: bool,
+    ) -> (Tensor, Option<Tensor>) {
         let qkv = self.qkv.forward(x).chunk(3, -1);
         let (mut q, mut k, v) =
             (split_heads(&qkv[0], self.heads), split_heads(&qkv[1], self.heads), split_heads(&qkv[2], self.heads));
@@ -186,7 +219,7 @@ impl MultiHeadAttention {
             q = r.apply(&q, 0);
             k = r.apply(&k, 0);
         }
-        let (o, w) = attention(&q, &k, &v, keep, self.dropout, train);
+        let (o, w) = attend(&q, &k, &v, keep, self.dropout, train, need_weights);
         (self.out.forward(&merge_heads(&o)), w)
     }
 }
@@ -215,8 +248,15 @@ impl EncoderBlock {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, keep: Option<&Tensor>, rope: Option<&Rope>, train: bool) -> (Tensor, Tensor) {
-        let (a, w) = self.attn.forward(&self.ln1.forward(x), keep, rope, train);
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        keep: Option<&Tensor>,
+        rope: Option<&Rope>,
+        train: bool,
+        need_weights: bool,
+    ) -> (Tensor, Option<Tensor>) {
+        let (a, w) = self.attn.forward(&self.ln1.forward(x), keep, rope, train, need_weights);
         let x = x + a.dropout(self.dropout, train);
         let f = self.ff2.forward(&self.ff1.forward(&self.ln2.forward(&x)).gelu("none"));
         (&x + f.dropout(self.dropout, train), w)
@@ -302,9 +342,9 @@ impl EncoderClassifier {
         })
     }
 
-    /// Final token states `(B, T, D)` and each layer's attention weights `(B, H, T, T)`.
-    /// Tokens past `max_len` are dropped (the tokenizer truncates before this).
-    pub fn encode(&self, ids: &Tensor, mask: &Tensor, train: bool) -> (Tensor, Vec<Tensor>) {
+    /// Final token states `(B, T, D)` and, with `need_weights`, each layer's attention weights
+    /// `(B, H, T, T)`. Tokens past `max_len` are dropped (the tokenizer truncates before this).
+    pub fn encode(&self, ids: &Tensor, mask: &Tensor, train: bool, need_weights: bool) -> (Tensor, Vec<Tensor>) {
         let t = ids.size()[1].min(self.cfg.max_len);
         let (ids, mask) = (&ids.narrow(1, 0, t), &mask.narrow(1, 0, t));
         let mut x = self.tok.forward(ids);
@@ -318,16 +358,16 @@ impl EncoderClassifier {
         let keep = padding_mask(mask);
         let mut weights = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
-            let (y, w) = b.forward(&x, Some(&keep), self.rope.as_ref(), train);
+            let (y, w) = b.forward(&x, Some(&keep), self.rope.as_ref(), train, need_weights);
             x = y;
-            weights.push(w);
+            weights.extend(w);
         }
         (self.ln.forward(&x), weights)
     }
 
     /// Class logits `(B, classes)` for token ids `(B, T)` and their attention mask `(B, T)`.
     pub fn logits(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
-        let (h, _) = self.encode(ids, mask, train);
+        let (h, _) = self.encode(ids, mask, train, false);
         let t = h.size()[1];
         self.head.forward(&pool(&h, &mask.narrow(1, 0, t), self.cfg.pooling))
     }

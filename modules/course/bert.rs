@@ -4,7 +4,7 @@
 //! them) and a classifier head for fine-tuning.
 //!
 //! BERT is post-LayerNorm: each sub-layer is `LayerNorm(x + sublayer(x))`, unlike the pre-LN
-//! blocks of [`crate::attention`]. Its attention is the same function, [`attention::attention`].
+//! blocks of [`crate::attention`]. Its attention is the same code, [`attention::attend`].
 
 use crate::attention::{self, merge_heads, padding_mask, split_heads};
 use anyhow::{bail, Context, Result};
@@ -136,11 +136,15 @@ impl Bert {
     /// Token states `(B, T, H)` for ids and attention mask `(B, T)` (one segment: token type 0).
     /// Tokens past `max_position_embeddings` are dropped.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
-        self.forward_with_attention(ids, mask, train).0
+        self.run(ids, mask, train, false).0
     }
 
     /// As [`Bert::forward`], plus each layer's attention weights `(B, heads, T, T)`.
     pub fn forward_with_attention(&self, ids: &Tensor, mask: &Tensor, train: bool) -> (Tensor, Vec<Tensor>) {
+        self.run(ids, mask, train, true)
+    }
+
+    fn run(&self, ids: &Tensor, mask: &Tensor, train: bool, need_weights: bool) -> (Tensor, Vec<Tensor>) {
         let t = ids.size()[1].min(self.cfg.max_position_embeddings);
         let (ids, mask) = (ids.narrow(1, 0, t), mask.narrow(1, 0, t));
         let (pd, ad) = (self.cfg.hidden_dropout_prob, self.cfg.attention_probs_dropout_prob);
@@ -156,12 +160,12 @@ impl Bert {
                 split_heads(&l.key.forward(&x), heads),
                 split_heads(&l.value.forward(&x), heads),
             );
-            let (ctx, w) = attention::attention(&q, &k, &v, Some(&keep), ad, train);
+            let (ctx, w) = attention::attend(&q, &k, &v, Some(&keep), ad, train, need_weights);
             let a = l.attn_out.forward(&merge_heads(&ctx)).dropout(pd, train);
             x = l.attn_ln.forward(&(a + &x));
             let f = l.out.forward(&l.inter.forward(&x).gelu("none")).dropout(pd, train);
             x = l.out_ln.forward(&(f + &x));
-            all.push(w);
+            all.extend(w);
         }
         (x, all)
     }

@@ -44,7 +44,7 @@ struct Args {
     /// With --task all --model all (the default) the runs are bbc/scratch, bbc/minilm, spam/minilm
     #[arg(long, value_enum, default_value_t = ModelChoice::All)]
     model: ModelChoice,
-    /// Epochs (default: 12 from scratch, 1 for MiniLM)
+    /// Epochs (default: 4 from scratch, 1 for MiniLM)
     #[arg(long)]
     epochs: Option<usize>,
     /// Batch size (default: 32 from scratch, 16 for MiniLM)
@@ -183,7 +183,7 @@ impl Model {
     /// Last layer's attention `(B, H, T, T)` for one batch, in eval mode.
     fn last_attention(&self, ids: &Tensor, mask: &Tensor) -> Option<Tensor> {
         tch::no_grad(|| match self {
-            Model::Scratch(m) => m.encode(ids, mask, false).1.pop(),
+            Model::Scratch(m) => m.encode(ids, mask, false, true).1.pop(),
             Model::Minilm(m) => m.bert.forward_with_attention(ids, mask, false).1.pop(),
         })
     }
@@ -370,7 +370,7 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
     let epochs = args.epochs.unwrap_or(if quick {
         1
     } else if scratch {
-        12
+        4
     } else {
         1
     });
