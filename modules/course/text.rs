@@ -72,12 +72,11 @@ pub struct Corpus {
 
 /// Everything after the header block of an RFC 822 message (the first empty line).
 pub fn strip_email_headers(raw: &str) -> &str {
-    for sep in ["\r\n\r\n", "\n\n"] {
-        if let Some(i) = raw.find(sep) {
-            return &raw[i + sep.len()..];
-        }
+    let first = ["\r\n\r\n", "\n\n"].iter().filter_map(|sep| raw.find(sep).map(|i| (i, sep.len()))).min();
+    match first {
+        Some((i, n)) => &raw[i + n..],
+        None => "",
     }
-    ""
 }
 
 impl Corpus {

@@ -1,5 +1,5 @@
 //! Benchmark (not a test): all-MiniLM-L6-v2 through the course's BERT against Hugging Face
-//! transformers' BertModel (eager attention, fp32) on this machine. Forward: mean-pooled,
+//! transformers' BertModel (both through torch's fused scaled_dot_product_attention; fp32) on this machine. Forward: mean-pooled,
 //! normalised embeddings of a (32, 128) batch without autograd, in sentences/s. Fine-tuning
 //! step: BERT + dropout + linear head on mean pooling, AdamW, batch (16, 128), in sentences/s.
 //!

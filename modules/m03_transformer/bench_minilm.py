@@ -1,5 +1,5 @@
 """PyTorch twin of modules/m03_transformer/bench.rs: all-MiniLM-L6-v2 through Hugging Face
-transformers' BertModel, eager, fp32. Forward: mean-pooled embeddings of a (32, 128) batch under
+transformers' BertModel (SDPA attention), eager mode, fp32. Forward: mean-pooled embeddings of a (32, 128) batch under
 no_grad. Fine-tuning step: BertModel + dropout + linear head on mean pooling, AdamW, batch 16 x 128.
 
 Driven by bench.rs over stdin/stdout: request lines "forward N" / "train N" (N iterations), one
@@ -42,8 +42,9 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    # Eager attention: the same math as the Rust side (transformers would otherwise pick SDPA).
-    bert = BertModel.from_pretrained(MODEL, attn_implementation="eager")
+    # transformers' default attention for BERT is torch's scaled_dot_product_attention, the same
+    # fused kernel the Rust side calls.
+    bert = BertModel.from_pretrained(MODEL, attn_implementation="sdpa")
     model = Head(bert)
     g = torch.Generator().manual_seed(0)
     fx = torch.randint(1000, 30000, (32, 128), generator=g)
