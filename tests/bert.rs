@@ -43,6 +43,7 @@ fn tokenizer_and_embeddings_equal_hugging_face() {
         let cos = (emb.get(i as i64) * &want).sum(tch::Kind::Double).double_value(&[]) / want.norm().double_value(&[]);
         worst = worst.min(cos);
     }
+    println!("lowest cosine to Hugging Face's embedding over {} sentences: {worst:.7}", sentences.len());
     assert!(worst >= 0.9999, "lowest cosine to Hugging Face's embedding: {worst}");
 }
 

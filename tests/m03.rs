@@ -28,7 +28,9 @@ fn corpora_have_the_manifest_counts_and_report_bad_utf8() {
     let headed: Vec<&str> = spam
         .docs
         .iter()
-        .filter(|d| d.text.starts_with("Return-Path:") || d.text.starts_with("From ") || d.text.starts_with("Received:"))
+        .filter(|d| {
+            d.text.starts_with("Return-Path:") || d.text.starts_with("From ") || d.text.starts_with("Received:")
+        })
         .map(|d| d.id.as_str())
         .collect();
     assert_eq!(headed, ["spam-2/00403.90a79abcb32065d5381a74a84da2e6bd.txt"]);
