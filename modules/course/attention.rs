@@ -82,21 +82,14 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, keep: Option<&Tensor>
     Tensor::scaled_dot_product_attention(q, k, v, keep, if train { dropout } else { 0.0 }, false, None, false)
 }
 
-/// [`attention`] when the weights are wanted, else [`fused_attention`].
-pub fn attend(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    keep: Option<&Tensor>,
-    dropout: f64,
-    train: bool,
-    need_weights: bool,
-) -> (Tensor, Option<Tensor>) {
-    if need_weights {
-        let (o, w) = attention(q, k, v, keep, dropout, train);
+/// [`attention`] when `p` asks for the weights, else [`fused_attention`]. (RoPE, if any, has
+/// been applied to `q` and `k` already.)
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, dropout: f64, p: Pass) -> (Tensor, Option<Tensor>) {
+    if p.need_weights {
+        let (o, w) = attention(q, k, v, p.keep, dropout, p.train);
         (o, Some(w))
     } else {
-        (fused_attention(q, k, v, keep, dropout, train), None)
+        (fused_attention(q, k, v, p.keep, dropout, p.train), None)
     }
 }
 
@@ -180,6 +173,16 @@ impl Rope {
     }
 }
 
+/// What one forward pass through attention layers needs besides the input: the keep-mask,
+/// RoPE if the model uses it, train/eval mode, and whether to return the attention weights.
+#[derive(Clone, Copy)]
+pub struct Pass<'a> {
+    pub keep: Option<&'a Tensor>,
+    pub rope: Option<&'a Rope>,
+    pub train: bool,
+    pub need_weights: bool,
+}
+
 /// Multi-head self-attention with one fused `D -> 3D` projection for q, k, v and an output
 /// projection; optional RoPE on q and k.
 #[derive(Debug)]
@@ -204,22 +207,15 @@ impl MultiHeadAttention {
     }
 
     /// `x`: `(B, T, D)` -> `((B, T, D), weights (B, H, T, T) if asked for)`.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        keep: Option<&Tensor>,
-        rope: Option<&Rope>,
-        train: bool,
-        need_weights: bool,
-    ) -> (Tensor, Option<Tensor>) {
+    pub fn forward(&self, x: &Tensor, p: Pass) -> (Tensor, Option<Tensor>) {
         let qkv = self.qkv.forward(x).chunk(3, -1);
         let (mut q, mut k, v) =
             (split_heads(&qkv[0], self.heads), split_heads(&qkv[1], self.heads), split_heads(&qkv[2], self.heads));
-        if let Some(r) = rope {
+        if let Some(r) = p.rope {
             q = r.apply(&q, 0);
             k = r.apply(&k, 0);
         }
-        let (o, w) = attend(&q, &k, &v, keep, self.dropout, train, need_weights);
+        let (o, w) = attend(&q, &k, &v, self.dropout, p);
         (self.out.forward(&merge_heads(&o)), w)
     }
 }
@@ -248,18 +244,12 @@ impl EncoderBlock {
         })
     }
 
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        keep: Option<&Tensor>,
-        rope: Option<&Rope>,
-        train: bool,
-        need_weights: bool,
-    ) -> (Tensor, Option<Tensor>) {
-        let (a, w) = self.attn.forward(&self.ln1.forward(x), keep, rope, train, need_weights);
-        let x = x + a.dropout(self.dropout, train);
+    /// `x`: `(B, T, D)` -> `((B, T, D), weights (B, H, T, T) if asked for)`.
+    pub fn forward(&self, x: &Tensor, p: Pass) -> (Tensor, Option<Tensor>) {
+        let (a, w) = self.attn.forward(&self.ln1.forward(x), p);
+        let x = x + a.dropout(self.dropout, p.train);
         let f = self.ff2.forward(&self.ff1.forward(&self.ln2.forward(&x)).gelu("none"));
-        (&x + f.dropout(self.dropout, train), w)
+        (&x + f.dropout(self.dropout, p.train), w)
     }
 }
 
@@ -358,7 +348,8 @@ impl EncoderClassifier {
         let keep = padding_mask(mask);
         let mut weights = Vec::with_capacity(self.blocks.len());
         for b in &self.blocks {
-            let (y, w) = b.forward(&x, Some(&keep), self.rope.as_ref(), train, need_weights);
+            let pass = Pass { keep: Some(&keep), rope: self.rope.as_ref(), train, need_weights };
+            let (y, w) = b.forward(&x, pass);
             x = y;
             weights.extend(w);
         }

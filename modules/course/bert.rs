@@ -160,7 +160,8 @@ impl Bert {
                 split_heads(&l.key.forward(&x), heads),
                 split_heads(&l.value.forward(&x), heads),
             );
-            let (ctx, w) = attention::attend(&q, &k, &v, Some(&keep), ad, train, need_weights);
+            let pass = attention::Pass { keep: Some(&keep), rope: None, train, need_weights };
+            let (ctx, w) = attention::attend(&q, &k, &v, ad, pass);
             let a = l.attn_out.forward(&merge_heads(&ctx)).dropout(pd, train);
             x = l.attn_ln.forward(&(a + &x));
             let f = l.out.forward(&l.inter.forward(&x).gelu("none")).dropout(pd, train);

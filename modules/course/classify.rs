@@ -69,6 +69,20 @@ impl Confusion {
             .collect()
     }
 
+    /// The matrix as an annotated heatmap: true classes down, predicted across.
+    pub fn heatmap(&self, title: &str, classes: &[&str]) -> crate::charts::Heatmap {
+        let ticks: Vec<String> = classes.iter().map(|s| s.to_string()).collect();
+        crate::charts::Heatmap {
+            title: title.to_string(),
+            x_label: "predicted".into(),
+            y_label: "true".into(),
+            values: self.as_f64(),
+            x_ticks: ticks.clone(),
+            y_ticks: ticks,
+            annotate: true,
+        }
+    }
+
     /// The unweighted mean of the per-class F1 scores.
     pub fn macro_f1(&self) -> f64 {
         let s = self.per_class();

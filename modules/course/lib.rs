@@ -21,9 +21,11 @@
 //! - [`attention`]: attention from scratch, masks, positional encodings, encoder blocks and classifier.
 //! - [`bert`]: a BERT encoder with Hugging Face names (MiniLM), sentence embeddings, classifier.
 //! - [`text`], [`tokenize`]: BBC News and SpamAssassin with fixed stratified splits; tokenizers.
+//! - [`benchkit`]: the Python-twin harness of the benchmarks.
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod attention;
+pub mod benchkit;
 pub mod bert;
 pub mod catalog;
 pub mod charts;

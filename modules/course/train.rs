@@ -331,6 +331,24 @@ pub fn fit<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
     Ok(Outcome { history: p.history, lr_trace: p.lr_trace, best_epoch, stopped_early, interrupted })
 }
 
+/// Adds one run's per-epoch train (solid) and validation (dashed) loss and accuracy to a loss
+/// chart and an accuracy chart.
+pub fn add_curves(
+    loss: crate::charts::LineChart,
+    acc: crate::charts::LineChart,
+    name: &str,
+    history: &[EpochRecord],
+) -> (crate::charts::LineChart, crate::charts::LineChart) {
+    use crate::charts::Series;
+    let pts = |f: fn(&EpochRecord) -> f64| history.iter().map(|r| (r.epoch as f64, f(r))).collect::<Vec<_>>();
+    (
+        loss.series(Series::line(&format!("{name} train"), pts(|r| r.train_loss)))
+            .series(Series::dashed(&format!("{name} val"), pts(|r| r.val_loss))),
+        acc.series(Series::line(&format!("{name} train"), pts(|r| r.train_acc)))
+            .series(Series::dashed(&format!("{name} val"), pts(|r| r.val_acc))),
+    )
+}
+
 pub fn best_dir(dir: &Path) -> PathBuf {
     checkpoint::resolve(&dir.join("best")).unwrap_or_else(|| dir.join("best"))
 }

@@ -11,13 +11,12 @@
 //! (`course::runtime::retain_freed_memory`), so the table shows what the setting buys and what
 //! remains once both sides have it.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use course::benchkit::{self, PyTwin};
 use course::loader::DataLoader;
 use course::models::{cross_entropy, CnnConfig, InitKind, MlpConfig, ModelConfig};
 use course::optim::{decay_groups, AdamW, Optimizer};
 use course::vision::{collate_images, ImageDataset, ImageFolder, Transform};
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 use tch::nn::VarStore;
@@ -55,47 +54,6 @@ impl Trainer {
     }
 }
 
-/// The PyTorch twin, kept running: one request line in, one JSON line out.
-struct Python {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
-
-impl Python {
-    fn start(threads: usize, retain: bool) -> Result<Self> {
-        let mut child = Command::new(".venv/bin/python")
-            .args(["modules/m02_data/bench_train.py", "--threads", &threads.to_string()])
-            .args(retain.then_some("--retain-freed-memory"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting .venv/bin/python (run python3 scripts/setup.py)")?;
-        let out = BufReader::new(child.stdout.take().context("python stdout")?);
-        Ok(Self { child, out })
-    }
-
-    fn ask(&mut self, what: &str, n: usize) -> Result<f64> {
-        let stdin = self.child.stdin.as_mut().context("python stdin")?;
-        writeln!(stdin, "{what} {n}")?;
-        stdin.flush()?;
-        let mut line = String::new();
-        self.out.read_line(&mut line)?;
-        let v: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("python side answered {line:?} to {what}"))?;
-        v["samples_per_s"].as_f64().with_context(|| format!("no samples_per_s in {line:?}"))
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn loader_speed(workers: usize, batches: usize) -> Result<f64> {
     let set = Arc::new(ImageDataset::Mnist.load(true)?);
     let ds = ImageFolder::new(set, Transform { normalize: Some((0.1307, 0.3081)), ..Default::default() });
@@ -109,23 +67,12 @@ fn loader_speed(workers: usize, batches: usize) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let get = |flag: &str| {
-        args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse::<usize>().ok())
-    };
-    if let Some(n) = get("--threads") {
-        course::runtime::set_threads(n);
-    }
-    let steps = get("--steps").unwrap_or(60);
-    let threads = course::runtime::threads();
-    println!("{}\n", course::report::env_report());
-    let rounds = get("--rounds").unwrap_or(7).max(1);
-    let release = args.iter().any(|a| a == "--release-freed-memory");
-    if !release {
-        course::runtime::retain_freed_memory();
-    }
-    let mut py = Python::start(threads, false)?;
-    let mut py_retain = Python::start(threads, true)?;
+    let b = benchkit::BenchArgs::from_env(7);
+    let (threads, rounds) = (b.threads, b.rounds);
+    let steps = b.get("--steps").unwrap_or(60);
+    let script = "modules/m02_data/bench_train.py";
+    let mut py = PyTwin::start(script, threads, false, "samples_per_s")?;
+    let mut py_retain = PyTwin::start(script, threads, true, "samples_per_s")?;
     let mlp = ModelConfig::Mlp(MlpConfig {
         input: 784,
         hidden: vec![512, 256],
@@ -136,49 +83,28 @@ fn main() -> Result<()> {
     let cnn = ModelConfig::Cnn(CnnConfig { channels: (32, 64), hidden: 256, classes: 10, dropout: 0.3 });
     println!(
         "ours: glibc {}; PyTorch as installed (glibc defaults), and with the same mallopt as ours\n",
-        if release { "defaults (--release-freed-memory)" } else { "keeping freed memory, as the course's Run does" }
+        b.allocator_note()
     );
-    println!(
-        "{:<16} {:>8} {:>9} {:>6} {:>12} {:>9} {:>6}   samples/s, medians of {rounds} rounds",
-        "what", "ours", "PyTorch", "ratio", "range", "+mallopt", "ratio"
-    );
+    println!("{}", benchkit::header("samples/s", rounds));
     // The three take turns, round after round, who goes first rotating, after one untimed
-    // warm-up round: this shared machine's speed drifts by 10-20 % from minute to minute, and
-    // pairing each of our runs with the PyTorch runs beside it cancels that drift.
+    // warm-up round.
     for (what, cfg, n) in [("train_mlp", &mlp, steps * 4), ("train_cnn", &cnn, steps)] {
         let mut ours = Trainer::new(cfg)?;
+        let req = format!("{what} {n}");
         ours.run(n)?;
-        py.ask(what, n)?;
-        py_retain.ask(what, n)?;
-        let mut v = [vec![], vec![], vec![]];
-        for round in 0..rounds {
-            for k in 0..3 {
-                let side = (round + k) % 3;
-                let x = match side {
-                    0 => ours.run(n)?,
-                    1 => py.ask(what, n)?,
-                    _ => py_retain.ask(what, n)?,
-                };
-                v[side].push(x);
-            }
-        }
-        let ratios = |j: usize| -> Vec<f64> { v[0].iter().zip(&v[j]).map(|(a, b)| a / b).collect() };
-        let (r1, r2) = (ratios(1), ratios(2));
-        let (lo, hi) = (r1.iter().copied().fold(f64::INFINITY, f64::min), r1.iter().copied().fold(0.0, f64::max));
-        println!(
-            "{what:<16} {:>8.0} {:>9.0} {:>5.2}x {:>12} {:>9.0} {:>5.2}x",
-            median(v[0].clone()),
-            median(v[1].clone()),
-            median(r1),
-            format!("{lo:.2}-{hi:.2}x"),
-            median(v[2].clone()),
-            median(r2)
-        );
+        py.ask(&req)?;
+        py_retain.ask(&req)?;
+        let v = benchkit::rotate3(rounds, |side| match side {
+            0 => ours.run(n),
+            1 => py.ask(&req),
+            _ => py_retain.ask(&req),
+        })?;
+        println!("{}", benchkit::row(what, &v));
     }
     for workers in [0, 2] {
         let what = format!("loader_workers{workers}");
-        let (x, y) = (loader_speed(workers, 200)?, py.ask(&what, 200)?);
-        println!("{what:<16} {x:>8.0} {y:>9.0} {:>5.2}x", x / y);
+        let (x, y) = (loader_speed(workers, 200)?, py.ask(&format!("{what} 200"))?);
+        println!("{what:<26} {x:>9.0} {y:>9.0} {:>5.2}x", x / y);
     }
     println!(
         "\nratio = ours / PyTorch (median of the per-round ratios): above 1 means faster than Python PyTorch eager\n\

@@ -4,7 +4,7 @@
 
 use anyhow::{ensure, Result};
 use clap::Parser;
-use course::charts::{Heatmap, LineChart, Series};
+use course::charts::{LineChart, Series};
 use course::classify::Confusion;
 use course::loader::DataLoader;
 use course::models::{CnnConfig, InitKind, MlpConfig, ModelConfig};
@@ -272,26 +272,10 @@ fn main() -> Result<()> {
     let mut acc = LineChart::new("Accuracy per epoch", "epoch", "accuracy");
     let mut lr = LineChart::new("Learning rate by step", "step", "learning rate");
     for t in &trained {
-        let h = &t.out.history;
-        let pts = |f: &dyn Fn(&train::EpochRecord) -> f64| h.iter().map(|r| (r.epoch as f64, f(r))).collect::<Vec<_>>();
-        loss = loss
-            .series(Series::line(&format!("{} train", t.name), pts(&|r| r.train_loss)))
-            .series(Series::dashed(&format!("{} val", t.name), pts(&|r| r.val_loss)));
-        acc = acc
-            .series(Series::line(&format!("{} train", t.name), pts(&|r| r.train_acc)))
-            .series(Series::dashed(&format!("{} val", t.name), pts(&|r| r.val_acc)));
+        (loss, acc) = train::add_curves(loss, acc, &t.name, &t.out.history);
         lr = lr.series(Series::line(&t.name, t.out.lr_trace.iter().map(|(s, l)| (*s as f64, *l)).collect()));
         let cm = run.path(&format!("confusion_{}.png", t.name));
-        Heatmap {
-            title: format!("{} confusion matrix ({}, test)", t.name, ds.name()),
-            x_label: "predicted".into(),
-            y_label: "true".into(),
-            values: t.confusion.as_f64(),
-            x_ticks: ds.classes().iter().map(|s| s.to_string()).collect(),
-            y_ticks: ds.classes().iter().map(|s| s.to_string()).collect(),
-            annotate: true,
-        }
-        .save(&cm)?;
+        t.confusion.heatmap(&format!("{} confusion matrix ({}, test)", t.name, ds.name()), &ds.classes()).save(&cm)?;
         run.artifact(&cm);
     }
     for (chart, file) in [(loss, "loss.png"), (acc, "accuracy.png"), (lr, "lr.png")] {

@@ -8,54 +8,13 @@
 //! The PyTorch twins (as installed, and with the same mallopt as ours) run as child processes
 //! taking requests on stdin, so the sides take turns round by round; each row reports medians.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+use course::benchkit::{self, PyTwin};
 use course::bert::{self, BertClassifier, Pretrained};
 use course::optim::{decay_groups, AdamW, Optimizer};
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Instant;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-
-struct Python {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
-
-impl Python {
-    fn start(threads: usize, retain: bool) -> Result<Self> {
-        let mut child = Command::new(".venv/bin/python")
-            .args(["modules/m03_transformer/bench_minilm.py", "--threads", &threads.to_string()])
-            .args(retain.then_some("--retain-freed-memory"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting .venv/bin/python (run python3 scripts/setup.py)")?;
-        let out = BufReader::new(child.stdout.take().context("python stdout")?);
-        Ok(Self { child, out })
-    }
-
-    fn ask(&mut self, what: &str, n: usize) -> Result<f64> {
-        let stdin = self.child.stdin.as_mut().context("python stdin")?;
-        writeln!(stdin, "{what} {n}")?;
-        stdin.flush()?;
-        let mut line = String::new();
-        self.out.read_line(&mut line)?;
-        let v: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("python side answered {line:?} to {what}"))?;
-        v["per_s"].as_f64().with_context(|| format!("no per_s in {line:?}"))
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 struct Ours {
     model: BertClassifier,
@@ -102,59 +61,28 @@ impl Ours {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let get = |flag: &str| {
-        args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse::<usize>().ok())
-    };
-    if let Some(n) = get("--threads") {
-        course::runtime::set_threads(n);
-    }
-    let rounds = get("--rounds").unwrap_or(5).max(1);
-    let release = args.iter().any(|a| a == "--release-freed-memory");
-    if !release {
-        course::runtime::retain_freed_memory();
-    }
-    let threads = course::runtime::threads();
-    println!("{}\n", course::report::env_report());
+    let b = benchkit::BenchArgs::from_env(5);
+    let (threads, rounds) = (b.threads, b.rounds);
     let mut ours = Ours::new()?;
-    let mut py = Python::start(threads, false)?;
-    let mut py_retain = Python::start(threads, true)?;
+    let script = "modules/m03_transformer/bench_minilm.py";
+    let mut py = PyTwin::start(script, threads, false, "per_s")?;
+    let mut py_retain = PyTwin::start(script, threads, true, "per_s")?;
     println!(
         "ours: glibc {}; PyTorch + transformers as installed, and with the same mallopt as ours\n",
-        if release { "defaults (--release-freed-memory)" } else { "keeping freed memory, as the course's Run does" }
+        b.allocator_note()
     );
-    println!(
-        "{:<26} {:>8} {:>9} {:>6} {:>12} {:>9} {:>6}   sentences/s, medians of {rounds} rounds",
-        "what", "ours", "PyTorch", "ratio", "range", "+mallopt", "ratio"
-    );
+    println!("{}", benchkit::header("sentences/s", rounds));
     for (what, label, n) in [("forward", "forward (32 x 128)", 4), ("train", "fine-tune step (16 x 128)", 3)] {
+        let req = format!("{what} {n}");
         ours.run(what, 1)?;
-        py.ask(what, 1)?;
-        py_retain.ask(what, 1)?;
-        let mut v = [vec![], vec![], vec![]];
-        for round in 0..rounds {
-            for k in 0..3 {
-                let side = (round + k) % 3;
-                let x = match side {
-                    0 => ours.run(what, n)?,
-                    1 => py.ask(what, n)?,
-                    _ => py_retain.ask(what, n)?,
-                };
-                v[side].push(x);
-            }
-        }
-        let ratios = |j: usize| -> Vec<f64> { v[0].iter().zip(&v[j]).map(|(a, b)| a / b).collect() };
-        let (r1, r2) = (ratios(1), ratios(2));
-        let (lo, hi) = (r1.iter().copied().fold(f64::INFINITY, f64::min), r1.iter().copied().fold(0.0, f64::max));
-        println!(
-            "{label:<26} {:>8.1} {:>9.1} {:>5.2}x {:>12} {:>9.1} {:>5.2}x",
-            median(v[0].clone()),
-            median(v[1].clone()),
-            median(r1),
-            format!("{lo:.2}-{hi:.2}x"),
-            median(v[2].clone()),
-            median(r2)
-        );
+        py.ask(&format!("{what} 1"))?;
+        py_retain.ask(&format!("{what} 1"))?;
+        let v = benchkit::rotate3(rounds, |side| match side {
+            0 => ours.run(what, n),
+            1 => py.ask(&req),
+            _ => py_retain.ask(&req),
+        })?;
+        println!("{}", benchkit::row(label, &v));
     }
     println!("\nratio = ours / PyTorch (median of the per-round ratios): above 1 means faster.");
     Ok(())

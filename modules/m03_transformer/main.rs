@@ -6,7 +6,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use course::attention::{sinusoidal, EncoderClassifier, EncoderConfig, Pooling, Positions};
 use course::bert::{self, BertClassifier, BertConfig, Pretrained};
-use course::charts::{Heatmap, LineChart, Series};
+use course::charts::{Heatmap, LineChart};
 use course::classify::Confusion;
 use course::loader::DataLoader;
 use course::run::{CommonArgs, Op, Run};
@@ -523,26 +523,9 @@ fn main() -> Result<()> {
     let mut loss = LineChart::new("Loss per epoch", "epoch", "cross-entropy");
     let mut acc = LineChart::new("Accuracy per epoch", "epoch", "accuracy");
     for t in &trained {
-        let h = &t.out.history;
-        let pts = |f: &dyn Fn(&train::EpochRecord) -> f64| h.iter().map(|r| (r.epoch as f64, f(r))).collect::<Vec<_>>();
-        loss = loss
-            .series(Series::line(&format!("{} train", t.name), pts(&|r| r.train_loss)))
-            .series(Series::dashed(&format!("{} val", t.name), pts(&|r| r.val_loss)));
-        acc = acc
-            .series(Series::line(&format!("{} train", t.name), pts(&|r| r.train_acc)))
-            .series(Series::dashed(&format!("{} val", t.name), pts(&|r| r.val_acc)));
-        let classes: Vec<String> = t.task.classes().iter().map(|s| s.to_string()).collect();
+        (loss, acc) = train::add_curves(loss, acc, &t.name, &t.out.history);
         let cm = run.path(&format!("confusion_{}.png", t.name));
-        Heatmap {
-            title: format!("{} confusion matrix (test)", t.name),
-            x_label: "predicted".into(),
-            y_label: "true".into(),
-            values: t.confusion.as_f64(),
-            x_ticks: classes.clone(),
-            y_ticks: classes,
-            annotate: true,
-        }
-        .save(&cm)?;
+        t.confusion.heatmap(&format!("{} confusion matrix (test)", t.name), t.task.classes()).save(&cm)?;
         run.artifact(&cm);
     }
     for (chart, file) in [(loss, "loss.png"), (acc, "accuracy.png")] {
