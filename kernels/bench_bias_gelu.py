@@ -3,13 +3,17 @@ CPU, forward and forward+backward, same sizes, same timing rule (median of repea
 Prints one JSON object per line: {"rows", "cols", "dtype", "pass", "ms"}.
 Run: .venv/bin/python kernels/bench_bias_gelu.py [--threads N] [--quick]"""
 import argparse
-import ctypes
 import json
+import pathlib
+import sys
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+import pytwin  # noqa: E402
 
 SIZES = [(256, 1024), (2048, 2048), (4096, 4096), (8192, 4096)]
 
@@ -31,9 +35,7 @@ def main():
     ap.add_argument("--retain-freed-memory", action="store_true", help="glibc mallopt: no mmap, no trim (as the Rust side)")
     a = ap.parse_args()
     if a.retain_freed_memory:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+        pytwin.retain_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ Driven by bench.rs over stdin/stdout (one request line in, one JSON line {"what"
 so that the two sides take turns and this shared machine's drift hits both alike.
 Run by hand: echo "train_cnn 30" | .venv/bin/python modules/m02_data/bench_train.py"""
 import argparse
-import ctypes
 import json
+import pathlib
 import sys
 import time
 
@@ -13,6 +13,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
+import pytwin  # noqa: E402
 
 
 def mlp():
@@ -78,9 +81,7 @@ if __name__ == "__main__":
                     help="glibc mallopt: no mmap, no trim (what the Rust side's runtime does)")
     a = ap.parse_args()  # then requests on stdin: "train_mlp STEPS", "train_cnn STEPS", "loader_workersN BATCHES"
     if a.retain_freed_memory:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+        pytwin.retain_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     trainers = {}

@@ -6,7 +6,6 @@ Driven by bench.rs over stdin/stdout: request lines "forward N" / "train N" (N i
 JSON line {"what", "per_s"} back (sentences per second).
 Run by hand: echo "forward 3" | .venv/bin/python modules/m03_transformer/bench_minilm.py"""
 import argparse
-import ctypes
 import json
 import pathlib
 import sys
@@ -14,6 +13,9 @@ import time
 
 import torch
 from transformers import BertModel
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
+import pytwin  # noqa: E402
 
 MODEL = pathlib.Path(__file__).resolve().parents[2] / "data" / "all-MiniLM-L6-v2"
 
@@ -36,9 +38,7 @@ def main():
     ap.add_argument("--retain-freed-memory", action="store_true")
     a = ap.parse_args()
     if a.retain_freed_memory:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)
-        libc.mallopt(-1, 2**31 - 1)
+        pytwin.retain_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)

@@ -311,7 +311,7 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
     };
     let max_len = args.max_len.unwrap_or(if quick { 64 } else { default_len });
     let t0 = std::time::Instant::now();
-    let (tok, saved) = if scratch {
+    let (tok, saved, pretrained) = if scratch {
         // Trained once per (task, kind, size) and kept beside the split: the tokenizers crate
         // breaks ties between equally frequent merges by ids that follow its randomly seeded
         // hash maps, so two trainings can differ in their last few tokens. Reusing the file
@@ -352,10 +352,11 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
             classes: classes.len() as i64,
         };
         println!("vocabulary: {} tokens", tok.get_vocab_size(true));
-        (tok, Saved::Scratch { encoder, classes: classes.clone(), max_len, task })
+        (tok, Saved::Scratch { encoder, classes: classes.clone(), max_len, task }, None)
     } else {
         let p = Pretrained::at(&course::data::require("minilm", "")?)?;
-        (tokenize::load(&p.tokenizer)?, Saved::Minilm { bert: p.cfg, classes: classes.clone(), max_len, task })
+        let saved = Saved::Minilm { bert: p.cfg.clone(), classes: classes.clone(), max_len, task };
+        (tokenize::load(&p.tokenizer)?, saved, Some(p))
     };
     let pad = tok.token_to_id("[PAD]").map_or(0, i64::from);
     let train_set = tokenized(&tok, &train_docs, max_len)?;
@@ -374,8 +375,7 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
     course::rng::seed_everything(seed);
     let vs = VarStore::new(run.device);
     let model = Model::build(&vs, &saved)?;
-    if let Model::Minilm(_) = model {
-        let p = Pretrained::at(&course::data::require("minilm", "")?)?;
+    if let Some(p) = &pretrained {
         bert::load_hf(&vs, &p.weights, &p.cfg, &[bert::HEAD])?;
         if args.freeze_encoder {
             bert::freeze_encoder(&vs);
