@@ -40,11 +40,17 @@ const CPU_VARIANTS: &[(&str, &str, &[&str])] = &[
 ];
 
 /// Sources compiled once with the default flags.
-const CPP_SOURCES: &[&str] = &["kernels/bias_gelu.cpp", "kernels/shim.cpp"];
+const CPP_SOURCES: &[&str] = &[
+    "kernels/bias_gelu.cpp",
+    "kernels/shim.cpp",
+    "kernels/profiler.cpp",
+    "kernels/recompute.cpp",
+    "kernels/softmax_ce.cpp",
+];
 /// Sources compiled once per CPU_VARIANTS entry.
-const CPU_KERNEL_SOURCES: &[&str] = &["kernels/bias_gelu_cpu.cpp"];
+const CPU_KERNEL_SOURCES: &[&str] = &["kernels/bias_gelu_cpu.cpp", "kernels/softmax_ce_cpu.cpp"];
 /// CUDA sources (feature `cuda`).
-const CUDA_SOURCES: &[&str] = &["kernels/bias_gelu.cu"];
+const CUDA_SOURCES: &[&str] = &["kernels/bias_gelu.cu", "kernels/softmax_ce.cu"];
 const HEADERS: &[&str] = &["kernels/ops.h", "kernels/dispatch.h"];
 
 fn main() {

@@ -32,6 +32,18 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cuda(const at::Tensor& gra
                                                            const at::Tensor& bias);
 #endif
 
+// Fused softmax cross-entropy: logits (N, V), targets (N) int64 with -1 = ignored row. Forward
+// returns (mean loss, 0-dim; per-row logsumexp (N)), both fp32 (fp64 for fp64 logits); backward
+// takes the loss's 0-dim gradient and returns d loss / d logits in the logits' dtype.
+std::tuple<at::Tensor, at::Tensor> softmax_ce_forward_cpu(const at::Tensor& logits, const at::Tensor& targets);
+at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
+                                   const at::Tensor& lse);
+#ifdef COURSE_CUDA
+std::tuple<at::Tensor, at::Tensor> softmax_ce_forward_cuda(const at::Tensor& logits, const at::Tensor& targets);
+at::Tensor softmax_ce_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
+                                    const at::Tensor& lse);
+#endif
+
 // Returned when even the error message cannot be allocated; course_free_error never frees it.
 inline char* out_of_memory_error() {
   static char msg[] = "out of memory while reporting a C++ error";
@@ -109,6 +121,40 @@ char* course_bias_gelu(course_tensor input, course_tensor bias, course_tensor* o
 char* course_bias_gelu_forward(course_tensor input, course_tensor bias, course_tensor* out);
 char* course_bias_gelu_backward(course_tensor grad, course_tensor input, course_tensor bias,
                                 course_tensor* grad_input, course_tensor* grad_bias);
+
+// ---- profiler (profiler.cpp): torch's Kineto profiler, thread-local like torch's ----
+// Starts recording this thread's ATen ops (cuda != 0: also CUDA kernels); record_shapes adds
+// input shapes to the trace.
+char* course_profiler_start(int cuda, int record_shapes);
+// Stops the profiler of this thread; with a non-NULL path, saves the Chrome trace JSON there.
+char* course_profiler_stop(const char* path);
+// A named range in the trace (torch.profiler.record_function): enter returns a guard (NULL on
+// failure), exit (on the same thread, innermost first) ends the range and frees the guard.
+void* course_record_function_enter(const char* name);
+void course_record_function_exit(void* guard);
+
+// ---- activation recomputation (recompute.cpp) ----
+// A closure from the caller: runs on `input` (a new torch::Tensor* that the callee owns and
+// frees) and stores a new torch::Tensor* in *out; returns NULL, or a message made with
+// course_error_new.
+typedef char* (*course_fn)(void* ctx, course_tensor input, course_tensor* out);
+// A malloc'd copy of msg[0..len) in the form every course_* error takes.
+char* course_error_new(const char* msg, size_t len);
+// Gradient checkpointing of out = f(input): forward without keeping activations, recompute in
+// backward; gradients flow to input and params[0..n_params). Takes ownership of ctx in every
+// case: drop_ctx(ctx) runs once, on error before returning, else when the autograd node that
+// holds it is freed (possibly on another thread).
+char* course_checkpoint(course_fn f, void* ctx, void (*drop_ctx)(void*), course_tensor input, course_tensor* params,
+                        int n_params, course_tensor* out);
+
+// Fused softmax cross-entropy (mean over the rows whose target is not -1) as an autograd
+// function: the gradient flows to logits.
+char* course_cross_entropy(course_tensor logits, course_tensor targets, course_tensor* loss);
+// The raw kernels, without autograd: forward also returns the per-row logsumexp backward takes.
+char* course_cross_entropy_forward(course_tensor logits, course_tensor targets, course_tensor* loss,
+                                   course_tensor* lse);
+char* course_cross_entropy_backward(course_tensor grad, course_tensor logits, course_tensor targets,
+                                    course_tensor lse, course_tensor* grad_logits);
 
 #ifdef __cplusplus
 }

@@ -1,7 +1,10 @@
 //! The fused bias+GELU op against its plain-tch reference: values and both gradients on fresh
 //! random inputs for f32, f64 and bf16, with dtype-dependent tolerances, and its error messages.
+//! The same for the fused softmax cross-entropy (f32, f64, bf16, f16; ignored rows; logits of
+//! +-1e4; a finite-difference check in f64).
 
 use course::ops::{bias_gelu, bias_gelu_backward, bias_gelu_forward, bias_gelu_reference};
+use course::ops::{cross_entropy, cross_entropy_backward, cross_entropy_forward, cross_entropy_reference};
 use course::rng::Rng;
 use tch::{Device, Kind, Tensor};
 
@@ -190,4 +193,230 @@ fn wrong_device_is_an_error() {
     let x = Tensor::randn([4, 8], (Kind::Float, Device::Cuda(0)));
     let err = bias_gelu(&x, &Tensor::zeros([8], (Kind::Float, Device::Cpu))).unwrap_err().to_string();
     assert!(err.contains("input is on cuda:0 but bias is on cpu"), "{err}");
+}
+
+// ---- Fused softmax cross-entropy ----
+
+/// Logits `(n, v)` (normal, scale 3: rows from nearly one-hot to nearly flat) and targets in
+/// `[0, v)` with every `ignore_every`-th row set to -1 (0: none), from the course RNG.
+fn ce_inputs(n: i64, v: i64, kind: Kind, seed: u64, ignore_every: i64, device: Device) -> (Tensor, Tensor) {
+    let mut rng = Rng::new(seed);
+    let x = (rng.normal_tensor(&[n, v]) * 3.0).to_kind(kind).to_device(device);
+    let t: Vec<i64> = (0..n)
+        .map(|i| if ignore_every > 0 && i % ignore_every == ignore_every - 1 { -1 } else { rng.below(v as u64) as i64 })
+        .collect();
+    (x, Tensor::from_slice(&t).to_device(device))
+}
+
+/// Loss and logits gradient of the reference in f64 on the CPU, from the same (rounded) logits.
+fn ce_reference_f64(x: &Tensor, t: &Tensor) -> (Tensor, Tensor) {
+    let xr = x.to_kind(Kind::Double).to_device(Device::Cpu).set_requires_grad(true);
+    let loss = cross_entropy_reference(&xr, &t.to_device(Device::Cpu));
+    loss.backward();
+    (loss.detach(), xr.grad())
+}
+
+/// ((atol, rtol) of the loss, (atol, rtol) of the gradient), for a gradient whose entries are at
+/// most `scale` = 1 / (counted rows). The loss is accumulated in fp32 for every dtype but f64:
+/// ATen's exp_u20 (<= 2.4e-6 relative) and fp32's rounding of a logsumexp near 10 (1e-6) set its
+/// bound. The gradient is rounded once to the logits' dtype: 2^-8 relative in bf16, 2^-11 in
+/// fp16, whose subnormals are 6e-8 apart.
+fn ce_tol(kind: Kind, scale: f64) -> ((f64, f64), (f64, f64)) {
+    match kind {
+        Kind::Double => ((1e-12, 1e-12), (1e-14 * scale, 1e-10)),
+        Kind::Float => ((2e-5, 1e-5), (1e-6 * scale, 2e-5)),
+        Kind::BFloat16 => ((2e-5, 1e-5), (1e-6 * scale, 8e-3)),
+        _ => ((2e-5, 1e-5), ((1e-6 * scale).max(6e-8), 2e-3)),
+    }
+}
+
+/// Counted rows (target != -1).
+fn ce_count(t: &Tensor) -> f64 {
+    t.ne(-1).sum(Kind::Int64).int64_value(&[]) as f64
+}
+
+// (N, V): a tail shorter than one vector, V = 65 (the character-level vocabulary of m04),
+// several rows per parallel task, rows spanning 3 online-softmax blocks of 2048, a single class.
+const CE_SHAPES: &[(i64, i64)] = &[(7, 33), (64, 65), (300, 1000), (6, 5000), (3, 2049), (1, 1)];
+
+#[test]
+fn cross_entropy_matches_reference_for_every_dtype() {
+    for device in devices() {
+        for (i, kind) in [Kind::Float, Kind::Double, Kind::BFloat16, Kind::Half].into_iter().enumerate() {
+            for (j, &(n, v)) in CE_SHAPES.iter().enumerate() {
+                let what = format!("{device:?} {kind:?} ({n}, {v})");
+                let (x, t) = ce_inputs(n, v, kind, (200 + 10 * i + j) as u64, 4, device);
+                let (want, want_grad) = ce_reference_f64(&x, &t);
+                let xf = x.detach().set_requires_grad(true);
+                let loss = cross_entropy(&xf, &t).unwrap();
+                let acc = if kind == Kind::Double { Kind::Double } else { Kind::Float };
+                assert_eq!((loss.kind(), loss.dim()), (acc, 0), "{what}: loss must be a 0-dim {acc:?}");
+                loss.backward();
+                let grad = xf.grad();
+                assert_eq!(grad.kind(), kind, "{what}: the gradient keeps the logits' dtype");
+                let ((la, lr), (ga, gr)) = ce_tol(kind, 1.0 / ce_count(&t));
+                assert_close(&format!("loss {what}"), &loss, &want, la, lr);
+                assert_close(&format!("grad {what}"), &grad, &want_grad, ga, gr);
+                // Ignored rows get exactly zero gradient.
+                let ignored = t.eq(-1).nonzero().squeeze_dim(1);
+                if ignored.numel() > 0 {
+                    assert_eq!(grad.index_select(0, &ignored).abs().max().double_value(&[]), 0.0, "{what}");
+                }
+                // The raw kernels give what autograd gave, bit for bit.
+                let (raw, lse) = cross_entropy_forward(&x, &t).unwrap();
+                assert!(raw.equal(&loss.detach()), "{what}: raw forward differs from the autograd path");
+                assert_eq!((lse.size(), lse.kind()), (vec![n], acc), "{what}: lse");
+                let gx = cross_entropy_backward(&raw.ones_like(), &x, &t, &lse).unwrap();
+                assert!(gx.equal(&grad), "{what}: raw backward differs from the autograd path");
+                // And an upstream gradient other than 1 scales the result.
+                let gx3 = cross_entropy_backward(&(raw.ones_like() * 3.0), &x, &t, &lse).unwrap();
+                assert_close(&format!("3x grad {what}"), &gx3, &(&want_grad * 3.0), 3.0 * ga, gr);
+            }
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_agrees_with_tch_f32() {
+    // The comparison a user makes: same dtype, tch's own cross_entropy_for_logits (no ignored rows,
+    // since it uses PyTorch's default ignore_index of -100).
+    let (x, t) = ce_inputs(64, 65, Kind::Float, 9, 0, Device::Cpu);
+    assert_close("f32 vs tch", &cross_entropy(&x, &t).unwrap(), &x.cross_entropy_for_logits(&t), 2e-6, 2e-6);
+}
+
+#[test]
+fn cross_entropy_ignored_rows_leave_the_mean() {
+    // Half the rows ignored: the mean divides by the 8 counted rows, as F.cross_entropy does.
+    let (x, t) = ce_inputs(16, 10, Kind::Double, 3, 2, Device::Cpu);
+    let keep = t.ne(-1).nonzero().squeeze_dim(1);
+    let counted_only = cross_entropy(&x.index_select(0, &keep), &t.index_select(0, &keep)).unwrap();
+    assert_close("ignored rows", &cross_entropy(&x, &t).unwrap(), &counted_only, 1e-14, 1e-14);
+    // Every row ignored: 0 / 0 = NaN like PyTorch, and every gradient exactly 0.
+    let x = x.set_requires_grad(true);
+    let loss = cross_entropy(&x, &t.full_like(-1)).unwrap();
+    assert!(loss.double_value(&[]).is_nan(), "all-ignored loss must be NaN");
+    assert!(cross_entropy_reference(&x, &t.full_like(-1)).double_value(&[]).is_nan());
+    loss.backward();
+    assert_eq!(x.grad().abs().max().double_value(&[]), 0.0);
+}
+
+#[test]
+fn cross_entropy_large_logits_do_not_overflow() {
+    // Logits of +-1e4: exp(1e4) overflows every float type, so only a max-subtracted softmax
+    // stays finite. Rows: mixed, all equal (lse = 1e4 + log 8), all -1e4, and a target 2e4 below
+    // the max (loss 2e4, exactly representable).
+    let rows: [[f64; 8]; 4] = [
+        [1e4, -1e4, 0.0, 1e4 - 1.0, 5.0, -3.0, 1e4, 2.0],
+        [1e4; 8],
+        [-1e4; 8],
+        [-1e4, -1e4, -1e4, -1e4, -1e4, -1e4, -1e4, 1e4],
+    ];
+    let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+    let t = Tensor::from_slice(&[3i64, 5, 0, 0]);
+    for kind in [Kind::Float, Kind::Double, Kind::BFloat16, Kind::Half] {
+        let x = Tensor::from_slice(&flat).view([4, 8]).to_kind(kind).set_requires_grad(true);
+        let loss = cross_entropy(&x, &t).unwrap();
+        loss.backward();
+        let (want, want_grad) = ce_reference_f64(&x.detach(), &t);
+        assert!(loss.double_value(&[]).is_finite(), "{kind:?}: loss overflowed");
+        assert!(x.grad().isfinite().all().int64_value(&[]) == 1, "{kind:?}: gradient overflowed");
+        let ((la, lr), (ga, gr)) = ce_tol(kind, 0.25);
+        assert_close(&format!("loss {kind:?}"), &loss, &want, la, lr);
+        // Backward's exp(x - lse) inherits the rounding of the saved fp32 lse, |lse| * 2^-24
+        // relative (6e-4 here); the loss does not (forward computes it as (m - x_t) + log s).
+        let gr = if kind == Kind::Double { gr } else { gr.max(2.0 * 1e4 * 2f64.powi(-24)) };
+        assert_close(&format!("grad {kind:?}"), &x.grad(), &want_grad, ga, gr);
+    }
+}
+
+#[test]
+fn cross_entropy_gradient_matches_finite_differences() {
+    // Central differences of the fused forward itself in f64 (error ~h^2 + 1e-16 / h ~ 1e-10),
+    // against the fused backward: checks the kernel's calculus, not only its agreement with tch.
+    let (x, t) = ce_inputs(5, 9, Kind::Double, 11, 3, Device::Cpu);
+    let xg = x.detach().set_requires_grad(true);
+    cross_entropy(&xg, &t).unwrap().backward();
+    let grad = Vec::<f64>::try_from(xg.grad().flatten(0, -1)).unwrap();
+    let base = Vec::<f64>::try_from(x.flatten(0, -1)).unwrap();
+    let h = 1e-5;
+    let loss_at = |v: &[f64]| cross_entropy(&Tensor::from_slice(v).view([5, 9]), &t).unwrap().double_value(&[]);
+    for i in 0..base.len() {
+        let (mut up, mut down) = (base.clone(), base.clone());
+        up[i] += h;
+        down[i] -= h;
+        let fd = (loss_at(&up) - loss_at(&down)) / (2.0 * h);
+        assert!((fd - grad[i]).abs() < 1e-9, "element {i}: finite difference {fd:e}, backward {:e}", grad[i]);
+    }
+}
+
+#[test]
+fn cross_entropy_double_backward_is_refused() {
+    let (x, t) = ce_inputs(3, 4, Kind::Double, 1, 0, Device::Cpu);
+    let x = x.set_requires_grad(true);
+    let loss = cross_entropy(&x, &t).unwrap();
+    let err = Tensor::f_run_backward(&[loss], &[&x], true, true).err().expect("create_graph must fail").to_string();
+    assert!(err.contains("double backward"), "{err}");
+}
+
+#[test]
+fn cross_entropy_every_cpu_kernel_variant_agrees() {
+    // As every_cpu_kernel_variant_agrees: rerun the value tests in a child process per capability.
+    if std::env::var("COURSE_VARIANT_CHILD").is_ok() {
+        return;
+    }
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |f: &str| flags.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|w| w == f));
+    let mut caps = vec!["default"];
+    if cfg!(target_arch = "x86_64") && has("avx2") && has("fma") {
+        caps.push("avx2");
+    }
+    if cfg!(target_arch = "x86_64") && has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq") {
+        caps.push("avx512");
+    }
+    let exe = std::env::current_exe().unwrap();
+    for cap in caps {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "cross_entropy_matches_reference_for_every_dtype",
+                "cross_entropy_large_logits_do_not_overflow",
+            ])
+            .env("ATEN_CPU_CAPABILITY", cap)
+            .env("COURSE_VARIANT_CHILD", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("2 passed"), "capability {cap}:\n{text}");
+    }
+}
+
+#[test]
+fn cross_entropy_bad_arguments_give_clear_errors() {
+    let (x, t) = ce_inputs(4, 8, Kind::Float, 5, 0, Device::Cpu);
+    let err = |r: anyhow::Result<Tensor>| format!("{:#}", r.unwrap_err());
+    let e = err(cross_entropy(&x, &t.to_kind(Kind::Float)));
+    assert!(e.contains("targets dtype must be int64") && e.contains("Float"), "{e}");
+    let e = err(cross_entropy(&x.to_kind(Kind::Int64), &t));
+    assert!(e.contains("logits dtype must be float32, float64, bfloat16 or float16"), "{e}");
+    let e = err(cross_entropy(&x, &t.narrow(0, 0, 3)));
+    assert!(e.contains("targets have 3 rows but logits have 4"), "{e}");
+    let e = err(cross_entropy(&x.view([2, 2, 8]), &t));
+    assert!(e.contains("logits must be 2-D (N, V)"), "{e}");
+    let e = err(cross_entropy(&x, &t.view([2, 2])));
+    assert!(e.contains("targets must be 1-D"), "{e}");
+    let e = err(cross_entropy(&x, &Tensor::from_slice(&[0i64, 8, 1, 2])));
+    assert!(e.contains("targets[1] = 8 is out of range [0, 8)"), "{e}");
+    let e = err(cross_entropy(&x, &Tensor::from_slice(&[0i64, 1, -2, 2])));
+    assert!(e.contains("targets[2] = -2 is out of range"), "{e}");
+    assert!(!e.contains("Exception raised from"), "C++ backtrace leaked: {e}");
+    // The raw backward checks what autograd would have passed consistently.
+    let (loss, lse) = cross_entropy_forward(&x, &t).unwrap();
+    let e = err(cross_entropy_backward(&Tensor::ones([2], (Kind::Float, Device::Cpu)), &x, &t, &lse));
+    assert!(e.contains("grad must be the loss's 0-dim gradient"), "{e}");
+    let e = err(cross_entropy_backward(&loss, &x, &t, &lse.narrow(0, 0, 3)));
+    assert!(e.contains("lse must have shape (4)"), "{e}");
+    if tch::Cuda::is_available() {
+        let e = err(cross_entropy(&x.to_device(Device::Cuda(0)), &t));
+        assert!(e.contains("logits are on cuda:0 but targets are on cpu"), "{e}");
+    }
 }

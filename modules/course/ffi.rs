@@ -20,6 +20,21 @@ extern "C" {
         grad_bias: *mut CTensor,
     ) -> *mut c_char;
 
+    pub fn course_cross_entropy(logits: CTensor, targets: CTensor, loss: *mut CTensor) -> *mut c_char;
+    pub fn course_cross_entropy_forward(
+        logits: CTensor,
+        targets: CTensor,
+        loss: *mut CTensor,
+        lse: *mut CTensor,
+    ) -> *mut c_char;
+    pub fn course_cross_entropy_backward(
+        grad: CTensor,
+        logits: CTensor,
+        targets: CTensor,
+        lse: CTensor,
+        grad_logits: *mut CTensor,
+    ) -> *mut c_char;
+
     pub fn course_set_deterministic(enabled: c_int, warn_only: c_int);
     pub fn course_deterministic() -> c_int;
     pub fn course_set_cudnn(benchmark: c_int, deterministic: c_int);
@@ -54,7 +69,28 @@ extern "C" {
     pub fn course_is_inference(t: CTensor) -> c_int;
     pub fn course_peak_rss_bytes() -> i64;
     pub fn course_current_rss_bytes() -> i64;
+
+    // profiler.cpp
+    pub fn course_profiler_start(cuda: c_int, record_shapes: c_int) -> *mut c_char;
+    pub fn course_profiler_stop(path: *const c_char) -> *mut c_char;
+    pub fn course_record_function_enter(name: *const c_char) -> *mut c_void;
+    pub fn course_record_function_exit(guard: *mut c_void);
+
+    // recompute.cpp
+    pub fn course_error_new(msg: *const c_char, len: usize) -> *mut c_char;
+    pub fn course_checkpoint(
+        f: CourseFn,
+        ctx: *mut c_void,
+        drop_ctx: unsafe extern "C" fn(*mut c_void),
+        input: CTensor,
+        params: *const CTensor,
+        n_params: c_int,
+        out: *mut CTensor,
+    ) -> *mut c_char;
 }
+
+/// `course_fn` in ops.h: a closure called from C++ (see recompute.rs).
+pub type CourseFn = unsafe extern "C" fn(ctx: *mut c_void, input: CTensor, out: *mut CTensor) -> *mut c_char;
 
 /// Turns the C ABI's error convention (NULL = ok, else a malloc'd message) into a `Result`.
 pub(crate) fn check(err: *mut c_char) -> anyhow::Result<()> {

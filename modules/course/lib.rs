@@ -22,8 +22,11 @@
 //! - [`bert`]: a BERT encoder with Hugging Face names (MiniLM), sentence embeddings, classifier.
 //! - [`text`], [`tokenize`]: BBC News and SpamAssassin with fixed stratified splits; tokenizers.
 //! - [`benchkit`]: the Python-twin harness of the benchmarks.
+//! - [`profile`]: torch's profiler (Chrome traces, named ranges) and a per-op self-time table.
+//! - [`recompute`]: gradient checkpointing (activation recomputation) of a closure.
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
+pub mod amp;
 pub mod attention;
 pub mod benchkit;
 pub mod bert;
@@ -36,13 +39,18 @@ pub mod device;
 mod ffi;
 pub mod fsutil;
 pub mod gallery;
+pub mod gpt;
 pub mod idx;
 pub mod linreg;
+pub mod lmdata;
+pub mod lmtrain;
 pub mod loader;
 pub mod models;
 pub mod ops;
 pub mod optim;
+pub mod profile;
 pub mod progress;
+pub mod recompute;
 pub mod report;
 pub mod repro;
 pub mod rng;
