@@ -124,8 +124,8 @@ char* course_bias_gelu_backward(course_tensor grad, course_tensor input, course_
 
 // ---- profiler (profiler.cpp): torch's Kineto profiler, thread-local like torch's ----
 // Starts recording this thread's ATen ops (cuda != 0: also CUDA kernels); record_shapes adds
-// input shapes to the trace.
-char* course_profiler_start(int cuda, int record_shapes);
+// input shapes to the trace, profile_memory every allocation and free ("[memory]" events).
+char* course_profiler_start(int cuda, int record_shapes, int profile_memory);
 // Stops the profiler of this thread; with a non-NULL path, saves the Chrome trace JSON there.
 char* course_profiler_stop(const char* path);
 // A named range in the trace (torch.profiler.record_function): enter returns a guard (NULL on

@@ -26,14 +26,14 @@ using torch::profiler::impl::ProfilerState;
 
 extern "C" {
 
-char* course_profiler_start(int cuda, int record_shapes) {
+char* course_profiler_start(int cuda, int record_shapes, int profile_memory) {
   COURSE_TRY({
     TORCH_CHECK(!torch::profiler::impl::profilerEnabled(), "profiler: a profiler is already running on this thread");
     std::set<ActivityType> activities{ActivityType::CPU};
     if (cuda) activities.insert(ActivityType::CUDA);
-    // What torch.profiler.profile(activities=..., record_shapes=...) builds: state KINETO,
-    // no memory, stack, flops or module recording.
-    ProfilerConfig config(ProfilerState::KINETO, record_shapes != 0);
+    // What torch.profiler.profile(activities=..., record_shapes=..., profile_memory=...) builds:
+    // state KINETO, no stack, flops or module recording.
+    ProfilerConfig config(ProfilerState::KINETO, record_shapes != 0, profile_memory != 0);
     // prepare (Kineto warms up, e.g. CUPTI) then enable, as torch.profiler does on __enter__.
     kineto::prepareProfiler(config, activities);
     kineto::enableProfiler(config, activities);

@@ -1,11 +1,15 @@
 //! The profiler wrapper: a trace of known ops holds exactly the calls made, with self time
-//! within total time and self percentages summing to 100; the per-op summary of a hand-made
-//! trace with nested intervals gives exact numbers; bad trace files are errors naming the file.
+//! within total time and self percentages summing to 100; a memory profile sees the peak of
+//! known tensors; the per-op summary and memory peaks of a hand-made trace with nested
+//! intervals give exact numbers; bad trace files are errors naming the file.
 
-use course::profile::{format_table, record_function, top_ops, OpDevice, OpStat, Profiler};
+use course::profile::{
+    format_table, memory_peaks, record_function, top_ops, MemoryPeak, OpDevice, OpStat, Profiler, ProfilerOptions,
+};
 use course::rng::Rng;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use tch::{Device, Kind, Tensor};
 
 /// Kineto records one trace per process: tests that start a profiler take turns.
 static PROFILER: Mutex<()> = Mutex::new(());
@@ -77,6 +81,34 @@ fn trace_of_known_ops_counts_every_call() {
 }
 
 #[test]
+fn memory_profile_sees_the_peak_of_live_tensors() {
+    let _turn = PROFILER.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("memory");
+    let path = dir.join("trace.json");
+    const MIB: i64 = 1 << 20;
+    let prof = Profiler::start_with(ProfilerOptions { profile_memory: true, ..Default::default() }).unwrap();
+    let a = Tensor::zeros([MIB], (Kind::Float, Device::Cpu)); // 4 MiB, kept
+    let b = &a + 1.0; // 4 MiB more: the peak, 8 MiB
+    drop(b);
+    let c = Tensor::zeros([MIB / 2], (Kind::Float, Device::Cpu)); // back to 6 MiB
+    prof.stop_and_save(&path).unwrap();
+    drop((a, c));
+    let peaks = memory_peaks(&path).unwrap();
+    assert_eq!(peaks.len(), 1, "{peaks:?}");
+    assert_eq!(peaks[0].device, OpDevice::Cpu);
+    // Room for a few bytes of scalars beside the two 4 MiB buffers.
+    assert!((8 * MIB..8 * MIB + 4096).contains(&peaks[0].peak_bytes), "{peaks:?}");
+    assert!(peaks[0].events >= 4, "{peaks:?}");
+    // Without profile_memory there are no memory events.
+    let path2 = dir.join("plain.json");
+    let prof = Profiler::start(false).unwrap();
+    let _ = Tensor::zeros([1024], (Kind::Float, Device::Cpu));
+    prof.stop_and_save(&path2).unwrap();
+    assert!(memory_peaks(&path2).unwrap().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn one_profiler_at_a_time_and_drop_stops_it() {
     let _turn = PROFILER.lock().unwrap_or_else(|e| e.into_inner());
     let p = Profiler::start(false).unwrap();
@@ -118,6 +150,12 @@ fn self_time_of_a_hand_made_trace_is_exact() {
     let dir = temp_dir("handmade");
     let path = dir.join("trace.json");
     let base = 4653810397542.095_f64;
+    let mem = |total: i64, device_type: i64, device_id: i64| {
+        format!(
+            r#"{{"ph": "i", "cat": "cpu_instant_event", "s": "t", "name": "[memory]", "pid": 7, "tid": 7, "ts": {:.3}, "args": {{"Total Reserved": 0, "Total Allocated": {total}, "Bytes": 1, "Device Id": {device_id}, "Device Type": {device_type}, "Addr": 1}}}}"#,
+            base + 1.0
+        )
+    };
     let x = |name: &str, cat: &str, pid: &str, tid: &str, start: f64, dur: f64| {
         format!(
             r#"{{"ph": "X", "cat": "{cat}", "name": "{name}", "pid": {pid}, "tid": {tid}, "ts": {:.3}, "dur": {dur:.3}, "args": {{"External id": 1}}}}"#,
@@ -141,6 +179,11 @@ fn self_time_of_a_hand_made_trace_is_exact() {
         // Not ops: the profiler's span, and a metadata event.
         x("PyTorch Profiler (0)", "Trace", "\"Spans\"", "\"PyTorch Profiler\"", -1.0, 1000.0),
         r#"{"name": "thread_name", "ph": "M", "ts": 1.0, "pid": 7, "tid": 7, "args": {"name": "main"}}"#.to_string(),
+        // Allocations (profile_memory): instant events, not ops.
+        mem(100, 0, -1),
+        mem(300, 0, -1),
+        mem(200, 0, -1),
+        mem(5000, 1, 0),
     ];
     std::fs::write(&path, format!("{{\"schemaVersion\": 1, \"traceEvents\": [{}]}}", events.join(",\n"))).unwrap();
 
@@ -166,6 +209,13 @@ fn self_time_of_a_hand_made_trace_is_exact() {
         assert!((g - w).abs() < 1e-9, "self % {g} vs {w}");
     }
     assert_eq!(top_ops(&path, 1).unwrap().len(), 1);
+    assert_eq!(
+        memory_peaks(&path).unwrap(),
+        vec![
+            MemoryPeak { device: Cpu, index: -1, peak_bytes: 300, events: 3 },
+            MemoryPeak { device: Cuda, index: 0, peak_bytes: 5000, events: 1 },
+        ]
+    );
 
     // A bare event array (the other Chrome trace layout) gives the same rows.
     let bare = dir.join("bare.json");

@@ -7,7 +7,11 @@
 //! `--trace DIR` profiles one more step of each mode with `course::profile`, saves the Chrome
 //! traces in DIR and prints their top ops by self time.
 //!
-//! Peak RSS is a process-wide high-water mark, so each mode runs in its own child process (this
+//! Memory is measured two ways. Exactly: one extra step runs under torch's profiler with
+//! `profile_memory`, and `course::profile::memory_peaks` gives the most bytes the step had
+//! allocated at once ("step alloc"): activations kept for backward, gradients, temporaries.
+//! And as the OS sees it: peak RSS is a process-wide high-water mark, so each mode runs in its
+//! own child process (this
 //! binary again, with `--child plain|checkpoint`), which reports its RSS after building the
 //! model and data (the baseline) and its peak over the steps. The difference is what the
 //! training steps held at their peak: activations, gradients and temporaries. Like a training
@@ -21,7 +25,7 @@
 //! output, residual), checkpointed only its N x C input; the recompute costs one more forward
 //! per block, about a third more compute per step.
 
-use course::profile::{format_table, top_ops, Profiler};
+use course::profile::{format_table, memory_peaks, top_ops, Profiler, ProfilerOptions};
 use course::recompute::checkpoint_local;
 use course::rng::Rng;
 use course::runtime;
@@ -156,14 +160,22 @@ fn child(a: &Args, mode: &str) {
         })
         .collect();
     ms.sort_by(|p, q| p.total_cmp(q));
-    if let Some(dir) = &a.trace {
-        // One more step under torch's profiler, after the timed ones, summarised per op.
-        let path = std::path::Path::new(dir).join(format!("recompute-{mode}.json"));
-        let prof = Profiler::start(false).expect("starting the profiler");
-        step();
-        prof.stop_and_save(&path).expect("saving the trace");
+    // One more step under torch's profiler with memory recording: its peak of bytes allocated
+    // by the step is exact, unlike RSS, which also holds the allocator's slack.
+    let path = match &a.trace {
+        Some(dir) => std::path::Path::new(dir).join(format!("recompute-{mode}.json")),
+        None => std::env::temp_dir().join(format!("recompute-{mode}-{}.json", std::process::id())),
+    };
+    let prof = Profiler::start_with(ProfilerOptions { profile_memory: true, ..Default::default() })
+        .expect("starting the profiler");
+    step();
+    prof.stop_and_save(&path).expect("saving the trace");
+    let step_alloc_peak = memory_peaks(&path).expect("reading the trace back").first().map(|p| p.peak_bytes);
+    if a.trace.is_some() {
         let rows = top_ops(&path, 12).expect("reading the trace back");
         eprintln!("{mode}: one step, trace in {}\n{}", path.display(), format_table(&rows));
+    } else {
+        let _ = std::fs::remove_file(&path);
     }
     let out = serde_json::json!({
         "mode": mode,
@@ -171,6 +183,7 @@ fn child(a: &Args, mode: &str) {
         "peak_rss": runtime::peak_rss_bytes(),
         "step_ms_median": ms[ms.len() / 2],
         "step_ms_min": ms[0],
+        "step_alloc_peak": step_alloc_peak,
     });
     println!("{out}");
 }
@@ -201,8 +214,8 @@ fn main() {
         mib((l * (8 * c * c + 7 * c) * 4) as f64)
     );
     println!(
-        "{:<12} {:>14} {:>14} {:>18} {:>14} {:>12}",
-        "mode", "baseline MiB", "peak MiB", "peak-baseline MiB", "step ms (med)", "step ms (min)"
+        "{:<12} {:>15} {:>13} {:>9} {:>18} {:>14} {:>14}",
+        "mode", "step alloc MiB", "baseline MiB", "peak MiB", "peak-baseline MiB", "step ms (med)", "step ms (min)"
     );
     let mut rows = vec![];
     for mode in ["plain", "checkpoint"] {
@@ -234,17 +247,23 @@ fn main() {
         let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         let (base, peak) = (mib(f("baseline_rss")), mib(f("peak_rss")));
         println!(
-            "{:<12} {:>14.0} {:>14.0} {:>18.0} {:>14.1} {:>12.1}",
+            "{:<12} {:>15.0} {:>13.0} {:>9.0} {:>18.0} {:>14.1} {:>14.1}",
             mode,
+            mib(f("step_alloc_peak")),
             base,
             peak,
             peak - base,
             f("step_ms_median"),
             f("step_ms_min")
         );
-        rows.push((peak - base, f("step_ms_median")));
+        rows.push((f("step_alloc_peak"), peak - base, f("step_ms_median")));
     }
-    if let [(m0, t0), (m1, t1)] = rows[..] {
-        println!("checkpointing: {:.2}x the step memory, {:.2}x the step time", m1 / m0, t1 / t0);
+    if let [(a0, r0, t0), (a1, r1, t1)] = rows[..] {
+        println!(
+            "checkpointing: {:.2}x the step's allocated peak, {:.2}x its RSS growth, {:.2}x the step time",
+            a1 / a0,
+            r1 / r0,
+            t1 / t0
+        );
     }
 }

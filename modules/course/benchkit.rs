@@ -87,11 +87,16 @@ pub fn row(label: &str, v: &[Vec<f64>; 3]) -> String {
     )
 }
 
-/// The header matching [`row`].
+/// The header matching [`row`], the twins being PyTorch as installed and with our mallopt.
 pub fn header(unit: &str, rounds: usize) -> String {
+    header_for(unit, rounds, "PyTorch", "+mallopt")
+}
+
+/// The header matching [`row`] with the two twins' column names.
+pub fn header_for(unit: &str, rounds: usize, twin1: &str, twin2: &str) -> String {
     format!(
         "{:<26} {:>9} {:>9} {:>6} {:>12} {:>9} {:>6}   {unit}, medians of {rounds} rounds",
-        "what", "ours", "PyTorch", "ratio", "range", "+mallopt", "ratio"
+        "what", "ours", twin1, "ratio", "range", twin2, "ratio"
     )
 }
 

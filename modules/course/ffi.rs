@@ -71,7 +71,7 @@ extern "C" {
     pub fn course_current_rss_bytes() -> i64;
 
     // profiler.cpp
-    pub fn course_profiler_start(cuda: c_int, record_shapes: c_int) -> *mut c_char;
+    pub fn course_profiler_start(cuda: c_int, record_shapes: c_int, profile_memory: c_int) -> *mut c_char;
     pub fn course_profiler_stop(path: *const c_char) -> *mut c_char;
     pub fn course_record_function_enter(name: *const c_char) -> *mut c_void;
     pub fn course_record_function_exit(guard: *mut c_void);

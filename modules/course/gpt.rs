@@ -356,7 +356,11 @@ impl Gpt {
         let v = self.cfg.vocab_size;
         let (flat, y) = (logits.view([-1, v]), targets.reshape([-1]));
         if fused {
-            // FUSED-CE-PENDING
+            // The kernel takes fp32/bf16/f64 logits (fp32 accumulation) and returns an fp32 loss;
+            // anything it refuses (fp16 logits) falls back to the unfused pair.
+            if let Ok(l) = crate::ops::cross_entropy(&flat, &y) {
+                return l;
+            }
         }
         // Under autocast the logits are bf16/fp16; the softmax and the mean run in fp32.
         match flat.kind() {

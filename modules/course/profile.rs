@@ -8,6 +8,8 @@
 //! - [`top_ops`] and [`format_table`] read a trace back and summarise it per op, like
 //!   `prof.key_averages().table(sort_by="self_cpu_time_total")`: calls, total time, and self
 //!   time (the op's duration minus that of the ops it called), which is where time really goes.
+//! - [`memory_peaks`] reads the peak allocated bytes per device from a trace recorded with
+//!   `profile_memory` (torch's `profile_memory=True`).
 //!
 //! Like torch's, the profiler is thread-local: it records the thread that started it (plus the
 //! threads that inherit its state, such as the autograd engine's) and must stop on that thread,
@@ -35,6 +37,8 @@ pub struct ProfilerOptions {
     pub cuda: bool,
     /// Record each op's input shapes in the trace (`record_shapes=True`); costs some overhead.
     pub record_shapes: bool,
+    /// Record every allocation and free (`profile_memory=True`), for [`memory_peaks`].
+    pub profile_memory: bool,
 }
 
 /// A running torch profiler. Stop it with [`Profiler::stop_and_save`] (or [`Profiler::stop`]
@@ -61,8 +65,9 @@ impl Profiler {
             bail!("profiler: another Profiler is already running in this process (torch's Kineto records one trace at a time)");
         }
         // SAFETY: plain integers in; the shim catches every C++ exception.
-        let started =
-            ffi::check(unsafe { ffi::course_profiler_start(opts.cuda as c_int, opts.record_shapes as c_int) });
+        let started = ffi::check(unsafe {
+            ffi::course_profiler_start(opts.cuda as c_int, opts.record_shapes as c_int, opts.profile_memory as c_int)
+        });
         if let Err(e) = started {
             RUNNING.store(false, Ordering::SeqCst);
             return Err(e.context("starting torch's profiler"));
@@ -116,7 +121,8 @@ impl Drop for Profiler {
 
 /// A named range in the trace, from creation to drop (`with torch.profiler.record_function(name)`).
 /// Ranges appear as `user_annotation` events that contain the ops run inside them; without a
-/// running profiler they cost one small allocation. Drop on the same thread, innermost first.
+/// running profiler (or on a thread it does not record) they cost one small allocation and
+/// record nothing. Drop on the same thread, innermost first.
 #[must_use = "the range ends when the guard is dropped"]
 pub struct RecordFunction {
     guard: *mut c_void,
@@ -201,6 +207,19 @@ struct RawEvent {
     ts: Option<f64>,
     #[serde(default)]
     dur: Option<f64>,
+    #[serde(default)]
+    args: Option<MemoryArgs>,
+}
+
+/// The `args` of a `[memory]` event (profile_memory); other events' args are skipped.
+#[derive(Deserialize)]
+struct MemoryArgs {
+    #[serde(rename = "Total Allocated", default)]
+    total_allocated: Option<i64>,
+    #[serde(rename = "Device Type", default)]
+    device_type: Option<i64>,
+    #[serde(rename = "Device Id", default)]
+    device_id: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -332,6 +351,50 @@ pub fn top_ops(trace: &Path, n: usize) -> Result<Vec<OpStat>> {
     });
     rows.truncate(n);
     Ok(rows)
+}
+
+/// The most memory allocated at once on one device during a trace recorded with
+/// [`ProfilerOptions::profile_memory`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryPeak {
+    pub device: OpDevice,
+    /// The CUDA device index; -1 for the CPU.
+    pub index: i64,
+    /// The largest "Total Allocated" of the trace's `[memory]` events. On the CPU this counts
+    /// only allocations made while profiling (net of their frees): the step's own memory. On
+    /// CUDA it is the caching allocator's total, including what was allocated before.
+    pub peak_bytes: i64,
+    /// Allocations and frees recorded.
+    pub events: u64,
+}
+
+/// Peak allocated memory per device from the `[memory]` events of a trace; empty if the trace
+/// was recorded without `profile_memory`. Devices other than CPU and CUDA are left out.
+pub fn memory_peaks(trace: &Path) -> Result<Vec<MemoryPeak>> {
+    let mut peaks: Vec<MemoryPeak> = vec![];
+    for e in read_events(trace)? {
+        if e.name.as_deref() != Some("[memory]") {
+            continue;
+        }
+        let Some(args) = e.args else { continue };
+        let Some(total) = args.total_allocated else { continue };
+        // c10::DeviceType codes: 0 = CPU, 1 = CUDA.
+        let device = match args.device_type {
+            Some(0) => OpDevice::Cpu,
+            Some(1) => OpDevice::Cuda,
+            _ => continue,
+        };
+        let index = args.device_id.unwrap_or(-1);
+        match peaks.iter_mut().find(|p| p.device == device && p.index == index) {
+            Some(p) => {
+                p.peak_bytes = p.peak_bytes.max(total);
+                p.events += 1;
+            }
+            None => peaks.push(MemoryPeak { device, index, peak_bytes: total, events: 1 }),
+        }
+    }
+    peaks.sort_by_key(|p| (p.device, p.index));
+    Ok(peaks)
 }
 
 /// torch's time format in its profiler tables: 3 decimals in us, ms or s.

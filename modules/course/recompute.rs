@@ -41,10 +41,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::thread::{self, ThreadId};
 use tch::Tensor;
 
+/// A checkpointed block, as the C++ node stores it.
+type BlockFn = dyn Fn(&Tensor) -> Result<Tensor>;
+
 /// What the C++ node holds as `ctx`: the closure, and for [`checkpoint_local`] the thread it
 /// belongs to.
 struct Ctx {
-    f: Box<dyn Fn(&Tensor) -> Result<Tensor>>,
+    f: Box<BlockFn>,
     owner: Option<ThreadId>,
 }
 

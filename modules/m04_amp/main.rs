@@ -62,6 +62,15 @@ struct Args {
     /// Context length (default: the preset's)
     #[arg(long)]
     block_size: Option<i64>,
+    /// Transformer blocks (default: the preset's)
+    #[arg(long)]
+    n_layer: Option<i64>,
+    /// Attention heads (default: the preset's)
+    #[arg(long)]
+    n_head: Option<i64>,
+    /// Model width (default: the preset's)
+    #[arg(long)]
+    n_embd: Option<i64>,
     /// Dropout (default: the preset's, 0 for cpu)
     #[arg(long)]
     dropout: Option<f64>,
@@ -236,8 +245,10 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
     let data = load_data(args)?;
     let mut cfg = preset(args).config(data.meta.vocab_size);
     cfg.attention = args.attention;
-    if let Some(b) = args.block_size {
-        cfg.block_size = b;
+    for (v, field) in [(args.block_size, &mut cfg.block_size), (args.n_layer, &mut cfg.n_layer), (args.n_head, &mut cfg.n_head), (args.n_embd, &mut cfg.n_embd)] {
+        if let Some(v) = v {
+            *field = v;
+        }
     }
     if let Some(d) = args.dropout {
         cfg.dropout = d;
@@ -421,8 +432,11 @@ fn single(args: &Args) -> Result<()> {
     let default_setup = args.preset.is_none()
         && args.tokenizer == TokenizerChoice::Char
         && args.steps.is_none()
-        && args.block_size.is_none();
-    if !args.compare_leg && default_setup && !args.common.quick {
+        && args.block_size.is_none()
+        && args.n_layer.is_none()
+        && args.n_head.is_none()
+        && args.n_embd.is_none();
+    if !args.compare_leg && default_setup {
         run.target("char_val_loss", leg.final_val_loss, Op::Le, 1.90);
         run.target("train_minutes", leg.train_seconds / 60.0, Op::Le, 10.0);
     }
