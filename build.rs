@@ -46,11 +46,12 @@ const CPP_SOURCES: &[&str] = &[
     "kernels/profiler.cpp",
     "kernels/recompute.cpp",
     "kernels/softmax_ce.cpp",
+    "kernels/cuda_graph.cpp",
 ];
 /// Sources compiled once per CPU_VARIANTS entry.
 const CPU_KERNEL_SOURCES: &[&str] = &["kernels/bias_gelu_cpu.cpp", "kernels/softmax_ce_cpu.cpp"];
 /// CUDA sources (feature `cuda`).
-const CUDA_SOURCES: &[&str] = &["kernels/bias_gelu.cu", "kernels/softmax_ce.cu"];
+const CUDA_SOURCES: &[&str] = &["kernels/bias_gelu.cu", "kernels/softmax_ce.cu", "kernels/cuda_graph.cu"];
 const HEADERS: &[&str] = &["kernels/ops.h", "kernels/dispatch.h"];
 
 fn main() {

@@ -2,7 +2,6 @@
 CPU, forward and forward+backward, same sizes, same timing rule (median of repeats).
 Prints one JSON object per line: {"rows", "cols", "dtype", "pass", "ms"}.
 Run: .venv/bin/python kernels/bench_bias_gelu.py [--threads N] [--quick]"""
-import argparse
 import json
 import pathlib
 import sys
@@ -29,15 +28,7 @@ def median_ms(fn, reps):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--retain-freed-memory", action="store_true", help="glibc mallopt: no mmap, no trim (as the Rust side)")
-    a = ap.parse_args()
-    if a.retain_freed_memory:
-        pytwin.retain_freed_memory()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = pytwin.setup(lambda ap: ap.add_argument("--quick", action="store_true"))
     torch.manual_seed(0)
     sizes = SIZES[:2] if a.quick else SIZES
     for rows, cols in sizes:

@@ -6,7 +6,6 @@ Driven by the Rust benchmark over stdin/stdout: request lines "<pass> <rows> <co
 pass "forward" or "forward_backward"; one JSON line {"pass", "rows", "cols", "ms"} back, the mean
 milliseconds per call over reps calls.
 Run by hand: echo "forward_backward 8192 65 10" | .venv/bin/python kernels/bench_cross_entropy.py"""
-import argparse
 import json
 import pathlib
 import sys
@@ -20,14 +19,7 @@ import pytwin  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--retain-freed-memory", action="store_true", help="glibc mallopt: no mmap, no trim (as the Rust side)")
-    a = ap.parse_args()
-    if a.retain_freed_memory:
-        pytwin.retain_freed_memory()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = pytwin.setup()
     inputs = {}  # (rows, cols) -> (x, t), made once per size
     for line in sys.stdin:
         pass_, rows, cols, reps = line.split()

@@ -29,21 +29,6 @@ void check_args(const at::Tensor& x, const at::Tensor& b) {
               x.size(-1), " (input shape ", x.sizes(), ")");
 }
 
-// The instruction set ATen itself dispatches to ("DEFAULT", "AVX2", "AVX512", ...; honours the
-// ATEN_CPU_CAPABILITY environment variable), read once.
-enum class Isa { Default, Avx2, Avx512 };
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    const std::string cap = at::get_cpu_capability();
-#if defined(__x86_64__)
-    if (cap.rfind("AVX512", 0) == 0) return Isa::Avx512;
-    if (cap == "AVX2") return Isa::Avx2;
-#endif
-    return Isa::Default;
-  }();
-  return isa;
-}
-
 template <typename T>
 void cpu_fwd(const T* x, const T* b, T* y, int64_t M, int64_t N) {
   switch (cpu_isa()) {

@@ -2,10 +2,28 @@
 // bias_gelu_cpu.cpp and softmax_ce_cpu.cpp with CPU_CAPABILITY = DEFAULT, AVX2 and AVX512), following ATen's own
 // dispatch: at::get_cpu_capability() reads the CPU and honours ATEN_CPU_CAPABILITY.
 #pragma once
-#include <cstdint>
+#include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 
+#include <cstdint>
+#include <string>
+
 namespace course {
+
+// The instruction set ATen itself dispatches to ("DEFAULT", "AVX2", "AVX512", ...; honours the
+// ATEN_CPU_CAPABILITY environment variable), read once.
+enum class Isa { Default, Avx2, Avx512 };
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+    const std::string cap = at::get_cpu_capability();
+#if defined(__x86_64__)
+    if (cap.rfind("AVX512", 0) == 0) return Isa::Avx512;
+    if (cap == "AVX2") return Isa::Avx2;
+#endif
+    return Isa::Default;
+  }();
+  return isa;
+}
 
 // Raw-pointer kernels: x (M, N) row-major, bias (N).
 #define COURSE_DECLARE_CPU_KERNELS(CAP)                                                                \

@@ -156,6 +156,21 @@ char* course_cross_entropy_forward(course_tensor logits, course_tensor targets, 
 char* course_cross_entropy_backward(course_tensor grad, course_tensor logits, course_tensor targets,
                                     course_tensor lse, course_tensor* grad_logits);
 
+// ---- CUDA graphs (cuda_graph.cu; cuda_graph.cpp without --features cuda returns an error) ----
+// A closure from the caller without arguments: returns NULL, or a message made with
+// course_error_new.
+typedef char* (*course_graph_fn)(void* ctx);
+// Captures what f launches on CUDA device `device` (-1: the current one) as a graph
+// (torch.cuda.graph): on a side stream, f runs `warmup` times, then once under capture, with
+// autocast's weight-cast cache off. Takes ownership of ctx in every case: drop(ctx) runs once,
+// on error before returning, else in course_cuda_graph_free. *graph_out receives the handle.
+char* course_cuda_graph_capture(course_graph_fn f, void* ctx, void (*drop)(void*), int device, int warmup,
+                                void** graph_out);
+// Launches the captured graph on the current stream (asynchronous, like a kernel launch).
+char* course_cuda_graph_replay(void* graph);
+// Waits for the device, frees the graph and its memory pool, then drops the closure.
+void course_cuda_graph_free(void* graph);
+
 #ifdef __cplusplus
 }
 #endif

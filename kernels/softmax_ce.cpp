@@ -59,20 +59,6 @@ void check_backward_args(const at::Tensor& grad, const at::Tensor& logits, const
               " but logits are on ", logits.device());
 }
 
-// The instruction set ATen itself dispatches to, read once (as in bias_gelu.cpp).
-enum class Isa { Default, Avx2, Avx512 };
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    const std::string cap = at::get_cpu_capability();
-#if defined(__x86_64__)
-    if (cap.rfind("AVX512", 0) == 0) return Isa::Avx512;
-    if (cap == "AVX2") return Isa::Avx2;
-#endif
-    return Isa::Default;
-  }();
-  return isa;
-}
-
 template <typename T, typename A>
 void cpu_fwd(const T* x, const int64_t* t, A* lse, A* loss, int64_t N, int64_t V) {
   switch (cpu_isa()) {

@@ -41,12 +41,30 @@ fn a_quick_run_writes_its_model_samples_and_charts() {
     let samples = std::fs::read_to_string(dir.join("samples.txt")).unwrap();
     assert_eq!(samples.matches("--- sample").count(), 2);
     assert!(samples.contains("ROMEO."));
-    for f in ["loss.png", "run/best/config.json", "run/best/vocab.json", "run/best/model.safetensors", "run/last/state.json"] {
+    for f in
+        ["loss.png", "run/best/config.json", "run/best/vocab.json", "run/best/model.safetensors", "run/last/state.json"]
+    {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let cfg = course::gpt::GptConfig::from_file(&dir.join("run/best/config.json")).unwrap();
     assert_eq!(cfg.vocab_size, 84, "the Shakespeare texts have 84 distinct characters");
     assert!(text.contains("tokens/s"));
+    // `sample` rebuilds the model from the directory alone; a seed gives the same text.
+    let sample = |seed: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_m04_amp"))
+            .args(["sample", "--device", "cpu", "--prompt", "ROMEO.", "--tokens", "30", "--seed", seed, "--model"])
+            .arg(dir.join("run/best"))
+            .output()
+            .unwrap();
+        ok(&o);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let (a, b, c) = (sample("1"), sample("1"), sample("2"));
+    assert!(a.starts_with("ROMEO.") && a.trim_end().chars().count() >= 30, "{a:?}");
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    let o = Command::new(env!("CARGO_BIN_EXE_m04_amp")).args(["sample", "--model"]).arg(&out).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("config.json"));
     std::fs::remove_dir_all(&out).unwrap();
 }
 

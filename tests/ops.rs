@@ -128,10 +128,9 @@ fn f32_agrees_with_tch_unfused_in_f32() {
     assert_close("f32 vs tch f32", &bias_gelu(&x, &b).unwrap(), &bias_gelu_reference(&x, &b), 2e-6, 1e-5);
 }
 
-#[test]
-fn every_cpu_kernel_variant_agrees() {
-    // ATen's dispatch honours ATEN_CPU_CAPABILITY, read once per process: run the value and
-    // gradient tests again in a child process under each capability this CPU supports.
+/// Reruns the named tests in a child process under each CPU capability this machine supports:
+/// ATen's dispatch (and ours) reads ATEN_CPU_CAPABILITY once per process.
+fn run_under_every_cpu_variant(tests: &[&str]) {
     if std::env::var("COURSE_VARIANT_CHILD").is_ok() {
         return;
     }
@@ -147,14 +146,24 @@ fn every_cpu_kernel_variant_agrees() {
     let exe = std::env::current_exe().unwrap();
     for cap in caps {
         let out = std::process::Command::new(&exe)
-            .args(["--exact", "forward_matches_reference_for_every_dtype", "gradients_match_reference_for_every_dtype"])
+            .arg("--exact")
+            .args(tests)
             .env("ATEN_CPU_CAPABILITY", cap)
             .env("COURSE_VARIANT_CHILD", "1")
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.contains("2 passed"), "capability {cap}:\n{text}");
+        let want = format!("{} passed", tests.len());
+        assert!(out.status.success() && text.contains(&want), "capability {cap}:\n{text}");
     }
+}
+
+#[test]
+fn every_cpu_kernel_variant_agrees() {
+    run_under_every_cpu_variant(&[
+        "forward_matches_reference_for_every_dtype",
+        "gradients_match_reference_for_every_dtype",
+    ]);
 }
 
 #[test]
@@ -360,34 +369,10 @@ fn cross_entropy_double_backward_is_refused() {
 
 #[test]
 fn cross_entropy_every_cpu_kernel_variant_agrees() {
-    // As every_cpu_kernel_variant_agrees: rerun the value tests in a child process per capability.
-    if std::env::var("COURSE_VARIANT_CHILD").is_ok() {
-        return;
-    }
-    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let has = |f: &str| flags.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|w| w == f));
-    let mut caps = vec!["default"];
-    if cfg!(target_arch = "x86_64") && has("avx2") && has("fma") {
-        caps.push("avx2");
-    }
-    if cfg!(target_arch = "x86_64") && has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq") {
-        caps.push("avx512");
-    }
-    let exe = std::env::current_exe().unwrap();
-    for cap in caps {
-        let out = std::process::Command::new(&exe)
-            .args([
-                "--exact",
-                "cross_entropy_matches_reference_for_every_dtype",
-                "cross_entropy_large_logits_do_not_overflow",
-            ])
-            .env("ATEN_CPU_CAPABILITY", cap)
-            .env("COURSE_VARIANT_CHILD", "1")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.contains("2 passed"), "capability {cap}:\n{text}");
-    }
+    run_under_every_cpu_variant(&[
+        "cross_entropy_matches_reference_for_every_dtype",
+        "cross_entropy_large_logits_do_not_overflow",
+    ]);
 }
 
 #[test]

@@ -139,6 +139,13 @@ impl GradScaler {
         self.growth_tracker.int64_value(&[0])
     }
 
+    /// The scale itself, a (1,) fp32 device tensor that [`update`](Self::update) changes in place
+    /// (None when disabled): a captured CUDA graph multiplies by it and so sees every update.
+    /// [`load_state`](Self::load_state) replaces it; take it after resuming.
+    pub fn scale_tensor(&self) -> Option<Tensor> {
+        self.enabled.then(|| self.scale.shallow_clone())
+    }
+
     /// `loss * scale` (the loss itself when disabled).
     pub fn scale(&self, loss: &Tensor) -> Tensor {
         if self.enabled {

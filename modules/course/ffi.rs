@@ -87,10 +87,25 @@ extern "C" {
         n_params: c_int,
         out: *mut CTensor,
     ) -> *mut c_char;
+
+    // cuda_graph.cu (cuda_graph.cpp without the `cuda` feature)
+    pub fn course_cuda_graph_capture(
+        f: CourseGraphFn,
+        ctx: *mut c_void,
+        drop_ctx: unsafe extern "C" fn(*mut c_void),
+        device: c_int,
+        warmup: c_int,
+        graph_out: *mut *mut c_void,
+    ) -> *mut c_char;
+    pub fn course_cuda_graph_replay(graph: *mut c_void) -> *mut c_char;
+    pub fn course_cuda_graph_free(graph: *mut c_void);
 }
 
 /// `course_fn` in ops.h: a closure called from C++ (see recompute.rs).
 pub type CourseFn = unsafe extern "C" fn(ctx: *mut c_void, input: CTensor, out: *mut CTensor) -> *mut c_char;
+
+/// `course_graph_fn` in ops.h: a closure without arguments called from C++ (see cudagraph.rs).
+pub type CourseGraphFn = unsafe extern "C" fn(ctx: *mut c_void) -> *mut c_char;
 
 /// Turns the C ABI's error convention (NULL = ok, else a malloc'd message) into a `Result`.
 pub(crate) fn check(err: *mut c_char) -> anyhow::Result<()> {
@@ -113,6 +128,20 @@ pub(crate) fn take(p: CTensor) -> Tensor {
     assert!(!p.is_null(), "C ABI returned success with a null tensor");
     // SAFETY: the pointer is a heap `at::Tensor` that nobody else owns; tch frees it on drop.
     unsafe { Tensor::from_ptr(p as *mut torch_sys::C_tensor) }
+}
+
+/// A malloc'd copy of `msg` for a Rust callback to return to C++ as its error.
+pub(crate) fn c_error(msg: &str) -> *mut c_char {
+    // SAFETY: a live byte slice; the C side copies it into a malloc'd string.
+    unsafe { course_error_new(msg.as_ptr() as *const c_char, msg.len()) }
+}
+
+/// The message of a caught panic (callbacks from C++ must not unwind into it).
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-string payload".into())
 }
 
 /// A static C string from the shim.

@@ -22,8 +22,12 @@
 //! - [`bert`]: a BERT encoder with Hugging Face names (MiniLM), sentence embeddings, classifier.
 //! - [`text`], [`tokenize`]: BBC News and SpamAssassin with fixed stratified splits; tokenizers.
 //! - [`benchkit`]: the Python-twin harness of the benchmarks.
+//! - [`gpt`]: the decoder-only GPT (nanoGPT's names), presets, seeded sampling.
+//! - [`lmdata`], [`lmtrain`]: memory-mapped token files and the LM training loop (m04-m06).
+//! - [`amp`]: precisions, autocast per precision, and the GradScaler.
 //! - [`profile`]: torch's profiler (Chrome traces, named ranges) and a per-op self-time table.
 //! - [`recompute`]: gradient checkpointing (activation recomputation) of a closure.
+//! - [`cudagraph`]: CUDA graph capture and replay of a closure.
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod amp;
@@ -34,6 +38,7 @@ pub mod catalog;
 pub mod charts;
 pub mod checkpoint;
 pub mod classify;
+pub mod cudagraph;
 pub mod data;
 pub mod device;
 mod ffi;

@@ -11,6 +11,7 @@
 
 use crate::amp::{GradScaler, Precision, ScalerConfig};
 use crate::checkpoint::{self, TrainingState};
+use crate::cudagraph::CudaGraph;
 use crate::lmdata::sample_batch;
 use crate::optim::{decay_groups, AdamW, Optimizer};
 use crate::rng::Rng;
@@ -66,6 +67,11 @@ pub struct LmTrainConfig {
     pub max_time: Option<f64>,
     /// Seed of the batch sampler.
     pub seed: u64,
+    /// Capture a micro-batch's forward and backward as a CUDA graph once, then replay it for
+    /// every micro-batch (CUDA only; see [`crate::cudagraph`]). Configs saved before this field
+    /// existed read as false.
+    #[serde(default)]
+    pub cuda_graph: bool,
 }
 
 impl LmTrainConfig {
@@ -293,6 +299,76 @@ fn memory_now(device: Device) -> u64 {
     }
 }
 
+/// Zeroes every defined gradient in place (`zero_grad(set_to_none=False)`): a captured CUDA
+/// graph adds into the gradients' memory, so they must stay where they are.
+fn zero_grads_in_place(params: &[(String, Tensor)]) {
+    let _g = tch::no_grad_guard();
+    for (_, p) in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+}
+
+/// `--cuda-graph`: one micro-batch (forward under autocast, loss / grad_accum, scaled backward)
+/// captured as a CUDA graph. Each micro-batch is copied into the static `x`/`y` and the graph
+/// replayed; it adds its gradients into the existing `.grad` tensors and writes its loss into
+/// `loss`. Unscaling, clipping, the checks and the optimizer step stay eager.
+struct GraphedMicroBatch<'a> {
+    x: Tensor,
+    y: Tensor,
+    loss: Tensor,
+    graph: CudaGraph<'a>,
+}
+
+impl<'a> GraphedMicroBatch<'a> {
+    /// Warm-up runs before the capture, as `torch.cuda.make_graphed_callables` does (3).
+    const WARMUP: usize = 3;
+
+    /// `scale`: the GradScaler's own tensor ([`GradScaler::scale_tensor`]), so replays see its
+    /// in-place updates.
+    fn capture<M: LanguageModel + ?Sized>(
+        model: &'a M,
+        cfg: &'a LmTrainConfig,
+        scale: Option<Tensor>,
+        device: Device,
+    ) -> Result<Self> {
+        // Token 0 exists in every vocabulary: the warm-up and capture runs read valid ids.
+        let x = Tensor::zeros([cfg.batch_size, cfg.block_size], (Kind::Int64, device)); // (B, T)
+        let y = Tensor::zeros([cfg.batch_size, cfg.block_size], (Kind::Int64, device)); // (B, T)
+        let loss = Tensor::zeros([], (Kind::Double, device));
+        let (gx, gy, mut gloss) = (x.shallow_clone(), y.shallow_clone(), loss.shallow_clone());
+        let micro_batch = move || -> Result<()> {
+            let l = {
+                let _ac = cfg.precision.autocast(device)?;
+                model.loss(&gx, &gy, true, cfg.fused_loss) / cfg.grad_accum as f64
+            };
+            // GradScaler::scale, on the scaler's tensor rather than through the scaler, which
+            // the loop keeps updating.
+            let scaled = match &scale {
+                Some(s) => &l * s.to_kind(l.kind()).squeeze(),
+                None => l.shallow_clone(),
+            };
+            scaled.f_backward()?;
+            gloss.f_copy_(&l.detach())?;
+            Ok(())
+        };
+        let graph = CudaGraph::capture_on(device, micro_batch, Self::WARMUP)
+            .context("capturing a training micro-batch as a CUDA graph")?;
+        Ok(Self { x, y, loss, graph })
+    }
+
+    /// One micro-batch on `(x, y)`: its loss (divided by grad_accum, fp64, on the device), to be
+    /// consumed by ops queued before the next replay overwrites it.
+    fn run(&mut self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.x.f_copy_(x)?;
+        self.y.f_copy_(y)?;
+        self.graph.replay()?;
+        Ok(self.loss.shallow_clone())
+    }
+}
+
 /// Trains `model` (variables in `vs`) on `data` with `cfg`.
 pub fn train<M: LanguageModel + ?Sized>(
     vs: &VarStore,
@@ -304,6 +380,17 @@ pub fn train<M: LanguageModel + ?Sized>(
 ) -> Result<LmOutcome> {
     cfg.check()?;
     let device = vs.device();
+    if cfg.cuda_graph {
+        if !device.is_cuda() {
+            bail!("CUDA graphs need a CUDA device (--device cuda)");
+        }
+        if !crate::CUDA_KERNELS {
+            bail!("CUDA graphs need a build with --features cuda");
+        }
+        if cfg.fused_loss {
+            bail!("--cuda-graph cannot capture --fused-loss: its CUDA forward copies a target check back to the host, a sync that capture forbids");
+        }
+    }
     let main = hooks.is_main();
     let (params, groups) = decay_groups(vs, cfg.weight_decay);
     let named: Vec<(String, Tensor)> = params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
@@ -371,6 +458,10 @@ pub fn train<M: LanguageModel + ?Sized>(
     let run_start_tokens = p.tokens;
     let mut stopped_by_time = false;
     let mut last_loss = f64::NAN;
+    // --cuda-graph: the first step of this process runs eagerly (it allocates every .grad), the
+    // next one captures, all later micro-batches replay.
+    let first_step = p.step;
+    let mut graphed: Option<GraphedMicroBatch> = None;
     while p.step < end {
         let step = p.step;
         if let Some(limit) = cfg.max_time {
@@ -385,10 +476,12 @@ pub fn train<M: LanguageModel + ?Sized>(
                 tb.add_scalar("eval/train_loss", e.train_loss, step as i64)?;
                 tb.add_scalar("eval/val_loss", e.val_loss, step as i64)?;
             }
-            bar.println(format!(
-                "{} step {step}: train loss {:.4}, val loss {:.4}",
-                opts.name, e.train_loss, e.val_loss
-            ));
+            if main {
+                say(
+                    &bar,
+                    format!("{} step {step}: train loss {:.4}, val loss {:.4}", opts.name, e.train_loss, e.val_loss),
+                );
+            }
             p.evals.push(e);
         }
         hooks.around_step(step, true)?;
@@ -396,8 +489,20 @@ pub fn train<M: LanguageModel + ?Sized>(
         let lr = schedule.lr(cfg.lr, step);
         opt.set_lr(lr);
         let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+        if cfg.cuda_graph {
+            zero_grads_in_place(&named);
+            if graphed.is_none() && step > first_step {
+                graphed = Some(GraphedMicroBatch::capture(model, cfg, scaler.scale_tensor(), device)?);
+                // The warm-up and capture runs added gradients of their own.
+                zero_grads_in_place(&named);
+            }
+        }
         for _ in 0..cfg.grad_accum {
             let (x, y) = sample_batch(data.train, cfg.batch_size, cfg.block_size, &mut rng, device)?;
+            if let Some(g) = graphed.as_mut() {
+                loss_sum += g.run(&x, &y)?;
+                continue;
+            }
             let loss = {
                 let _ac = cfg.precision.autocast(device)?;
                 model.loss(&x, &y, true, cfg.fused_loss) / cfg.grad_accum as f64
@@ -437,7 +542,7 @@ pub fn train<M: LanguageModel + ?Sized>(
                     bail!("non-finite values at {detail} (lr {lr:.3e}); lower --lr, keep --grad-clip, or pass --on-nonfinite skip");
                 }
                 OnNonFinite::Skip => {
-                    bar.println(format!("skipping the update of {detail}"));
+                    say(&bar, format!("skipping the update of {detail}"));
                     if scaler.enabled() {
                         scaler.update()?;
                     }
@@ -448,7 +553,10 @@ pub fn train<M: LanguageModel + ?Sized>(
             opt.step()?;
             scaler.update()?;
         }
-        opt.zero_grad();
+        if !cfg.cuda_graph {
+            // (With --cuda-graph the next step zeroes the gradients in place instead.)
+            opt.zero_grad();
+        }
         last_loss = loss;
         let dt = t0.elapsed().as_secs_f64();
         hooks.around_step(step, false)?;
@@ -523,6 +631,15 @@ fn save(vs: &VarStore, opt: &AdamW, p: &Progress, cfg: &LmTrainConfig, opts: &Tr
         state: serde_json::json!({"progress": p, "model": opts.model_config, "train": cfg}),
     };
     checkpoint::save_last(&opts.dir, vs, &state)
+}
+
+/// Prints above the progress bar, or plainly when the bar is hidden (`--quiet`, no terminal).
+fn say(bar: &indicatif::ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 /// Where [`train`] wrote the last checkpoint.

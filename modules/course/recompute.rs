@@ -35,7 +35,6 @@
 
 use crate::ffi;
 use anyhow::{Context, Result};
-use std::any::Any;
 use std::ffi::{c_char, c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::thread::{self, ThreadId};
@@ -54,18 +53,6 @@ struct Ctx {
 fn current_thread() -> Option<ThreadId> {
     // thread::current() can panic while a thread's locals are being torn down.
     catch_unwind(|| thread::current().id()).ok()
-}
-
-fn c_error(msg: &str) -> *mut c_char {
-    // SAFETY: a live byte slice; the C side copies it into a malloc'd string.
-    unsafe { ffi::course_error_new(msg.as_ptr() as *const c_char, msg.len()) }
-}
-
-fn panic_message(p: &(dyn Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic with a non-string payload".into())
 }
 
 /// `course_fn`: runs the closure on `input` (owned here) and hands the result's ownership to
@@ -94,8 +81,8 @@ unsafe extern "C" fn call_block(ctx: *mut c_void, input: ffi::CTensor, out: *mut
             unsafe { *out = p };
             std::ptr::null_mut()
         }
-        Ok(Err(msg)) => c_error(&msg),
-        Err(p) => c_error(&format!("the block panicked: {}", panic_message(p.as_ref()))),
+        Ok(Err(msg)) => ffi::c_error(&msg),
+        Err(p) => ffi::c_error(&format!("the block panicked: {}", ffi::panic_message(p.as_ref()))),
     }
 }
 

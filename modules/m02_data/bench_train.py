@@ -3,7 +3,6 @@ and a torch DataLoader doing the same per-example work (bytes -> normalised floa
 Driven by bench.rs over stdin/stdout (one request line in, one JSON line {"what", "samples_per_s"} out),
 so that the two sides take turns and this shared machine's drift hits both alike.
 Run by hand: echo "train_cnn 30" | .venv/bin/python modules/m02_data/bench_train.py"""
-import argparse
 import json
 import pathlib
 import sys
@@ -75,15 +74,7 @@ def loader_speed(workers, batches):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--retain-freed-memory", action="store_true",
-                    help="glibc mallopt: no mmap, no trim (what the Rust side's runtime does)")
-    a = ap.parse_args()  # then requests on stdin: "train_mlp STEPS", "train_cnn STEPS", "loader_workersN BATCHES"
-    if a.retain_freed_memory:
-        pytwin.retain_freed_memory()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = pytwin.setup()  # then requests on stdin: "train_mlp STEPS", "train_cnn STEPS", "loader_workersN BATCHES"
     trainers = {}
     for line in sys.stdin:
         what, n = line.split()

@@ -5,7 +5,6 @@ no_grad. Fine-tuning step: BertModel + dropout + linear head on mean pooling, Ad
 Driven by bench.rs over stdin/stdout: request lines "forward N" / "train N" (N iterations), one
 JSON line {"what", "per_s"} back (sentences per second).
 Run by hand: echo "forward 3" | .venv/bin/python modules/m03_transformer/bench_minilm.py"""
-import argparse
 import json
 import pathlib
 import sys
@@ -33,14 +32,7 @@ class Head(torch.nn.Module):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--retain-freed-memory", action="store_true")
-    a = ap.parse_args()
-    if a.retain_freed_memory:
-        pytwin.retain_freed_memory()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = pytwin.setup()
     torch.manual_seed(0)
     # transformers' default attention for BERT is torch's scaled_dot_product_attention, the same
     # fused kernel the Rust side calls.

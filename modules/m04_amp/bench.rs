@@ -74,11 +74,15 @@ fn main() -> Result<()> {
         0,
     )?;
     let cfg = Preset::Cpu.config(data.meta.vocab_size);
-    let batch = 12;
+    let batch = 16;
     let init = format!("{} {} {} {} {batch}", cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size);
     println!(
         "GPT {} layers x {} wide, {} heads, {}-token context, batch {batch}; glibc {} on every side\n",
-        cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.block_size, b.allocator_note()
+        cfg.n_layer,
+        cfg.n_embd,
+        cfg.n_head,
+        cfg.block_size,
+        b.allocator_note()
     );
     let script = "modules/m04_amp/bench_gpt.py";
     let mut eager = PyTwin::start(script, threads, !b.release, "value")?;
@@ -94,7 +98,16 @@ fn main() -> Result<()> {
         let (params, groups) = decay_groups(&vs, 0.1);
         let named = params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
         let opt = AdamW::new(params, groups, 1e-3, (0.9, 0.99), 1e-8)?;
-        let mut ours = Ours { model, opt, named, train: data.train.shallow_clone(), val: data.val.shallow_clone(), rng: Rng::new(0), batch, _vs: vs };
+        let mut ours = Ours {
+            model,
+            opt,
+            named,
+            train: data.train.shallow_clone(),
+            val: data.val.shallow_clone(),
+            rng: Rng::new(0),
+            batch,
+            _vs: vs,
+        };
         if p == Precision::Bf16 {
             // Fresh Python models too, so all three sides count steps from the same start.
             eager.ask(&format!("init eager {init}"))?;

@@ -9,7 +9,6 @@ Driven by bench.rs over stdin/stdout, one JSON line {"what", "value"} per reques
   eval                                                value = mean val loss over 20 fixed batches
 Run by hand: printf 'init eager 4 4 128 64 12\ntrain fp32 5\neval\n' | .venv/bin/python modules/m04_amp/bench_gpt.py
 """
-import argparse
 import json
 import math
 import pathlib
@@ -72,7 +71,7 @@ class GPT(nn.Module):
         for b in self.h:
             x = b(x)
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def batch(data, n, block, rng):
@@ -82,14 +81,7 @@ def batch(data, n, block, rng):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--retain-freed-memory", action="store_true")
-    a = ap.parse_args()
-    if a.retain_freed_memory:
-        pytwin.retain_freed_memory()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    a = pytwin.setup()
     meta = json.loads((DATA / "meta.json").read_text())
     train = np.memmap(DATA / "train.bin", dtype=np.int16, mode="r")
     val = np.memmap(DATA / "val.bin", dtype=np.int16, mode="r")

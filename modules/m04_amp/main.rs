@@ -27,8 +27,11 @@ use tch::nn::VarStore;
 /// trace (trace.json) and top_ops.txt; with --compare, compare/ with one folder per precision,
 /// tokens_per_s.png, peak_memory.png, val_loss.png, loss_curves.png and compare.md.
 #[derive(Parser, Debug, Serialize, Clone)]
-#[command(version, about, long_about, after_long_help = LESSON)]
+#[command(version, about, long_about, after_long_help = LESSON, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    #[serde(skip)]
+    command: Option<Command>,
     #[command(flatten)]
     common: CommonArgs,
     /// Forward-pass precision: fp32, bf16 (autocast; no scaler needed) or fp16 (autocast +
@@ -39,7 +42,7 @@ struct Args {
     /// compare them in a table and charts
     #[arg(long)]
     compare: Option<String>,
-    /// Model size: tiny (tests), cpu (4 layers x 128 wide, 64-token context; the default) or
+    /// Model size: tiny (tests), cpu (4 layers x 256 wide, 64-token context; the default) or
     /// gpt2 (124M, for GPUs)
     #[arg(long, value_enum)]
     preset: Option<Preset>,
@@ -49,11 +52,11 @@ struct Args {
     /// Vocabulary size of the BPE tokenizer
     #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(300..=65_536))]
     bpe_vocab: usize,
-    /// Optimizer steps (default: 2000; 40 with --quick)
+    /// Optimizer steps (default: 2500; 40 with --quick)
     #[arg(long)]
     steps: Option<usize>,
     /// Blocks per micro-batch
-    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(i64).range(1..=4096))]
     batch_size: i64,
     /// Micro-batches per optimizer step (gradient accumulation): the step sees
     /// batch-size x grad-accum blocks
@@ -123,6 +126,10 @@ struct Args {
     /// Recompute each block's activations in backward (gradient checkpointing)
     #[arg(long)]
     checkpoint_activations: bool,
+    /// Capture forward+backward of a training step as a CUDA graph and replay it (CUDA only; the
+    /// stand-in for torch.compile's reduce-overhead mode)
+    #[arg(long)]
+    cuda_graph: bool,
     /// Profile N training steps (after 5 warm-up steps): a Chrome trace and a top-ops table
     #[arg(long)]
     profile: Option<usize>,
@@ -135,18 +142,79 @@ struct Args {
     /// Tokens per sample
     #[arg(long, default_value_t = 400)]
     sample_tokens: usize,
+    #[command(flatten)]
+    sampling: SampleArgs,
+    /// (internal) run as one leg of --compare, writing into compare/<precision>/
+    #[arg(long, hide = true)]
+    compare_leg: bool,
+}
+
+/// How generated text is sampled.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+struct SampleArgs {
     /// Sampling temperature (0: greedy)
     #[arg(long, default_value_t = 0.8)]
     temperature: f64,
-    /// Sample only from the k most likely tokens
+    /// Sample only from the k most likely tokens (0: all)
     #[arg(long, default_value_t = 200)]
     top_k: usize,
     /// Nucleus sampling: the smallest set of tokens whose probability reaches p
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
-    /// (internal) run as one leg of --compare, writing into compare/<precision>/
-    #[arg(long, hide = true)]
-    compare_leg: bool,
+}
+
+impl SampleArgs {
+    fn sampling(&self) -> Sampling {
+        Sampling { temperature: self.temperature, top_k: (self.top_k > 0).then_some(self.top_k), top_p: self.top_p }
+    }
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+enum Command {
+    /// Generate text from a saved model directory (config.json + model.safetensors + vocab.json
+    /// or tokenizer.json), e.g. outputs/m04_amp/run/best
+    Sample {
+        /// The model directory
+        #[arg(long, default_value = "outputs/m04_amp/run/best")]
+        model: PathBuf,
+        /// Text to continue
+        #[arg(long, default_value = "\n")]
+        prompt: String,
+        /// Tokens to generate
+        #[arg(long, default_value_t = 300)]
+        tokens: usize,
+        #[command(flatten)]
+        sampling: SampleArgs,
+        /// Seed of the sampler
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Where to run: cpu, cuda or cuda:N (default: auto)
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+}
+
+/// Rebuilds a model from a directory written by a run and continues `prompt`.
+fn sample_from_dir(cmd: &Command) -> Result<()> {
+    let Command::Sample { model, prompt, tokens, sampling, seed, device } = cmd;
+    let device = device.parse::<course::DeviceChoice>().map_err(|e| anyhow::anyhow!("--device: {e}"))?.resolve()?;
+    let cfg = course::gpt::GptConfig::from_file(&model.join("config.json"))?;
+    let tok = lmdata::LmTokenizer::load_from(model)?;
+    if tok.vocab_size() != cfg.vocab_size {
+        bail!(
+            "{}: the vocabulary has {} tokens but config.json says {}",
+            model.display(),
+            tok.vocab_size(),
+            cfg.vocab_size
+        );
+    }
+    let vs = VarStore::new(device);
+    let gpt = Gpt::new(&vs.root(), &cfg)?;
+    course::checkpoint::load_into(&vs, &model.join("model.safetensors"))?;
+    let ids = tok.encode(prompt).with_context(|| format!("--prompt {prompt:?}"))?;
+    let out = gpt.generate(&ids, *tokens, &sampling.sampling(), &mut Rng::new(*seed))?;
+    println!("{}", tok.decode(&out));
+    Ok(())
 }
 
 const LESSON: &str = "\
@@ -163,7 +231,8 @@ What happens, in order (notes/m04_amp.md has the lesson):
 
 Try: m04_amp --compare fp32,bf16
      m04_amp --precision bf16 --fused-gelu --fused-loss --profile 10
-     m04_amp --quick --inject-nan 3              (watch the check name the parameter)";
+     m04_amp --quick --inject-nan 3              (watch the check name the parameter)
+     m04_amp sample --prompt 'ROMEO.' --temperature 0.6";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Leg {
@@ -187,7 +256,7 @@ fn preset(args: &Args) -> Preset {
 
 fn train_config(args: &Args, block_size: i64) -> LmTrainConfig {
     let quick = args.common.quick;
-    let steps = args.steps.unwrap_or(if quick { 40 } else { 2000 });
+    let steps = args.steps.unwrap_or(if quick { 40 } else { 2500 });
     LmTrainConfig {
         steps,
         batch_size: args.batch_size,
@@ -209,6 +278,7 @@ fn train_config(args: &Args, block_size: i64) -> LmTrainConfig {
         fused_loss: args.fused_loss,
         max_time: args.max_time,
         seed: args.common.seed,
+        cuda_graph: args.cuda_graph,
     }
 }
 
@@ -245,7 +315,12 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
     let data = load_data(args)?;
     let mut cfg = preset(args).config(data.meta.vocab_size);
     cfg.attention = args.attention;
-    for (v, field) in [(args.block_size, &mut cfg.block_size), (args.n_layer, &mut cfg.n_layer), (args.n_head, &mut cfg.n_head), (args.n_embd, &mut cfg.n_embd)] {
+    for (v, field) in [
+        (args.block_size, &mut cfg.block_size),
+        (args.n_layer, &mut cfg.n_layer),
+        (args.n_head, &mut cfg.n_head),
+        (args.n_embd, &mut cfg.n_embd),
+    ] {
         if let Some(v) = v {
             *field = v;
         }
@@ -275,6 +350,9 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
     );
     if run.device.is_cuda() == false && tc.precision == Precision::Fp16 && !cpu_has_fp16() {
         println!("note: this CPU has no native fp16 arithmetic (no AVX512-FP16/AMX-FP16): libtorch emulates fp16 matmuls at well under 1 GFLOP/s, hundreds of times slower than bf16. fp16 is a GPU format; on CPUs use bf16");
+    }
+    if args.cuda_graph && args.checkpoint_activations {
+        bail!("--cuda-graph cannot capture --checkpoint-activations: the recompute saves the CUDA generator's state, which capture forbids");
     }
     let vs = VarStore::new(run.device);
     let mut model = Gpt::new(&vs.root(), &cfg)?;
@@ -360,7 +438,7 @@ fn cpu_has_fp16() -> bool {
 }
 
 fn write_samples(run: &mut Run, args: &Args, model: &Gpt, data: &TokenData) -> Result<()> {
-    let s = Sampling { temperature: args.temperature, top_k: Some(args.top_k), top_p: args.top_p };
+    let s = args.sampling.sampling();
     let mut rng = Rng::new(args.common.seed ^ 0x5a3b1e);
     let prompts = ["\n", "ROMEO.\n", "To be, or not to be"];
     let mut out = String::new();
@@ -375,7 +453,7 @@ fn write_samples(run: &mut Run, args: &Args, model: &Gpt, data: &TokenData) -> R
             i + 1,
             prompt,
             s.temperature,
-            args.top_k,
+            s.top_k.map_or("all".to_string(), |k| k.to_string()),
             s.top_p,
             text
         ));
@@ -546,6 +624,9 @@ fn strip_flag(args: &mut Vec<String>, flag: &str, takes_value: bool) {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(cmd) = &args.command {
+        return sample_from_dir(cmd);
+    }
     ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be a finite number > 0");
     ensure!(args.dropout.is_none_or(|d| (0.0..1.0).contains(&d)), "--dropout must be in [0, 1)");
     ensure!(args.steps != Some(0), "--steps must be at least 1");
