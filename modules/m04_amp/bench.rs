@@ -90,7 +90,6 @@ fn main() -> Result<()> {
     eager.ask(&format!("init eager {init}"))?;
     compiled.ask(&format!("init compile {init}"))?;
     println!("{}", benchkit::header_for("tokens/s", rounds, "eager", "compile"));
-    let mut done = 0;
     for p in [Precision::Fp32, Precision::Bf16] {
         tch::manual_seed(0);
         let vs = VarStore::new(Device::Cpu);
@@ -127,7 +126,7 @@ fn main() -> Result<()> {
             _ => compiled.ask(&req),
         })?;
         println!("{}", benchkit::row(&format!("train step, {}", p.name()), &v));
-        done = 3 + rounds * steps;
+        let done = 3 + rounds * steps;
         println!(
             "  val loss after {done} steps: ours {:.4}, eager {:.4}, compile {:.4} (compiling took {compile_s:.0} s)",
             ours.eval()?,
@@ -135,7 +134,6 @@ fn main() -> Result<()> {
             compiled.ask("eval")?
         );
     }
-    let _ = done;
     println!("\nratio = ours / PyTorch (median of the per-round ratios): above 1 means faster.");
     Ok(())
 }

@@ -348,7 +348,7 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
         tc.precision.name(),
         tc.tokens_per_step()
     );
-    if run.device.is_cuda() == false && tc.precision == Precision::Fp16 && !cpu_has_fp16() {
+    if !run.device.is_cuda() && tc.precision == Precision::Fp16 && !cpu_has_fp16() {
         println!("note: this CPU has no native fp16 arithmetic (no AVX512-FP16/AMX-FP16): libtorch emulates fp16 matmuls at well under 1 GFLOP/s, hundreds of times slower than bf16. fp16 is a GPU format; on CPUs use bf16");
     }
     if args.cuda_graph && args.checkpoint_activations {
@@ -467,7 +467,7 @@ fn write_samples(run: &mut Run, args: &Args, model: &Gpt, data: &TokenData) -> R
 
 fn loss_chart(run: &mut Run, legs: &[Leg], file: &str, title: &str) -> Result<()> {
     let mut chart = LineChart::new(title, "step", "cross-entropy (nats/token)");
-    for (i, l) in legs.iter().enumerate() {
+    for l in legs {
         let name = if legs.len() > 1 { format!("{} ", l.precision.name()) } else { String::new() };
         // The per-step training loss is noisy; a 20-step moving mean reads better.
         let smooth: Vec<(f64, f64)> = l
@@ -485,7 +485,6 @@ fn loss_chart(run: &mut Run, legs: &[Leg], file: &str, title: &str) -> Result<()
             &format!("{name}validation"),
             l.evals.iter().map(|&(s, _, v)| (s as f64, v)).collect(),
         ));
-        let _ = i;
     }
     let p = run.path(file);
     chart.save(&p)?;
