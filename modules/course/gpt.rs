@@ -110,6 +110,12 @@ impl GptConfig {
         v * c + t * c + l * block + ln
     }
 
+    /// GPT-2's init std of the projections that write into the residual stream: each block adds
+    /// two of them, so 0.02 shrinks by √(2·n_layer) to keep the residual's variance flat in depth.
+    pub fn residual_std(&self) -> f64 {
+        0.02 / ((2 * self.n_layer) as f64).sqrt()
+    }
+
     /// Training FLOPs per token, forward and backward (6 per parameter, plus attention's
     /// `6·L·T·C` for `q kᵀ` and `att v`: PaLM, Chowdhery et al. 2022, appendix B).
     pub fn flops_per_token(&self) -> f64 {
@@ -173,10 +179,9 @@ pub struct CausalSelfAttention {
 
 impl CausalSelfAttention {
     fn new(vs: &nn::Path, c: &GptConfig) -> Self {
-        let proj_std = 0.02 / ((2 * c.n_layer) as f64).sqrt();
         Self {
             c_attn: linear(vs / "c_attn", c.n_embd, 3 * c.n_embd, c.bias, 0.02),
-            c_proj: linear(vs / "c_proj", c.n_embd, c.n_embd, c.bias, proj_std),
+            c_proj: linear(vs / "c_proj", c.n_embd, c.n_embd, c.bias, c.residual_std()),
             n_head: c.n_head,
             dropout: c.dropout,
             imp: c.attention,
@@ -216,10 +221,9 @@ pub struct Mlp {
 
 impl Mlp {
     fn new(vs: &nn::Path, c: &GptConfig) -> Self {
-        let proj_std = 0.02 / ((2 * c.n_layer) as f64).sqrt();
         Self {
             c_fc: linear(vs / "c_fc", c.n_embd, 4 * c.n_embd, c.bias, 0.02),
-            c_proj: linear(vs / "c_proj", 4 * c.n_embd, c.n_embd, c.bias, proj_std),
+            c_proj: linear(vs / "c_proj", 4 * c.n_embd, c.n_embd, c.bias, c.residual_std()),
             dropout: c.dropout,
         }
     }
@@ -229,9 +233,15 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, train: bool, k: Kernels) -> Tensor {
         let h = match (&self.c_fc.bs, k.fused_bias_gelu) {
             (Some(b), true) => {
-                let h = x.matmul(&self.c_fc.ws.tr()); // (B, T, 4C), in the autocast dtype if any
-                                                      // The fused kernel takes one dtype; under autocast the bias follows the matmul.
-                crate::ops::bias_gelu(&h, &b.to_kind(h.kind())).unwrap_or_else(|_| (h + b).gelu("tanh"))
+                // (B, T, 4C), in the autocast dtype if any; the kernel takes one dtype, so the
+                // bias follows the matmul's.
+                let h = x.matmul(&self.c_fc.ws.tr());
+                match h.kind() {
+                    // The kernel has no fp16 path (fp16 autocast): the unfused pair.
+                    Kind::Half => (&h + b.to_kind(Kind::Half)).gelu("tanh"),
+                    // Shapes and dtypes are right by construction: an error here is a bug.
+                    _ => crate::ops::bias_gelu(&h, &b.to_kind(h.kind())).expect("fused bias + GELU"),
+                }
             }
             _ => self.c_fc.forward(x).gelu("tanh"),
         };
@@ -358,11 +368,9 @@ impl Gpt {
         let v = self.cfg.vocab_size;
         let (flat, y) = (logits.view([-1, v]), targets.reshape([-1]));
         if fused {
-            // The kernel takes fp32/bf16/f64 logits (fp32 accumulation) and returns an fp32 loss;
-            // anything it refuses (fp16 logits) falls back to the unfused pair.
-            if let Ok(l) = crate::ops::cross_entropy(&flat, &y) {
-                return l;
-            }
+            // fp32/bf16/fp16/f64 logits, fp32 accumulation, an fp32 (f64) loss. Like tch's own ops
+            // in a forward pass, a failure (a target out of range) panics with the kernel's message.
+            return crate::ops::cross_entropy(&flat, &y).unwrap_or_else(|e| panic!("fused cross-entropy: {e:#}"));
         }
         // Under autocast the logits are bf16/fp16; the softmax and the mean run in fp32.
         match flat.kind() {

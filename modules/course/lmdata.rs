@@ -31,9 +31,8 @@ pub struct CharVocab {
 
 impl CharVocab {
     pub fn of(text: &str) -> Self {
-        let mut chars: Vec<char> = text.chars().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        chars.sort_unstable();
-        Self { chars }
+        // A BTreeSet iterates in order: the vocabulary comes out sorted.
+        Self { chars: text.chars().collect::<std::collections::BTreeSet<_>>().into_iter().collect() }
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {

@@ -20,7 +20,7 @@ use crate::sched::Schedule;
 use crate::tensorboard::SummaryWriter;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -640,9 +640,4 @@ fn say(bar: &indicatif::ProgressBar, line: String) {
     } else {
         bar.println(line);
     }
-}
-
-/// Where [`train`] wrote the last checkpoint.
-pub fn last_dir(dir: &Path) -> PathBuf {
-    dir.join("last")
 }

@@ -31,6 +31,7 @@ const INTERESTING: &[&str] = &[
     "avx512_vnni",
     "avx512_bf16",
     "avx512_fp16",
+    "amx_fp16",
     "amx_bf16",
     "amx_int8",
     "asimd",
@@ -51,6 +52,13 @@ fn cpuinfo() -> (String, Vec<String>) {
         .unwrap_or_default();
     let feats = INTERESTING.iter().filter(|f| flags.contains(f)).map(|s| s.to_string()).collect();
     (model, feats)
+}
+
+/// Whether the CPU does fp16 arithmetic natively (AVX512-FP16 or AMX-FP16). Without it libtorch
+/// emulates fp16 matmuls at well under 1 GFLOP/s.
+pub fn cpu_has_native_fp16() -> bool {
+    let (_, feats) = cpuinfo();
+    feats.iter().any(|f| f == "avx512_fp16" || f == "amx_fp16")
 }
 
 fn version_string(v: i64, div: i64) -> String {

@@ -348,7 +348,7 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
         tc.precision.name(),
         tc.tokens_per_step()
     );
-    if !run.device.is_cuda() && tc.precision == Precision::Fp16 && !cpu_has_fp16() {
+    if !run.device.is_cuda() && tc.precision == Precision::Fp16 && !course::report::cpu_has_native_fp16() {
         println!("note: this CPU has no native fp16 arithmetic (no AVX512-FP16/AMX-FP16): libtorch emulates fp16 matmuls at well under 1 GFLOP/s, hundreds of times slower than bf16. fp16 is a GPU format; on CPUs use bf16");
     }
     if args.cuda_graph && args.checkpoint_activations {
@@ -429,12 +429,6 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
         evals: p.evals.iter().map(|e| (e.step, e.train_loss, e.val_loss)).collect(),
         losses: p.logs.iter().map(|l| (l.step, l.loss)).collect(),
     })
-}
-
-fn cpu_has_fp16() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|s| s.contains("avx512_fp16") || s.contains("amx_fp16"))
-        .unwrap_or(false)
 }
 
 fn write_samples(run: &mut Run, args: &Args, model: &Gpt, data: &TokenData) -> Result<()> {
@@ -538,7 +532,7 @@ fn compare(args: &Args, list: &str) -> Result<()> {
         strip_flag(&mut leg_args, "--compare", true);
         strip_flag(&mut leg_args, "--precision", true);
         cmd.args(&leg_args).args(["--precision", p.name(), "--compare-leg", "--samples", "0"]);
-        let slow = !run.device.is_cuda() && p == Precision::Fp16 && !cpu_has_fp16();
+        let slow = !run.device.is_cuda() && p == Precision::Fp16 && !course::report::cpu_has_native_fp16();
         if slow && args.max_time.is_none() {
             println!("fp16 on this CPU is emulated (no native fp16 arithmetic): its run is capped at {} s (--slow-fp16-budget)", args.slow_fp16_budget);
             cmd.args(["--max-time", &args.slow_fp16_budget.to_string()]);
