@@ -48,11 +48,16 @@ const CPP_SOURCES: &[&str] = &[
     "kernels/softmax_ce.cpp",
     "kernels/cuda_graph.cpp",
 ];
+/// c10d (torch.distributed's engine) sources: compiled with -DUSE_C10D_GLOO and the gloo
+/// declaration stand-in in kernels/gloo_stub (the wheel ships no gloo headers).
+const C10D_SOURCES: &[&str] = &["kernels/c10d.cpp", "kernels/sync_batch_norm.cpp"];
+/// ProcessGroupNCCL (feature `cuda`): needs the CUDA runtime and NCCL headers from the wheel.
+const NCCL_SOURCES: &[&str] = &["kernels/c10d_nccl.cpp"];
 /// Sources compiled once per CPU_VARIANTS entry.
 const CPU_KERNEL_SOURCES: &[&str] = &["kernels/bias_gelu_cpu.cpp", "kernels/softmax_ce_cpu.cpp"];
 /// CUDA sources (feature `cuda`).
 const CUDA_SOURCES: &[&str] = &["kernels/bias_gelu.cu", "kernels/softmax_ce.cu", "kernels/cuda_graph.cu"];
-const HEADERS: &[&str] = &["kernels/ops.h", "kernels/dispatch.h"];
+const HEADERS: &[&str] = &["kernels/ops.h", "kernels/dispatch.h", "kernels/c10d.h", "kernels/gloo_stub/gloo/decls.h"];
 
 fn main() {
     if let Err(e) = run() {
@@ -64,7 +69,14 @@ fn main() {
 
 fn run() -> Result<(), String> {
     println!("cargo:rerun-if-changed=build.rs");
-    for f in CPP_SOURCES.iter().chain(CPU_KERNEL_SOURCES).chain(CUDA_SOURCES).chain(HEADERS) {
+    for f in CPP_SOURCES
+        .iter()
+        .chain(C10D_SOURCES)
+        .chain(NCCL_SOURCES)
+        .chain(CPU_KERNEL_SOURCES)
+        .chain(CUDA_SOURCES)
+        .chain(HEADERS)
+    {
         println!("cargo:rerun-if-changed={f}");
     }
     println!("cargo:rerun-if-env-changed=LIBTORCH");
@@ -106,6 +118,20 @@ fn run() -> Result<(), String> {
         b.define("COURSE_CUDA", None);
     }
     b.files(CPP_SOURCES).compile("course_ops");
+
+    // 1b. c10d: stores, process groups, collectives, synchronised batch norm.
+    let mut b = base("DEFAULT");
+    b.define("USE_C10D_GLOO", None).include("kernels/gloo_stub");
+    if cfg!(feature = "cuda") {
+        let site = libtorch.canonicalize().map_err(|e| e.to_string())?;
+        let site = site.parent().ok_or("bad libtorch path")?;
+        b.define("COURSE_CUDA", None)
+            .define("USE_C10D_NCCL", None)
+            .include(site.join("nvidia/cu13/include"))
+            .include(site.join("nvidia/nccl/include"))
+            .files(NCCL_SOURCES);
+    }
+    b.files(C10D_SOURCES).compile("course_c10d");
 
     // 2. CPU kernels, once per instruction set (only the portable one off x86-64; the dispatch
     // in bias_gelu.cpp references the AVX variants only on x86-64 too).

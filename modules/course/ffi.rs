@@ -99,6 +99,65 @@ extern "C" {
     ) -> *mut c_char;
     pub fn course_cuda_graph_replay(graph: *mut c_void) -> *mut c_char;
     pub fn course_cuda_graph_free(graph: *mut c_void);
+
+    // c10d.cpp: stores, process groups and collectives (see kernels/c10d.cpp).
+    pub fn course_store_tcp(
+        host: *const c_char,
+        port: c_int,
+        world_size: c_int,
+        is_server: c_int,
+        wait_workers: c_int,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    pub fn course_store_port(store: *mut c_void) -> c_int;
+    pub fn course_store_prefix(prefix: *const c_char, base: *mut c_void, out: *mut *mut c_void) -> *mut c_char;
+    pub fn course_store_set(store: *mut c_void, key: *const c_char, data: *const u8, len: usize) -> *mut c_char;
+    pub fn course_store_get(
+        store: *mut c_void,
+        key: *const c_char,
+        timeout_ms: i64,
+        data: *mut *mut u8,
+        len: *mut usize,
+    ) -> *mut c_char;
+    pub fn course_store_add(store: *mut c_void, key: *const c_char, delta: i64, out: *mut i64) -> *mut c_char;
+    pub fn course_store_free(store: *mut c_void);
+    pub fn course_pg_new(
+        store: *mut c_void,
+        rank: c_int,
+        size: c_int,
+        backend: *const c_char,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    pub fn course_pg_free(pg: *mut c_void);
+    pub fn course_pg_allreduce_start(
+        pg: *mut c_void,
+        t: CTensor,
+        average: c_int,
+        timeout_ms: i64,
+        work: *mut *mut c_void,
+    ) -> *mut c_char;
+    pub fn course_work_wait(work: *mut c_void) -> *mut c_char;
+    pub fn course_work_free(work: *mut c_void);
+    pub fn course_pg_allreduce(pg: *mut c_void, t: CTensor, average: c_int, timeout_ms: i64) -> *mut c_char;
+    pub fn course_pg_broadcast(pg: *mut c_void, t: CTensor, root: c_int, timeout_ms: i64) -> *mut c_char;
+    pub fn course_pg_allgather(pg: *mut c_void, t: CTensor, timeout_ms: i64, outs: *mut CTensor) -> *mut c_char;
+    pub fn course_pg_barrier(pg: *mut c_void, timeout_ms: i64) -> *mut c_char;
+
+    // sync_batch_norm.cpp
+    #[allow(clippy::too_many_arguments)]
+    pub fn course_sync_batch_norm(
+        x: CTensor,
+        weight: CTensor,
+        bias: CTensor,
+        running_mean: CTensor,
+        running_var: CTensor,
+        momentum: f64,
+        eps: f64,
+        group: *mut c_void,
+        out: *mut CTensor,
+    ) -> *mut c_char;
 }
 
 /// `course_fn` in ops.h: a closure called from C++ (see recompute.rs).

@@ -28,6 +28,10 @@
 //! - [`profile`]: torch's profiler (Chrome traces, named ranges) and a per-op self-time table.
 //! - [`recompute`]: gradient checkpointing (activation recomputation) of a closure.
 //! - [`cudagraph`]: CUDA graph capture and replay of a closure.
+//! - [`launch`]: torchrun's environment contract (`RANK`, `WORLD_SIZE`, ...) and a multi-process
+//!   launcher (m05).
+//! - [`dist`], [`ddp`]: PyTorch's c10d (TCPStore, Gloo, NCCL, collectives) and data
+//!   parallelism over it (bucketed gradient allreduce, DistributedSampler, SyncBatchNorm).
 //! - [`linreg`], [`repro`]: module m01's regressions and reproducibility probes.
 
 pub mod amp;
@@ -40,12 +44,15 @@ pub mod checkpoint;
 pub mod classify;
 pub mod cudagraph;
 pub mod data;
+pub mod ddp;
 pub mod device;
+pub mod dist;
 mod ffi;
 pub mod fsutil;
 pub mod gallery;
 pub mod gpt;
 pub mod idx;
+pub mod launch;
 pub mod linreg;
 pub mod lmdata;
 pub mod lmtrain;
