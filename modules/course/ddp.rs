@@ -200,6 +200,26 @@ impl Ddp {
     }
 }
 
+/// DDP plugs into both training loops through their hooks: gradients are averaged after
+/// backward, batches and evaluations are sharded by rank, metrics summed, saves fenced.
+impl crate::hooks::Hooks for Ddp {
+    fn after_backward(&mut self, _step: usize, _params: &[(String, Tensor)]) -> Result<()> {
+        self.sync_gradients()
+    }
+    fn is_main(&self) -> bool {
+        self.pg.is_main()
+    }
+    fn shard(&self) -> (usize, usize) {
+        (self.pg.rank(), self.pg.size())
+    }
+    fn reduce_sum(&mut self, values: &[f64]) -> Result<Vec<f64>> {
+        self.pg.allreduce_f64(values, ReduceOp::Sum)
+    }
+    fn barrier(&mut self) -> Result<()> {
+        self.pg.barrier()
+    }
+}
+
 /// Each rank's share of an epoch (torch.utils.data.DistributedSampler): the epoch's order
 /// (shuffled from `(seed, epoch)` or sequential) cut to a multiple of the world size — padded by
 /// repeating its start, or with `drop_last` trimmed — then every `world`-th index from `rank`.
@@ -212,6 +232,9 @@ pub struct DistributedSampler {
     pub world: usize,
     pub shuffle: Option<u64>,
     pub drop_last: bool,
+    /// Neither pad nor drop: shards differ by at most one example. For evaluation, whose sums
+    /// are reduced once at the end, so every example counts exactly once.
+    pub uneven: bool,
 }
 
 impl DistributedSampler {
@@ -219,7 +242,12 @@ impl DistributedSampler {
         if world == 0 || rank >= world {
             bail!("DistributedSampler: rank {rank} must be below the world size {world}");
         }
-        Ok(DistributedSampler { rank, world, shuffle, drop_last })
+        Ok(DistributedSampler { rank, world, shuffle, drop_last, uneven: false })
+    }
+
+    /// In-order shards for evaluation: every example exactly once over all ranks.
+    pub fn for_eval(rank: usize, world: usize) -> Result<Self> {
+        Ok(DistributedSampler { uneven: true, ..Self::new(rank, world, None, false)? })
     }
 
     /// Examples per rank for a data set of `len`.
@@ -238,6 +266,9 @@ impl Sampler for DistributedSampler {
             Some(seed) => RandomSampler { seed }.indices(epoch, len),
             None => (0..len).collect(),
         };
+        if self.uneven {
+            return order.into_iter().skip(self.rank).step_by(self.world).collect();
+        }
         let total = self.per_rank(len) * self.world;
         if order.is_empty() {
             return order;
@@ -267,15 +298,19 @@ pub struct SyncBatchNorm {
 }
 
 impl SyncBatchNorm {
-    /// `channels` features, torch's defaults (momentum 0.1, eps 1e-5, affine, running stats).
+    /// `channels` features with tch's batch-norm defaults (momentum 0.1, eps 1e-5, affine, the
+    /// same initialisation), so a model builds identically with or without a group.
     pub fn new(vs: &nn::Path, channels: i64, group: Option<Arc<ProcessGroup>>) -> Self {
+        let cfg = nn::BatchNormConfig::default();
+        let bn = nn::batch_norm2d(vs, channels, cfg);
+        let (Some(ws), Some(bs)) = (bn.ws, bn.bs) else { unreachable!("affine batch norm has weight and bias") };
         SyncBatchNorm {
-            ws: vs.var("weight", &[channels], nn::Init::Const(1.0)),
-            bs: vs.var("bias", &[channels], nn::Init::Const(0.0)),
-            running_mean: vs.zeros_no_train("running_mean", &[channels]),
-            running_var: vs.ones_no_train("running_var", &[channels]),
-            momentum: 0.1,
-            eps: 1e-5,
+            ws,
+            bs,
+            running_mean: bn.running_mean,
+            running_var: bn.running_var,
+            momentum: cfg.momentum,
+            eps: cfg.eps,
             group,
         }
     }

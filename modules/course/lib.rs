@@ -24,6 +24,7 @@
 //! - [`benchkit`]: the Python-twin harness of the benchmarks.
 //! - [`gpt`]: the decoder-only GPT (nanoGPT's names), presets, seeded sampling.
 //! - [`lmdata`], [`lmtrain`]: memory-mapped token files and the LM training loop (m04-m06).
+//! - [`hooks`]: where DDP and the profiler plug into both training loops.
 //! - [`amp`]: precisions, autocast per precision, and the GradScaler.
 //! - [`profile`]: torch's profiler (Chrome traces, named ranges) and a per-op self-time table.
 //! - [`recompute`]: gradient checkpointing (activation recomputation) of a closure.
@@ -51,6 +52,7 @@ mod ffi;
 pub mod fsutil;
 pub mod gallery;
 pub mod gpt;
+pub mod hooks;
 pub mod idx;
 pub mod launch;
 pub mod linreg;

@@ -116,25 +116,7 @@ impl LanguageModel for crate::gpt::Gpt {
     }
 }
 
-/// Points where callers plug into the loop (m05 all-reduces gradients in `after_backward`).
-pub trait Hooks {
-    /// After the micro-batches' backward passes, before unscaling and clipping.
-    fn after_backward(&mut self, _step: usize, _params: &[(String, Tensor)]) -> Result<()> {
-        Ok(())
-    }
-    /// Whether this process writes logs, checkpoints and progress (rank 0 in DDP).
-    fn is_main(&self) -> bool {
-        true
-    }
-    /// Called around each step, for a profiler window: `(step, starting)`.
-    fn around_step(&mut self, _step: usize, _starting: bool) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// The default: no hooks.
-pub struct NoHooks;
-impl Hooks for NoHooks {}
+pub use crate::hooks::{Hooks, NoHooks};
 
 /// One logged step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -281,15 +263,49 @@ pub fn estimate_loss<M: LanguageModel + ?Sized>(
     seed: u64,
     device: Device,
 ) -> Result<f64> {
+    Ok(estimate_loss_sum(model, data, cfg, seed, device, (0, 1))? / cfg.eval_iters as f64)
+}
+
+/// This process's share of [`estimate_loss`]: the sum of the losses of the eval batches
+/// `rank, rank + world, ...` (every process draws all of them, so the batches do not depend on
+/// the world size). Summed over processes and divided by `eval_iters`, it is the mean.
+pub fn estimate_loss_sum<M: LanguageModel + ?Sized>(
+    model: &M,
+    data: &Tensor,
+    cfg: &LmTrainConfig,
+    seed: u64,
+    device: Device,
+    (rank, world): (usize, usize),
+) -> Result<f64> {
     let _g = tch::no_grad_guard();
     let _ac = cfg.precision.autocast(device)?;
     let mut rng = Rng::new(seed);
     let mut sum = 0.0;
-    for _ in 0..cfg.eval_iters {
+    for i in 0..cfg.eval_iters {
         let (x, y) = sample_batch(data, cfg.batch_size, cfg.block_size, &mut rng, device)?;
-        sum += model.loss(&x, &y, false, cfg.fused_loss).double_value(&[]);
+        if i % world == rank {
+            sum += model.loss(&x, &y, false, cfg.fused_loss).double_value(&[]);
+        }
     }
-    Ok(sum / cfg.eval_iters as f64)
+    Ok(sum)
+}
+
+/// This process's rows of a batch of `world · batch` windows drawn from the shared `rng`: with
+/// every process drawing the same windows, N processes of batch b see exactly the rows one
+/// process of batch N·b would.
+fn shard_batch(
+    data: &Tensor,
+    cfg: &LmTrainConfig,
+    rng: &mut Rng,
+    device: Device,
+    (rank, world): (usize, usize),
+) -> Result<(Tensor, Tensor)> {
+    let (x, y) = sample_batch(data, cfg.batch_size * world as i64, cfg.block_size, rng, device)?;
+    if world == 1 {
+        return Ok((x, y));
+    }
+    let at = cfg.batch_size * rank as i64;
+    Ok((x.narrow(0, at, cfg.batch_size), y.narrow(0, at, cfg.batch_size)))
 }
 
 fn memory_now(device: Device) -> u64 {
@@ -436,13 +452,17 @@ pub fn train<M: LanguageModel + ?Sized>(
     let mut rng = Rng::from_state(p.rng);
     let mut tb = if main { Some(SummaryWriter::new(&opts.dir.join("tb"))?) } else { None };
     let eval_seed = cfg.seed ^ 0x5eed_e7a1;
-    let evaluate = |step: usize, secs: f64| -> Result<EvalLog> {
-        Ok(EvalLog {
-            step,
-            train_loss: estimate_loss(model, data.train, cfg, eval_seed, device)?,
-            val_loss: estimate_loss(model, data.val, cfg, eval_seed + 1, device)?,
-            seconds: secs,
-        })
+    let shard = hooks.shard();
+    let world = shard.1;
+    // Each process evaluates its share of the fixed eval batches; the sums are reduced.
+    let evaluate = |step: usize, secs: f64, hooks: &mut dyn Hooks| -> Result<EvalLog> {
+        let local = [
+            estimate_loss_sum(model, data.train, cfg, eval_seed, device, shard)?,
+            estimate_loss_sum(model, data.val, cfg, eval_seed + 1, device, shard)?,
+        ];
+        let total = hooks.reduce_sum(&local)?;
+        let n = cfg.eval_iters as f64;
+        Ok(EvalLog { step, train_loss: total[0] / n, val_loss: total[1] / n, seconds: secs })
     };
     if let Device::Cuda(i) = device {
         runtime::cuda_reset_peak(i)?;
@@ -471,7 +491,7 @@ pub fn train<M: LanguageModel + ?Sized>(
             }
         }
         if cfg.eval_interval > 0 && step % cfg.eval_interval == 0 && step > 0 {
-            let e = evaluate(step, p.train_seconds)?;
+            let e = evaluate(step, p.train_seconds, hooks)?;
             if let Some(tb) = tb.as_mut() {
                 tb.add_scalar("eval/train_loss", e.train_loss, step as i64)?;
                 tb.add_scalar("eval/val_loss", e.val_loss, step as i64)?;
@@ -498,7 +518,7 @@ pub fn train<M: LanguageModel + ?Sized>(
             }
         }
         for _ in 0..cfg.grad_accum {
-            let (x, y) = sample_batch(data.train, cfg.batch_size, cfg.block_size, &mut rng, device)?;
+            let (x, y) = shard_batch(data.train, cfg, &mut rng, device, shard)?;
             if let Some(g) = graphed.as_mut() {
                 loss_sum += g.run(&x, &y)?;
                 continue;
@@ -521,7 +541,9 @@ pub fn train<M: LanguageModel + ?Sized>(
         }
         let found_inf = scaler.unscale(&named.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>())?;
         let norm = clip_grad_norm(&named, cfg.grad_clip);
+        // The logged loss is the mean over processes (the loss of the whole global batch).
         let loss = loss_sum.double_value(&[]);
+        let loss = if world > 1 { hooks.reduce_sum(&[loss])?[0] / world as f64 } else { loss };
         let scale_used = scaler.scale_value();
         if found_inf && loss.is_finite() {
             // fp16 overflow: the scaler's business. Skip, back off, go on.
@@ -561,7 +583,7 @@ pub fn train<M: LanguageModel + ?Sized>(
         let dt = t0.elapsed().as_secs_f64();
         hooks.around_step(step, false)?;
         p.train_seconds += dt;
-        p.tokens += cfg.tokens_per_step();
+        p.tokens += cfg.tokens_per_step() * world as i64;
         p.peak_memory_bytes = p.peak_memory_bytes.max(memory_now(device).saturating_sub(mem_base));
         p.step += 1;
         if step % cfg.log_interval == 0 || p.step == end {
@@ -571,7 +593,7 @@ pub fn train<M: LanguageModel + ?Sized>(
                 lr,
                 grad_norm: norm,
                 scale: scale_used,
-                tokens_per_s: cfg.tokens_per_step() as f64 / dt.max(1e-9),
+                tokens_per_s: (cfg.tokens_per_step() * world as i64) as f64 / dt.max(1e-9),
             };
             if let Some(tb) = tb.as_mut() {
                 tb.add_scalar("train/loss", loss, step as i64)?;
@@ -586,10 +608,15 @@ pub fn train<M: LanguageModel + ?Sized>(
         }
         bar.inc(1);
         bar.set_message(format!("loss {loss:.4}"));
-        if main && cfg.checkpoint_interval > 0 && p.step % cfg.checkpoint_interval == 0 && p.step < end {
+        if cfg.checkpoint_interval > 0 && p.step % cfg.checkpoint_interval == 0 && p.step < end {
             p.rng = rng.state();
             p.scaler = scaler.state();
-            save(vs, &opt, &p, cfg, opts)?;
+            // Rank 0 writes; the barriers keep the others from racing ahead or reading it early.
+            hooks.barrier()?;
+            if main {
+                save(vs, &opt, &p, cfg, opts)?;
+            }
+            hooks.barrier()?;
         }
     }
     bar.finish_and_clear();
@@ -599,7 +626,7 @@ pub fn train<M: LanguageModel + ?Sized>(
     let (final_train_loss, final_val_loss) = if interrupted {
         (last_loss, f64::NAN)
     } else {
-        let e = evaluate(p.step, p.train_seconds)?;
+        let e = evaluate(p.step, p.train_seconds, hooks)?;
         if let Some(tb) = tb.as_mut() {
             tb.add_scalar("eval/train_loss", e.train_loss, p.step as i64)?;
             tb.add_scalar("eval/val_loss", e.val_loss, p.step as i64)?;
@@ -610,9 +637,11 @@ pub fn train<M: LanguageModel + ?Sized>(
         }
         r
     };
+    hooks.barrier()?;
     if main {
         save(vs, &opt, &p, cfg, opts)?;
     }
+    hooks.barrier()?;
     let secs = p.train_seconds - run_start_secs;
     Ok(LmOutcome {
         tokens_per_s: (p.tokens - run_start_tokens) as f64 / secs.max(1e-9),

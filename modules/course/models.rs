@@ -97,6 +97,15 @@ pub struct CnnConfig {
     pub hidden: i64,
     pub classes: i64,
     pub dropout: f64,
+    /// Biases on the convolutions. Batch norm right after subtracts any bias again, so its
+    /// gradient is zero up to rounding; Adam would still move it by ~lr per step on that noise.
+    /// m05 turns it off (the usual `bias=False` before BN); m02 keeps it (its checkpoints have it).
+    #[serde(default = "conv_bias_default")]
+    pub conv_bias: bool,
+}
+
+fn conv_bias_default() -> bool {
+    true
 }
 
 /// LeNet-5 (LeCun et al. 1998) with batch norm and ReLU: conv5x5(pad 2)-BN-ReLU-maxpool,
@@ -104,25 +113,57 @@ pub struct CnnConfig {
 #[derive(Debug)]
 pub struct LeNet {
     conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    bn1: Norm,
     conv2: nn::Conv2D,
-    bn2: nn::BatchNorm,
+    bn2: Norm,
     fc1: nn::Linear,
     fc2: nn::Linear,
     dropout: f64,
 }
 
+/// Plain batch norm, or batch norm synchronised over a process group (m05's DDP); both keep
+/// the same variable names, so checkpoints load into either.
+#[derive(Debug)]
+enum Norm {
+    Local(nn::BatchNorm),
+    Sync(crate::ddp::SyncBatchNorm),
+}
+
+impl ModuleT for Norm {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self {
+            Norm::Local(n) => n.forward_t(xs, train),
+            Norm::Sync(n) => n.forward_t(xs, train),
+        }
+    }
+}
+
 impl LeNet {
     pub fn new(vs: &nn::Path, cfg: &CnnConfig) -> Self {
+        Self::with_group(vs, cfg, None)
+    }
+
+    /// With a process group, the batch norms use the statistics of every rank's samples
+    /// (torch's `SyncBatchNorm.convert_sync_batchnorm`), so N ranks of batch b train like one
+    /// process of batch N·b.
+    pub fn with_group(
+        vs: &nn::Path,
+        cfg: &CnnConfig,
+        group: Option<std::sync::Arc<crate::dist::ProcessGroup>>,
+    ) -> Self {
+        let norm = |name: &str, c: i64| match &group {
+            Some(g) => Norm::Sync(crate::ddp::SyncBatchNorm::new(&(vs / name), c, Some(g.clone()))),
+            None => Norm::Local(nn::batch_norm2d(vs / name, c, Default::default())),
+        };
         let (c1, c2) = cfg.channels;
         let conv = |name: &str, i, o, pad| {
-            nn::conv2d(vs / name, i, o, 5, nn::ConvConfig { padding: pad, ..Default::default() })
+            nn::conv2d(vs / name, i, o, 5, nn::ConvConfig { padding: pad, bias: cfg.conv_bias, ..Default::default() })
         };
         Self {
             conv1: conv("conv1", 1, c1, 2),
-            bn1: nn::batch_norm2d(vs / "bn1", c1, Default::default()),
+            bn1: norm("bn1", c1),
             conv2: conv("conv2", c1, c2, 0),
-            bn2: nn::batch_norm2d(vs / "bn2", c2, Default::default()),
+            bn2: norm("bn2", c2),
             fc1: linear(vs / "fc1", c2 * 25, cfg.hidden, InitKind::Default),
             fc2: linear(vs / "fc2", cfg.hidden, cfg.classes, InitKind::Default),
             dropout: cfg.dropout,
@@ -204,7 +245,7 @@ mod tests {
         names.sort();
         assert_eq!(names, ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight", "fc3.bias", "fc3.weight"]);
         let vs = nn::VarStore::new(Device::Cpu);
-        let cnn = LeNet::new(&vs.root(), &CnnConfig { channels: (6, 16), hidden: 120, classes: 10, dropout: 0.0 });
+        let cnn = LeNet::new(&vs.root(), &CnnConfig { channels: (6, 16), hidden: 120, classes: 10, dropout: 0.0, conv_bias: true });
         assert_eq!(cnn.forward_t(&Tensor::zeros([2, 1, 28, 28], (Kind::Float, Device::Cpu)), false).size(), [2, 10]);
         // LeNet-5's sizes: conv 1*6*25+6, bn 2*6, conv 6*16*25+16, bn 2*16, fc 400*120+120, fc 120*10+10.
         assert_eq!(param_count(&vs), 156 + 12 + 2416 + 32 + 48120 + 1210);

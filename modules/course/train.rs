@@ -7,6 +7,7 @@
 //! saving: the loader draws it from `(seed, epoch)`, and augmentation from `(seed, epoch, index)`.
 
 use crate::checkpoint::{self, TrainingState};
+use crate::hooks::{Hooks, NoHooks};
 use crate::classify::{self, Confusion};
 use crate::loader::{DataLoader, Dataset};
 use crate::models::cross_entropy;
@@ -78,6 +79,8 @@ pub struct Outcome {
     pub history: Vec<EpochRecord>,
     /// (global step, learning rate) at every step.
     pub lr_trace: Vec<(usize, f64)>,
+    /// (global step, training loss of the whole global batch) at every step.
+    pub loss_trace: Vec<(usize, f64)>,
     pub best_epoch: Option<usize>,
     pub stopped_early: bool,
     /// True when training stopped at `stop_after` (a simulated interruption).
@@ -91,6 +94,8 @@ struct Progress {
     step: usize,
     history: Vec<EpochRecord>,
     lr_trace: Vec<(usize, f64)>,
+    #[serde(default)]
+    loss_trace: Vec<(usize, f64)>,
     plateau: Option<ReduceLrOnPlateau>,
     early: Option<EarlyStopping>,
 }
@@ -134,6 +139,21 @@ pub fn evaluate<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
     device: Device,
     confusion: Option<&mut Confusion>,
 ) -> Result<(f64, f64)> {
+    let [loss_sum, correct, n] = evaluate_sums(model, data, device, confusion)?;
+    if n == 0.0 {
+        bail!("evaluation data is empty");
+    }
+    Ok((loss_sum / n, correct / n))
+}
+
+/// [`evaluate`]'s sums `[loss sum, correct, count]`, to be added up over processes when each
+/// evaluates its shard (DDP).
+pub fn evaluate_sums<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
+    model: &M,
+    data: &DataLoader<D, B>,
+    device: Device,
+    confusion: Option<&mut Confusion>,
+) -> Result<[f64; 3]> {
     let _g = tch::no_grad_guard();
     let (mut loss_sum, mut correct, mut n) = (0.0, 0i64, 0i64);
     let mut conf = confusion;
@@ -149,10 +169,7 @@ pub fn evaluate<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
             c.add(&logits.argmax(-1, false), &labels);
         }
     }
-    if n == 0 {
-        bail!("evaluation data is empty");
-    }
-    Ok((loss_sum / n as f64, correct as f64 / n as f64))
+    Ok([loss_sum, correct as f64, n as f64])
 }
 
 fn global_grad_norm(vs: &VarStore) -> f64 {
@@ -181,6 +198,27 @@ pub fn fit<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
     resume: bool,
     stop_after: Option<usize>,
 ) -> Result<Outcome> {
+    fit_with(dir, info, vs, model, train, val, cfg, resume, stop_after, &mut NoHooks)
+}
+
+/// [`fit`] with hooks: under DDP ([`crate::ddp::Ddp`]) every rank runs this loop on loaders
+/// with a `DistributedSampler`; gradients are averaged after backward, the epoch's train and
+/// validation sums are added up over ranks, and only rank 0 prints, logs and writes
+/// checkpoints (between barriers).
+#[allow(clippy::too_many_arguments)]
+pub fn fit_with<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
+    dir: &Path,
+    info: &ModelInfo,
+    vs: &VarStore,
+    model: &M,
+    train: &DataLoader<D, B>,
+    val: &DataLoader<D, B>,
+    cfg: &TrainConfig,
+    resume: bool,
+    stop_after: Option<usize>,
+    hooks: &mut dyn Hooks,
+) -> Result<Outcome> {
+    let main = hooks.is_main();
     if cfg.epochs == 0 {
         bail!("--epochs must be at least 1");
     }
@@ -214,16 +252,22 @@ pub fn fit<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
             if saved.state["model"] != info.config {
                 bail!("{}: the checkpoint was trained with another model config; start afresh without --resume or use the same flags", dir.join("last").display());
             }
-            println!("resumed from {} at epoch {}", dir.join("last").display(), p.next_epoch + 1);
+            if main {
+                println!("resumed from {} at epoch {}", dir.join("last").display(), p.next_epoch + 1);
+            }
         }
     }
-    let mut tb = SummaryWriter::new(&dir.join("tb"))?;
+    let mut tb = if main { Some(SummaryWriter::new(&dir.join("tb"))?) } else { None };
     let mut stopped_early = false;
     let end = stop_after.map_or(cfg.epochs, |s| s.min(cfg.epochs));
     while p.next_epoch < end {
         let epoch = p.next_epoch;
         let t0 = Instant::now();
-        let bar = progress::bar(per_epoch as u64, &format!("{} ep {}", info.name, epoch + 1));
+        let bar = if main {
+            progress::bar(per_epoch as u64, &format!("{} ep {}", info.name, epoch + 1))
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0i64);
         for (i, batch) in train.epoch(epoch as u64).take(per_epoch).enumerate() {
             let b = batch?;
@@ -237,11 +281,15 @@ pub fn fit<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
             let loss = cross_entropy(&logits, &y, cfg.label_smoothing);
             opt.zero_grad();
             loss.backward();
+            hooks.after_backward(p.step, &[])?;
             // Measured only on logged steps: it is a reduction over every gradient plus a sync.
             let gnorm = (p.step % 20 == 0).then(|| global_grad_norm(vs));
             opt.step()?;
             let l = loss.double_value(&[]);
-            if !l.is_finite() {
+            let world = hooks.shard().1;
+            let l_all = if world > 1 { hooks.reduce_sum(&[l])?[0] / world as f64 } else { l };
+            p.loss_trace.push((p.step, l_all));
+            if !l_all.is_finite() {
                 bail!("epoch {} step {}: the loss is {l} (lr {lr}); try a smaller --lr", epoch + 1, i + 1);
             }
             let bs = y.size()[0];
@@ -249,7 +297,7 @@ pub fn fit<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
             correct += classify::correct(&logits, &y);
             seen += bs;
             p.lr_trace.push((p.step, lr));
-            if p.step % 20 == 0 {
+            if let Some(tb) = tb.as_mut().filter(|_| p.step % 20 == 0) {
                 tb.add_scalar("train/loss", l, p.step as i64)?;
                 tb.add_scalar("train/lr", lr, p.step as i64)?;
                 tb.add_scalar("train/grad_norm", gnorm.unwrap_or(f64::NAN), p.step as i64)?;
@@ -260,32 +308,45 @@ pub fn fit<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
         }
         bar.finish_and_clear();
         let train_secs = t0.elapsed().as_secs_f64();
-        let (val_loss, val_acc) = evaluate(model, val, device, None)?;
+        let [loss_sum, correct, seen] = hooks.reduce_sum(&[loss_sum, correct as f64, seen as f64])?[..] else {
+            bail!("reduce_sum returned the wrong number of values")
+        };
+        let [vl, vc, vn] = hooks.reduce_sum(&evaluate_sums(model, val, device, None)?)?[..] else {
+            bail!("reduce_sum returned the wrong number of values")
+        };
+        if vn == 0.0 {
+            bail!("evaluation data is empty");
+        }
+        let (val_loss, val_acc) = (vl / vn, vc / vn);
         let lr_now = opt.lr();
         if let Some(pl) = &mut p.plateau {
             pl.step(val_loss);
         }
         let rec = EpochRecord {
             epoch: epoch + 1,
-            train_loss: loss_sum / seen.max(1) as f64,
-            train_acc: correct as f64 / seen.max(1) as f64,
+            train_loss: loss_sum / seen.max(1.0),
+            train_acc: correct / seen.max(1.0),
             val_loss,
             val_acc,
             lr: lr_now,
             seconds: t0.elapsed().as_secs_f64(),
             samples_per_s: seen as f64 / train_secs.max(1e-9),
         };
-        println!(
+        if main {
+            println!(
             "{} epoch {:>2}: train loss {:.4} acc {:.4} | val loss {:.4} acc {:.4} | lr {:.2e} | {:.0} samples/s",
             info.name, rec.epoch, rec.train_loss, rec.train_acc, val_loss, val_acc, lr_now, rec.samples_per_s
         );
+        }
         for (tag, v) in [
             ("epoch/train_loss", rec.train_loss),
             ("epoch/train_acc", rec.train_acc),
             ("epoch/val_loss", val_loss),
             ("epoch/val_acc", val_acc),
         ] {
-            tb.add_scalar(tag, v, rec.epoch as i64)?;
+            if let Some(tb) = tb.as_mut() {
+                tb.add_scalar(tag, v, rec.epoch as i64)?;
+            }
         }
         p.history.push(rec);
         p.next_epoch += 1;
@@ -294,7 +355,9 @@ pub fn fit<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
             None => Verdict::Improved,
         };
         let best_so_far = p.history.iter().map(|r| r.val_acc).fold(f64::NEG_INFINITY, f64::max);
-        if verdict == Verdict::Improved || (p.early.is_none() && val_acc >= best_so_far) {
+        // Rank 0 writes; the barriers keep the others from racing ahead or reading it early.
+        hooks.barrier()?;
+        if main && (verdict == Verdict::Improved || (p.early.is_none() && val_acc >= best_so_far)) {
             checkpoint::save_best_with(
                 dir,
                 vs,
@@ -307,7 +370,10 @@ pub fn fit<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
             torch_rng: runtime::generator_state(Device::Cpu)?,
             state: serde_json::json!({"progress": p, "model": info.config, "train": cfg}),
         };
-        checkpoint::save_last(dir, vs, &state)?;
+        if main {
+            checkpoint::save_last(dir, vs, &state)?;
+        }
+        hooks.barrier()?;
         if verdict == Verdict::Stop {
             println!(
                 "early stopping after epoch {}: no val-accuracy gain in {} epochs",
@@ -328,7 +394,7 @@ pub fn fit<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
             .max_by(|a, b| a.val_acc.partial_cmp(&b.val_acc).unwrap_or(std::cmp::Ordering::Equal))
             .map(|r| r.epoch)
     });
-    Ok(Outcome { history: p.history, lr_trace: p.lr_trace, best_epoch, stopped_early, interrupted })
+    Ok(Outcome { history: p.history, lr_trace: p.lr_trace, loss_trace: p.loss_trace, best_epoch, stopped_early, interrupted })
 }
 
 /// Adds one run's per-epoch train (solid) and validation (dashed) loss and accuracy to a loss
