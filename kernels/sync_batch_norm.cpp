@@ -3,8 +3,8 @@
 // would normalise with per-rank statistics, so N ranks of batch b would not train like one
 // process of batch N*b. Here the forward allreduces (sum, sum of squares, count) per channel
 // and the backward allreduces (sum dy, sum dy*(x-mean)), exactly as PyTorch's SyncBatchNorm
-// does with batch_norm_backward_reduce / _elemt. Statistics are accumulated in float64 so the
-// result matches single-process batch norm to rounding.
+// does with batch_norm_backward_reduce / _elemt. Sums accumulate in float64 (without a float64
+// copy of the activations), so the result matches single-process batch norm to rounding.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -40,10 +40,10 @@ struct SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFun
     TORCH_CHECK(x.dim() >= 2, "sync_batch_norm: input must be (N, C, ...), got ", x.sizes());
     const int64_t C = x.size(1);
     auto dims = reduce_dims(x);
-    auto xd = x.to(at::kDouble);
-    // [sum (C), sum of squares (C), count (1)] in one allreduce.
-    auto count = at::full({1}, static_cast<double>(x.numel() / C), xd.options());
-    auto stats = at::cat({xd.sum(dims), (xd * xd).sum(dims), count});
+    // [sum (C), sum of squares (C), count (1)] in one allreduce; sums accumulate in float64
+    // without a float64 copy of x.
+    auto count = at::full({1}, static_cast<double>(x.numel() / C), x.options().dtype(at::kDouble));
+    auto stats = at::cat({x.sum(dims, false, at::kDouble), (x * x).sum(dims, false, at::kDouble), count});
     course::allreduce_blocking(*g, stats, false);
     const double n = stats[2 * C].item<double>();
     TORCH_CHECK(n > 1, "sync_batch_norm: expected more than 1 value per channel in training, got ", n);
@@ -56,13 +56,15 @@ struct SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFun
       if (running_var.defined())
         running_var.mul_(1 - momentum).add_((var * (momentum * n / (n - 1))).to(running_var.dtype()));
     }
-    auto y = (xd - per_channel(mean, x)) * per_channel(invstd, x);
-    if (weight.defined()) y = y * per_channel(weight.to(at::kDouble), x);
-    if (bias.defined()) y = y + per_channel(bias.to(at::kDouble), x);
+    // y = x * scale + shift with per-channel scale = w / std, shift = b - mean * scale: one pass.
+    auto scale = weight.defined() ? invstd * weight.to(at::kDouble) : invstd;
+    auto shift = -mean * scale;
+    if (bias.defined()) shift = shift + bias.to(at::kDouble);
+    auto y = at::addcmul(per_channel(shift.to(x.scalar_type()), x), x, per_channel(scale.to(x.scalar_type()), x));
     ctx->save_for_backward({x, weight, mean, invstd});
     ctx->saved_data["group"] = group;
     ctx->saved_data["n"] = n;
-    return y.to(x.scalar_type());
+    return y;
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
@@ -73,24 +75,25 @@ struct SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFun
     const double n = ctx->saved_data["n"].toDouble();
     const int64_t C = x.size(1);
     auto dims = reduce_dims(x);
-    auto dy = grads[0].to(at::kDouble);
-    auto xmu = x.to(at::kDouble) - per_channel(mean, x);
+    auto dy = grads[0].contiguous();
+    auto xmu = x - per_channel(mean.to(x.scalar_type()), x);
     // This rank's sums give the weight and bias gradients (DDP averages those like any other).
-    auto sum_dy = dy.sum(dims);
-    auto sum_dy_xmu = (dy * xmu).sum(dims);
+    auto sum_dy = dy.sum(dims, false, at::kDouble);
+    auto sum_dy_xmu = (dy * xmu).sum(dims, false, at::kDouble);
     at::Tensor grad_w, grad_b;
     if (weight.defined()) grad_w = (sum_dy_xmu * invstd).to(weight.scalar_type());
     if (ctx->needs_input_grad(2)) grad_b = sum_dy.to(x.scalar_type());
-    // The input gradient needs the sums over every rank's samples.
+    // The input gradient needs the sums over every rank's samples:
+    // dx = k1 (dy - mean_dy) + k2 (x - mean), k1 = w / std, k2 = -k1 mean_dy_xmu / var.
     auto both = at::cat({sum_dy, sum_dy_xmu});
     course::allreduce_blocking(*g, both, false);
     auto mean_dy = both.slice(0, 0, C) / n;
     auto mean_dy_xmu = both.slice(0, C, 2 * C) / n;
-    auto scale = weight.defined() ? invstd * weight.to(at::kDouble) : invstd;
-    auto dx = (dy - per_channel(mean_dy, x) - xmu * per_channel(invstd * invstd * mean_dy_xmu, x)) *
-              per_channel(scale, x);
-    return {dx.to(x.scalar_type()), grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    auto k1 = weight.defined() ? invstd * weight.to(at::kDouble) : invstd;
+    auto k2 = -k1 * invstd * invstd * mean_dy_xmu;
+    auto t = x.scalar_type();
+    auto dx = (dy - per_channel(mean_dy.to(t), x)) * per_channel(k1.to(t), x) + xmu * per_channel(k2.to(t), x);
+    return {dx, grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -17,14 +17,21 @@ use tch::{Device, Kind, Tensor};
 const T: Duration = Duration::from_secs(30);
 
 /// Runs `f(pg)` on `n` ranks (threads) joined through a fresh TCPStore; returns each rank's result.
+/// Rank 0's store listens on a port the OS picks, so parallel tests never race for one.
 fn on_ranks<R: Send + 'static>(n: usize, f: impl Fn(ProcessGroup) -> Result<R> + Send + Sync + 'static) -> Vec<R> {
-    let port = free_port().unwrap();
+    let server = Store::tcp("127.0.0.1", 0, n, true, T).unwrap();
+    let port = server.port().unwrap();
+    let mut server = Some(server);
     let f = Arc::new(f);
     let handles: Vec<_> = (0..n)
         .map(|rank| {
             let f = f.clone();
+            let mine = server.take();
             thread::spawn(move || -> Result<R> {
-                let store = Store::tcp("127.0.0.1", port, n, rank == 0, T)?;
+                let store = match mine {
+                    Some(s) => s,
+                    None => Store::tcp("127.0.0.1", port, n, false, T)?,
+                };
                 let pg = ProcessGroup::new(store, rank, n, Backend::Gloo, T)?;
                 f(pg)
             })
@@ -86,14 +93,14 @@ fn store_set_get_add_and_prefixes() {
 #[test]
 fn a_missing_rank_times_out_with_c10d_message() {
     // Rank 1 joins the group but never enters the allreduce: rank 0 must give up at its timeout.
-    let port = free_port().unwrap();
+    let store = Store::tcp("127.0.0.1", 0, 2, true, T).unwrap();
+    let port = store.port().unwrap();
     let peer = thread::spawn(move || {
         let store = Store::tcp("127.0.0.1", port, 2, false, T).unwrap();
         let pg = ProcessGroup::new(store, 1, 2, Backend::Gloo, T).unwrap();
         thread::sleep(Duration::from_secs(6));
         drop(pg);
     });
-    let store = Store::tcp("127.0.0.1", port, 2, true, T).unwrap();
     let pg = ProcessGroup::new(store, 0, 2, Backend::Gloo, T).unwrap();
     let t0 = Instant::now();
     let err =

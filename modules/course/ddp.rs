@@ -170,7 +170,7 @@ impl Ddp {
         }
         for (b, (flat, work)) in self.buckets.iter().zip(flats) {
             work.wait()
-                .with_context(|| format!("allreducing the gradients of {} (rank {})", b.names[0], self.pg.rank()))?;
+                .with_context(|| format!("averaging the gradients of {} and the rest of its bucket", b.names[0]))?;
             let mut off = 0;
             for p in &b.params {
                 let n = p.numel() as i64;

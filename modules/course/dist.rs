@@ -50,8 +50,9 @@ fn cstr(s: &str, what: &str) -> Result<CString> {
 
 impl Store {
     /// A `TCPStore` at `host:port` for `world_size` processes. The server (`is_server`, rank 0 by
-    /// torch's convention) listens on `port` (0: any free port, see [`Store::port`]) and waits
-    /// up to `timeout` for the clients; a client retries its connection until `timeout`.
+    /// torch's convention) listens on `port` (0: any free port, see [`Store::port`]) and returns
+    /// at once: the process group's rendezvous waits for the others (up to its timeout). A client
+    /// retries its connection until `timeout`.
     pub fn tcp(host: &str, port: u16, world_size: usize, is_server: bool, timeout: Duration) -> Result<Store> {
         let h = cstr(host, "store host")?;
         let mut raw = std::ptr::null_mut();
@@ -62,7 +63,7 @@ impl Store {
                 port as i32,
                 world_size as i32,
                 is_server as i32,
-                1,
+                0,
                 ms(timeout),
                 &mut raw,
             )
@@ -207,6 +208,7 @@ impl fmt::Debug for ProcessGroup {
 /// An allreduce in flight ([`ProcessGroup::allreduce_start`]).
 pub struct Work {
     raw: *mut c_void,
+    what: String,
 }
 
 // SAFETY: a c10d Work may be waited on from any thread.
@@ -217,7 +219,7 @@ impl Work {
     pub fn wait(mut self) -> Result<()> {
         let raw = std::mem::replace(&mut self.raw, std::ptr::null_mut());
         // SAFETY: `raw` is a live work handle; course_work_wait frees it.
-        ffi::check(unsafe { ffi::course_work_wait(raw) })
+        ffi::check(unsafe { ffi::course_work_wait(raw) }).with_context(|| self.what.clone())
     }
 }
 
@@ -339,7 +341,7 @@ impl ProcessGroup {
             )
         })
         .with_context(|| self.what("allreduce"))?;
-        Ok(Work { raw })
+        Ok(Work { raw, what: self.what("allreduce") })
     }
 
     /// Overwrites `t` on every rank with rank `root`'s values.

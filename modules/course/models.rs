@@ -245,7 +245,10 @@ mod tests {
         names.sort();
         assert_eq!(names, ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight", "fc3.bias", "fc3.weight"]);
         let vs = nn::VarStore::new(Device::Cpu);
-        let cnn = LeNet::new(&vs.root(), &CnnConfig { channels: (6, 16), hidden: 120, classes: 10, dropout: 0.0, conv_bias: true });
+        let cnn = LeNet::new(
+            &vs.root(),
+            &CnnConfig { channels: (6, 16), hidden: 120, classes: 10, dropout: 0.0, conv_bias: true },
+        );
         assert_eq!(cnn.forward_t(&Tensor::zeros([2, 1, 28, 28], (Kind::Float, Device::Cpu)), false).size(), [2, 10]);
         // LeNet-5's sizes: conv 1*6*25+6, bn 2*6, conv 6*16*25+16, bn 2*16, fc 400*120+120, fc 120*10+10.
         assert_eq!(param_count(&vs), 156 + 12 + 2416 + 32 + 48120 + 1210);

@@ -7,8 +7,8 @@
 //! saving: the loader draws it from `(seed, epoch)`, and augmentation from `(seed, epoch, index)`.
 
 use crate::checkpoint::{self, TrainingState};
-use crate::hooks::{Hooks, NoHooks};
 use crate::classify::{self, Confusion};
+use crate::hooks::{Hooks, NoHooks};
 use crate::loader::{DataLoader, Dataset};
 use crate::models::cross_entropy;
 use crate::optim::{decay_groups, AdamW, Optimizer, Sgd};
@@ -334,9 +334,9 @@ pub fn fit_with<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
         };
         if main {
             println!(
-            "{} epoch {:>2}: train loss {:.4} acc {:.4} | val loss {:.4} acc {:.4} | lr {:.2e} | {:.0} samples/s",
-            info.name, rec.epoch, rec.train_loss, rec.train_acc, val_loss, val_acc, lr_now, rec.samples_per_s
-        );
+                "{} epoch {:>2}: train loss {:.4} acc {:.4} | val loss {:.4} acc {:.4} | lr {:.2e} | {:.0} samples/s",
+                info.name, rec.epoch, rec.train_loss, rec.train_acc, val_loss, val_acc, lr_now, rec.samples_per_s
+            );
         }
         for (tag, v) in [
             ("epoch/train_loss", rec.train_loss),
@@ -394,7 +394,14 @@ pub fn fit_with<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
             .max_by(|a, b| a.val_acc.partial_cmp(&b.val_acc).unwrap_or(std::cmp::Ordering::Equal))
             .map(|r| r.epoch)
     });
-    Ok(Outcome { history: p.history, lr_trace: p.lr_trace, loss_trace: p.loss_trace, best_epoch, stopped_early, interrupted })
+    Ok(Outcome {
+        history: p.history,
+        lr_trace: p.lr_trace,
+        loss_trace: p.loss_trace,
+        best_epoch,
+        stopped_early,
+        interrupted,
+    })
 }
 
 /// Adds one run's per-epoch train (solid) and validation (dashed) loss and accuracy to a loss

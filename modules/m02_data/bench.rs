@@ -80,7 +80,8 @@ fn main() -> Result<()> {
         dropout: 0.2,
         init: InitKind::Default,
     });
-    let cnn = ModelConfig::Cnn(CnnConfig { channels: (32, 64), hidden: 256, classes: 10, dropout: 0.3, conv_bias: true });
+    let cnn =
+        ModelConfig::Cnn(CnnConfig { channels: (32, 64), hidden: 256, classes: 10, dropout: 0.3, conv_bias: true });
     println!(
         "ours: glibc {}; PyTorch as installed (glibc defaults), and with the same mallopt as ours\n",
         b.allocator_note()

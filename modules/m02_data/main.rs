@@ -176,7 +176,13 @@ fn main() -> Result<()> {
                 plain.clone(),
             ),
             _ => (
-                ModelConfig::Cnn(CnnConfig { channels: (32, 64), hidden: 256, classes: 10, dropout: 0.3, conv_bias: true }),
+                ModelConfig::Cnn(CnnConfig {
+                    channels: (32, 64),
+                    hidden: 256,
+                    classes: 10,
+                    dropout: 0.3,
+                    conv_bias: true,
+                }),
                 if fashion { 6 } else { 4 },
                 augmented.clone(),
             ),

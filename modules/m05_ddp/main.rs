@@ -368,7 +368,10 @@ fn train_job(args: &Args, env: Option<DistEnv>) -> Result<()> {
         run.metric("allreduce_seconds", result.allreduce_seconds);
         run.metric("train_seconds", result.train_seconds);
         let m = run.finish()?;
-        ensure!(m.quick || m.all_targets_met(), "not every target was met (see the table above)");
+        ensure!(
+            m.quick || m.targets.is_empty() || m.all_targets_met(),
+            "not every target was met (see the table above)"
+        );
     }
     Ok(())
 }
@@ -427,7 +430,8 @@ fn train_cnn(
         seed,
         true,
     )?;
-    let val_l = mnist_loader(set(&val_idx, &plain, &full), 1000, DistributedSampler::for_eval(rank, world)?, seed, false)?;
+    let val_l =
+        mnist_loader(set(&val_idx, &plain, &full), 1000, DistributedSampler::for_eval(rank, world)?, seed, false)?;
     let test_l =
         mnist_loader(set(&test_idx, &plain, &test_set), 1000, DistributedSampler::for_eval(rank, world)?, seed, false)?;
     // m02's CNN, without the convolution biases that batch norm cancels (see CnnConfig).
@@ -473,12 +477,15 @@ fn train_cnn(
     let out = train::fit_with(dir, &info, &vs, &model, &train_l, &val_l, &cfg, false, None, &mut hooks)?;
     let train_seconds = t0.elapsed().as_secs_f64();
     let sums = train::evaluate_sums(&model, &test_l, device, None)?;
-    let [_, correct, n] = pg.allreduce_f64(&sums, ReduceOp::Sum)?[..] else { bail!("allreduce returned the wrong count") };
+    let [_, correct, n] = pg.allreduce_f64(&sums, ReduceOp::Sum)?[..] else {
+        bail!("allreduce returned the wrong count")
+    };
     let test_acc = correct / n;
     if let Some(run) = run {
         println!("cnn: test accuracy {:.2}% on {n} images ({} rank(s))", test_acc * 100.0, world);
         let mut loss = LineChart::new(&format!("CNN training loss, {world} rank(s)"), "step", "cross-entropy");
-        loss = loss.series(Series::line("train (global batch)", out.loss_trace.iter().map(|&(s, l)| (s as f64, l)).collect()));
+        loss = loss
+            .series(Series::line("train (global batch)", out.loss_trace.iter().map(|&(s, l)| (s as f64, l)).collect()));
         let p = run.path("loss.png");
         loss.save(&p)?;
         run.artifact(&p);
@@ -580,7 +587,8 @@ fn train_gpt(
     if let Some(run) = run {
         println!("gpt: val loss {:.4} after {} steps of {} sequences", out.final_val_loss, p.step, global_batch);
         let mut loss = LineChart::new(&format!("GPT training loss, {} rank(s)", pg.size()), "step", "cross-entropy");
-        loss = loss.series(Series::line("train (global batch)", loss_trace.iter().map(|&(s, l)| (s as f64, l)).collect()));
+        loss =
+            loss.series(Series::line("train (global batch)", loss_trace.iter().map(|&(s, l)| (s as f64, l)).collect()));
         let path = run.path("loss.png");
         loss.save(&path)?;
         run.artifact(&path);
@@ -621,7 +629,8 @@ fn bandwidth_job(args: &Args, env: Option<DistEnv>) -> Result<()> {
     while bytes <= args.max_bytes {
         // About 0.2 s per size (at least 3 ops), the same count on every rank.
         let (probe, _) = pg.allreduce_bandwidth(bytes, 1, 2, device)?;
-        let iters = pg.allreduce_f64(&[(0.2 / probe.max(1e-6)).clamp(3.0, 200.0)], ReduceOp::Sum)?[0] as usize / pg.size();
+        let iters =
+            pg.allreduce_f64(&[(0.2 / probe.max(1e-6)).clamp(3.0, 200.0)], ReduceOp::Sum)?[0] as usize / pg.size();
         let (per, bus) = pg.allreduce_bandwidth(bytes, 0, iters, device)?;
         if pg.is_main() {
             println!("allreduce {:>10} B: {:>9.1} us, bus bandwidth {:.2} GB/s", bytes, per * 1e6, bus);
@@ -630,7 +639,10 @@ fn bandwidth_job(args: &Args, env: Option<DistEnv>) -> Result<()> {
         bytes *= 4;
     }
     if let (true, Some(p)) = (pg.is_main(), &args.result) {
-        course::fsutil::write_json_atomic(p, &BandwidthResult { world: pg.size(), backend: pg.backend().to_string(), points })?;
+        course::fsutil::write_json_atomic(
+            p,
+            &BandwidthResult { world: pg.size(), backend: pg.backend().to_string(), points },
+        )?;
     }
     pg.barrier()
 }
@@ -668,7 +680,8 @@ fn lesson(args: &Args) -> Result<()> {
         "message size (log2 bytes)",
         "GB/s",
     );
-    chart = chart.series(Series::line("allreduce (sum, f32)", bw.points.iter().map(|p| ((p.0 as f64).log2(), p.2)).collect()));
+    chart = chart
+        .series(Series::line("allreduce (sum, f32)", bw.points.iter().map(|p| ((p.0 as f64).log2(), p.2)).collect()));
     let p = run.path("allreduce_bandwidth.png");
     chart.save(&p)?;
     run.artifact(&p);
@@ -739,7 +752,12 @@ fn lesson(args: &Args) -> Result<()> {
     run.artifact(&p);
     let bars: Vec<(String, f64)> = results.iter().map(|(n, r, _)| (format!("N = {n}"), r.samples_per_s)).collect();
     let p = run.path("samples_per_s.png");
-    charts::bar_chart(&p, &format!("Training samples/s on {cores} core(s), global batch {}", 2 * b), "samples/s", &bars)?;
+    charts::bar_chart(
+        &p,
+        &format!("Training samples/s on {cores} core(s), global batch {}", 2 * b),
+        "samples/s",
+        &bars,
+    )?;
     run.artifact(&p);
     let speedup = results[1].1.samples_per_s / results[0].1.samples_per_s.max(1e-9);
     run.metric("speedup_n2_over_n1", speedup);
