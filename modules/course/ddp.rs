@@ -94,7 +94,7 @@ impl Ddp {
     /// Wraps the trainable variables of `vs` and makes every rank start from rank 0's weights
     /// and buffers. Collective: every rank must call it.
     pub fn new(pg: Arc<ProcessGroup>, vs: &nn::VarStore, cfg: DdpConfig) -> Result<Self> {
-        if !(cfg.bucket_cap_mb > 0.0) {
+        if cfg.bucket_cap_mb.is_nan() || cfg.bucket_cap_mb <= 0.0 {
             bail!("--bucket-cap-mb must be positive, got {}", cfg.bucket_cap_mb);
         }
         let all = sorted_variables(vs);
