@@ -183,21 +183,6 @@ impl Ddp {
         self.stats.seconds += t0.elapsed().as_secs_f64();
         Ok(())
     }
-
-    /// The largest difference of any parameter from rank 0's (0 when the replicas agree):
-    /// a check that the replicas stayed in step.
-    pub fn max_divergence(&self) -> Result<f64> {
-        let _g = tch::no_grad_guard();
-        let mut worst = 0f64;
-        for b in &self.buckets {
-            let flat = Tensor::cat(&b.params.iter().map(|p| p.detach().reshape([-1])).collect::<Vec<_>>(), 0);
-            let ref0 = flat.copy();
-            self.pg.broadcast(&ref0, 0)?;
-            worst = worst.max((flat - ref0).abs().max().double_value(&[]));
-        }
-        let all = self.pg.allreduce_f64(&[worst], ReduceOp::Sum)?;
-        Ok(all[0])
-    }
 }
 
 /// DDP plugs into both training loops through their hooks: gradients are averaged after

@@ -258,12 +258,12 @@ impl ProcessGroup {
                 env.master_addr, env.master_port, env.rank, env.world_size
             )
         };
-        let store = if env.agent_store {
-            let base =
-                Store::tcp(&env.master_addr, env.master_port, env.world_size, false, timeout).with_context(ctx)?;
-            base.prefixed(&format!("/worker/attempt_{}", env.restart_count))?
-        } else {
-            Store::tcp(&env.master_addr, env.master_port, env.world_size, env.rank == 0, timeout).with_context(ctx)?
+        // Under torchrun's agent store every rank is a client and keys live under its prefix.
+        let server = env.rank == 0 && !env.agent_store;
+        let store = Store::tcp(&env.master_addr, env.master_port, env.world_size, server, timeout).with_context(ctx)?;
+        let store = match env.store_prefix() {
+            Some(prefix) => store.prefixed(&prefix)?,
+            None => store,
         };
         let store = store.prefixed("course_pg")?;
         ProcessGroup::new(store, env.rank, env.world_size, backend, timeout).with_context(ctx)
