@@ -41,23 +41,23 @@ const CPU_VARIANTS: &[(&str, &str, &[&str])] = &[
 
 /// Sources compiled once with the default flags.
 const CPP_SOURCES: &[&str] = &[
-    "kernels/bias_gelu.cpp",
-    "kernels/shim.cpp",
-    "kernels/profiler.cpp",
-    "kernels/recompute.cpp",
-    "kernels/softmax_ce.cpp",
-    "kernels/cuda_graph.cpp",
+    "kernels/ops/bias_gelu.cpp",
+    "kernels/runtime/shim.cpp",
+    "kernels/runtime/profiler.cpp",
+    "kernels/runtime/recompute.cpp",
+    "kernels/ops/cross_entropy.cpp",
+    "kernels/runtime/cuda_graph.cpp",
 ];
 /// c10d (torch.distributed's engine) sources: compiled with -DUSE_C10D_GLOO and the gloo
-/// declaration stand-in in kernels/gloo_stub (the wheel ships no gloo headers).
-const C10D_SOURCES: &[&str] = &["kernels/c10d.cpp", "kernels/sync_batch_norm.cpp"];
+/// declaration stand-in in kernels/dist/gloo_stub (the wheel ships no gloo headers).
+const C10D_SOURCES: &[&str] = &["kernels/dist/c10d.cpp", "kernels/dist/sync_batch_norm.cpp"];
 /// ProcessGroupNCCL (feature `cuda`): needs the CUDA runtime and NCCL headers from the wheel.
-const NCCL_SOURCES: &[&str] = &["kernels/c10d_nccl.cpp"];
+const NCCL_SOURCES: &[&str] = &["kernels/dist/c10d_nccl.cpp"];
 /// Sources compiled once per CPU_VARIANTS entry.
-const CPU_KERNEL_SOURCES: &[&str] = &["kernels/bias_gelu_cpu.cpp", "kernels/softmax_ce_cpu.cpp"];
+const CPU_KERNEL_SOURCES: &[&str] = &["kernels/ops/bias_gelu_cpu.cpp", "kernels/ops/cross_entropy_cpu.cpp"];
 /// CUDA sources (feature `cuda`).
-const CUDA_SOURCES: &[&str] = &["kernels/bias_gelu.cu", "kernels/softmax_ce.cu", "kernels/cuda_graph.cu"];
-const HEADERS: &[&str] = &["kernels/ops.h", "kernels/dispatch.h", "kernels/c10d.h", "kernels/gloo_stub/gloo/decls.h"];
+const CUDA_SOURCES: &[&str] = &["kernels/ops/bias_gelu.cu", "kernels/ops/cross_entropy.cu", "kernels/runtime/cuda_graph.cu"];
+const HEADERS: &[&str] = &["kernels/ops.h", "kernels/dispatch.h", "kernels/dist/c10d.h", "kernels/dist/gloo_stub/gloo/decls.h"];
 
 fn main() {
     if let Err(e) = run() {
@@ -121,7 +121,7 @@ fn run() -> Result<(), String> {
 
     // 1b. c10d: stores, process groups, collectives, synchronised batch norm.
     let mut b = base("DEFAULT");
-    b.define("USE_C10D_GLOO", None).include("kernels/gloo_stub");
+    b.define("USE_C10D_GLOO", None).include("kernels/dist/gloo_stub");
     if cfg!(feature = "cuda") {
         let site = libtorch.canonicalize().map_err(|e| e.to_string())?;
         let site = site.parent().ok_or("bad libtorch path")?;
@@ -134,7 +134,7 @@ fn run() -> Result<(), String> {
     b.files(C10D_SOURCES).compile("course_c10d");
 
     // 2. CPU kernels, once per instruction set (only the portable one off x86-64; the dispatch
-    // in bias_gelu.cpp references the AVX variants only on x86-64 too).
+    // in ops/bias_gelu.cpp references the AVX variants only on x86-64 too).
     let x86 = env::var("CARGO_CFG_TARGET_ARCH").map(|a| a == "x86_64").unwrap_or(false);
     for (suffix, cap, flags) in CPU_VARIANTS.iter().filter(|v| x86 || v.1 == "DEFAULT") {
         let mut b = base(cap);

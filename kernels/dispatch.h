@@ -1,5 +1,5 @@
 // Run-time choice among the CPU kernels compiled once per instruction set (build.rs compiles
-// bias_gelu_cpu.cpp and softmax_ce_cpu.cpp with CPU_CAPABILITY = DEFAULT, AVX2 and AVX512), following ATen's own
+// bias_gelu_cpu.cpp and cross_entropy_cpu.cpp with CPU_CAPABILITY = DEFAULT, AVX2 and AVX512), following ATen's own
 // dispatch: at::get_cpu_capability() reads the CPU and honours ATEN_CPU_CAPABILITY.
 #pragma once
 #include <ATen/Version.h>
@@ -32,11 +32,11 @@ inline Isa cpu_isa() {
   void bias_gelu_fwd(const T* x, const T* b, T* y, int64_t M, int64_t N);                              \
   template <typename T>                                                                                \
   void bias_gelu_bwd(const T* g, const T* x, const T* b, T* gx, T* gb, int64_t M, int64_t N);          \
-  /* softmax_ce_cpu.cpp: logits x (N, V), targets t (N), -1 = ignored; A = fp32 or fp64 accumulator */ \
+  /* cross_entropy_cpu.cpp: logits x (N, V), targets t (N), -1 = ignored; A = fp32 or fp64 accumulator */ \
   template <typename T, typename A>                                                                    \
-  void softmax_ce_fwd(const T* x, const int64_t* t, A* lse, A* loss, int64_t N, int64_t V);            \
+  void cross_entropy_fwd(const T* x, const int64_t* t, A* lse, A* loss, int64_t N, int64_t V);            \
   template <typename T, typename A>                                                                    \
-  void softmax_ce_bwd(const T* x, const int64_t* t, const A* lse, A scale, T* gx, int64_t N, int64_t V); \
+  void cross_entropy_bwd(const T* x, const int64_t* t, const A* lse, A scale, T* gx, int64_t N, int64_t V); \
   }
 
 COURSE_DECLARE_CPU_KERNELS(DEFAULT)

@@ -35,12 +35,12 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cuda(const at::Tensor& gra
 // Fused softmax cross-entropy: logits (N, V), targets (N) int64 with -1 = ignored row. Forward
 // returns (mean loss, 0-dim; per-row logsumexp (N)), both fp32 (fp64 for fp64 logits); backward
 // takes the loss's 0-dim gradient and returns d loss / d logits in the logits' dtype.
-std::tuple<at::Tensor, at::Tensor> softmax_ce_forward_cpu(const at::Tensor& logits, const at::Tensor& targets);
-at::Tensor softmax_ce_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(const at::Tensor& logits, const at::Tensor& targets);
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
                                    const at::Tensor& lse);
 #ifdef COURSE_CUDA
-std::tuple<at::Tensor, at::Tensor> softmax_ce_forward_cuda(const at::Tensor& logits, const at::Tensor& targets);
-at::Tensor softmax_ce_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& logits, const at::Tensor& targets);
+at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets,
                                     const at::Tensor& lse);
 #endif
 

@@ -1,11 +1,11 @@
 //! Attention from scratch against libtorch's own `scaled_dot_product_attention` (values and
 //! gradients), and the positional encodings against their closed forms.
 
-use course::attention::{
+use course::nn::attention::{
     attention, causal_mask, causal_padding_mask, merge_heads, padding_mask, sinusoidal, split_heads, EncoderClassifier,
     EncoderConfig, Pooling, Positions, Rope, RopeStyle,
 };
-use course::rng::Rng;
+use course::sys::rng::Rng;
 use tch::{nn, Device, Kind, Tensor};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -67,7 +67,7 @@ fn fused_attention_equals_attention_with_a_padding_mask() {
     let am = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]).view([2, 7]);
     let keep = padding_mask(&am);
     let a = attention(&q, &k, &v, Some(&keep), 0.0, false).0;
-    let b = course::attention::fused_attention(&q, &k, &v, Some(&keep), 0.0, false);
+    let b = course::nn::attention::fused_attention(&q, &k, &v, Some(&keep), 0.0, false);
     assert!(max_diff(&a, &b) < 1e-5);
 }
 

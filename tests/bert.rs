@@ -2,14 +2,14 @@
 //! embeddings equal to tests/fixtures/minilm.json (made by make_minilm_fixture.py with
 //! transformers' BertModel); strict loading; tokenizer test vectors from llama.cpp and GPT-2.
 
-use course::bert::{self, Bert, BertConfig, Pretrained};
-use course::tokenize;
+use course::models::bert::{self, Bert, BertConfig, Pretrained};
+use course::data::tokenize;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 fn minilm_dir() -> PathBuf {
-    course::data::require("minilm", "").expect("python3 scripts/setup.py installs all-MiniLM-L6-v2")
+    course::data::registry::require("minilm", "").expect("python3 scripts/setup.py installs all-MiniLM-L6-v2")
 }
 
 fn fixture() -> serde_json::Value {
@@ -107,7 +107,7 @@ fn bad_config_files_are_clear_errors() {
 /// llama.cpp's tokenizer test vectors: `.inp` texts separated by `__ggml_vocab_test__` lines,
 /// `.out` one line of ids per text.
 fn vectors(name: &str) -> Vec<(String, Vec<u32>)> {
-    let dir = course::data::require("tokenizer-vectors", "").expect("python3 scripts/setup.py installs them");
+    let dir = course::data::registry::require("tokenizer-vectors", "").expect("python3 scripts/setup.py installs them");
     let inp = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.inp"))).unwrap();
     let out = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.out"))).unwrap();
     let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
@@ -123,7 +123,7 @@ fn vectors(name: &str) -> Vec<(String, Vec<u32>)> {
 
 #[test]
 fn gpt2_bpe_matches_llama_cpp_vectors() {
-    let dir = course::data::require("gpt2-tokenizer", "").expect("python3 scripts/setup.py installs it");
+    let dir = course::data::registry::require("gpt2-tokenizer", "").expect("python3 scripts/setup.py installs it");
     let tok = tokenize::gpt2(&dir.join("vocab.json"), &dir.join("merges.txt")).unwrap();
     let hello = tok.encode("Hello world", false).unwrap();
     assert_eq!(hello.get_ids(), [15496, 995]);

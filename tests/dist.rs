@@ -4,10 +4,10 @@
 //! norm over the whole batch, and the DistributedSampler's shards.
 
 use anyhow::Result;
-use course::ddp::{Ddp, DdpConfig, DistributedSampler, SyncBatchNorm};
-use course::dist::{Backend, ProcessGroup, ReduceOp, Store};
-use course::launch::free_port;
-use course::loader::Sampler;
+use course::dist::ddp::{Ddp, DdpConfig, DistributedSampler, SyncBatchNorm};
+use course::dist::c10d::{Backend, ProcessGroup, ReduceOp, Store};
+use course::dist::launch::free_port;
+use course::data::loader::Sampler;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -144,7 +144,7 @@ fn grads_on(init: &[(String, Tensor)], x: &Tensor, y: &Tensor) -> Vec<(String, T
     });
     let loss = m.forward_t(x, true).cross_entropy_for_logits(y);
     loss.backward();
-    course::ddp::sorted_variables(&vs).into_iter().map(|(n, t)| (n, t.grad().copy())).collect()
+    course::dist::ddp::sorted_variables(&vs).into_iter().map(|(n, t)| (n, t.grad().copy())).collect()
 }
 
 #[test]
@@ -164,8 +164,8 @@ fn ddp_broadcasts_weights_and_averages_gradients_in_buckets() {
             loss.backward();
             ddp.sync_gradients()?;
             let weights: Vec<(String, Tensor)> =
-                course::ddp::sorted_variables(&vs).into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
-            let grads: Vec<Tensor> = course::ddp::sorted_variables(&vs).iter().map(|(_, t)| t.grad().copy()).collect();
+                course::dist::ddp::sorted_variables(&vs).into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
+            let grads: Vec<Tensor> = course::dist::ddp::sorted_variables(&vs).iter().map(|(_, t)| t.grad().copy()).collect();
             Ok((weights, grads, ddp.bucket_names().len(), x, y))
         });
         let (w0, _, nb, x, y) = &out[0];
@@ -278,7 +278,7 @@ fn distributed_sampler_shards_cover_the_epoch_once() {
         let per = len.div_ceil(world);
         assert!(shards.iter().all(|s| s.len() == per), "world {world}: {shards:?}");
         // Interleaving the shards gives back the epoch's permutation, padded from its start.
-        let perm = course::loader::RandomSampler { seed: 7 }.indices(3, len);
+        let perm = course::data::loader::RandomSampler { seed: 7 }.indices(3, len);
         let woven: Vec<usize> = (0..per).flat_map(|i| shards.iter().map(move |s| s[i])).collect();
         let mut padded = perm.clone();
         padded.extend_from_within(0..per * world - len);

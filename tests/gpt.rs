@@ -1,9 +1,9 @@
-//! The GPT of course::gpt: logits, loss and every gradient equal a PyTorch nanoGPT-style model
+//! The GPT of course::models::gpt: logits, loss and every gradient equal a PyTorch nanoGPT-style model
 //! (tests/fixtures/gpt.json, made by make_gpt_fixture.py), causality, both attention paths,
 //! GPT-2 initialisation, a save/load round trip, overfitting one batch, and the sampler.
 
-use course::gpt::{sample, AttentionImpl, Gpt, GptConfig, Preset, Sampling};
-use course::rng::Rng;
+use course::models::gpt::{sample, AttentionImpl, Gpt, GptConfig, Preset, Sampling};
+use course::sys::rng::Rng;
 use tch::nn::{self, OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -127,11 +127,11 @@ fn save_and_load_give_the_same_logits() {
     std::fs::create_dir_all(&dir).unwrap();
     let vs = VarStore::new(Device::Cpu);
     let m = Gpt::new(&vs.root(), &tiny(20)).unwrap();
-    course::checkpoint::save_best(&dir, &vs, &serde_json::to_value(&m.cfg).unwrap()).unwrap();
+    course::train::checkpoint::save_best(&dir, &vs, &serde_json::to_value(&m.cfg).unwrap()).unwrap();
     let cfg = GptConfig::from_file(&dir.join("best/config.json")).unwrap();
     let vs2 = VarStore::new(Device::Cpu);
     let m2 = Gpt::new(&vs2.root(), &cfg).unwrap();
-    course::checkpoint::load_into(&vs2, &dir.join("best/model.safetensors")).unwrap();
+    course::train::checkpoint::load_into(&vs2, &dir.join("best/model.safetensors")).unwrap();
     let x = Tensor::from_slice(&[1i64, 5, 7, 19, 0, 3]).unsqueeze(0);
     assert!(m.forward(&x, false).equal(&m2.forward(&x, false)));
     std::fs::remove_dir_all(&dir).unwrap();

@@ -1,7 +1,7 @@
-//! course::launch end to end, with `/bin/sh -c` as the ranks: the variables each rank sees, the
+//! course::dist::launch end to end, with `/bin/sh -c` as the ranks: the variables each rank sees, the
 //! prefixed output, stopping the others when one fails, and two node groups on one machine.
 
-use course::launch::{free_port, launch, DistEnv, LaunchFailure, LaunchSpec, Output};
+use course::dist::launch::{free_port, launch, DistEnv, LaunchFailure, LaunchSpec, Output};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -14,7 +14,7 @@ fn captured(n: usize) -> (LaunchSpec, Arc<Mutex<Vec<String>>>) {
     (LaunchSpec { output: Output::Capture(lines.clone()), ..LaunchSpec::local(n) }, lines)
 }
 
-fn sh(spec: &LaunchSpec, script: &str) -> anyhow::Result<course::launch::LaunchReport> {
+fn sh(spec: &LaunchSpec, script: &str) -> anyhow::Result<course::dist::launch::LaunchReport> {
     launch(spec, Path::new("/bin/sh"), &[OsString::from("-c"), OsString::from(script)])
 }
 

@@ -1,8 +1,8 @@
 //! m01's three regressions against the true weights: exact recovery without noise, and the
 //! statistical bound with noise.
 
-use course::linreg::{closed_form, gradient_descent, nan_max, nn_linear_sgd, synthetic};
-use course::rng::Rng;
+use course::basics::linreg::{closed_form, gradient_descent, nan_max, nn_linear_sgd, synthetic};
+use course::sys::rng::Rng;
 use tch::{Device, Kind, Tensor};
 
 #[test]

@@ -3,11 +3,11 @@
 //! gradients, the non-finite check names the poisoned parameter, resume is exact, and the token
 //! files round-trip.
 
-use course::amp::{GradScaler, Precision, ScalerConfig};
-use course::gpt::{Gpt, GptConfig, Preset};
-use course::lmdata::{self, TokenizerChoice};
-use course::lmtrain::{self, Inject, LmData, LmTrainConfig, NoHooks, OnNonFinite, TrainOptions};
-use course::rng::Rng;
+use course::train::amp::{GradScaler, Precision, ScalerConfig};
+use course::models::gpt::{Gpt, GptConfig, Preset};
+use course::data::lm::{self as lmdata, TokenizerChoice};
+use course::train::lm::{self as lmtrain, Inject, LmData, LmTrainConfig, NoHooks, OnNonFinite, TrainOptions};
+use course::sys::rng::Rng;
 use std::path::PathBuf;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -144,7 +144,7 @@ fn the_scale_grows_after_the_growth_interval() {
         assert!(t.grad().eq(1.0).all().int64_value(&[]) == 1, "{:?}", t.grad());
         s.update().unwrap();
         scales.push(s.scale_value());
-        course::runtime::clear_grad(&t);
+        course::sys::runtime::clear_grad(&t);
     }
     assert_eq!(scales, [8.0, 8.0, 16.0, 16.0, 16.0, 32.0, 32.0]);
     // State round trip (what checkpoints keep).
@@ -162,7 +162,7 @@ fn unscaled_fp16_gradients_equal_fp32_gradients() {
     m.loss(&x, &y, true, false).backward();
     let want: Vec<Tensor> = weights(&vs).iter().map(|(_, t)| t.grad().copy()).collect();
     for (_, t) in weights(&vs) {
-        course::runtime::clear_grad(&t);
+        course::sys::runtime::clear_grad(&t);
     }
     // Same fp32 forward, loss scaled by 2^16 then unscaled: equal up to fp32 rounding.
     let mut s = GradScaler::new(ScalerConfig::default(), true, Device::Cpu).unwrap();

@@ -7,7 +7,7 @@ use std::process::Command;
 use tch::Tensor;
 
 fn mnist_installed() -> bool {
-    course::data::find("mnist").is_some_and(|d| d.present(&course::data::data_root()))
+    course::data::registry::find("mnist").is_some_and(|d| d.present(&course::data::registry::data_root()))
 }
 
 fn tmp(name: &str) -> PathBuf {

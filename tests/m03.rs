@@ -2,7 +2,7 @@
 //! headers), the stratified split (written once, reused, checked), and the `predict` command on
 //! a model directory written by a quick run.
 
-use course::text::{strip_email_headers, Corpus, Split, TextTask};
+use course::data::text::{strip_email_headers, Corpus, Split, TextTask};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

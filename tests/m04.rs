@@ -46,7 +46,7 @@ fn a_quick_run_writes_its_model_samples_and_charts() {
     {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
-    let cfg = course::gpt::GptConfig::from_file(&dir.join("run/best/config.json")).unwrap();
+    let cfg = course::models::gpt::GptConfig::from_file(&dir.join("run/best/config.json")).unwrap();
     assert_eq!(cfg.vocab_size, 84, "the Shakespeare texts have 84 distinct characters");
     assert!(text.contains("tokens/s"));
     // `sample` rebuilds the model from the directory alone; a seed gives the same text.

@@ -41,7 +41,7 @@ fn json(p: &Path) -> serde_json::Value {
 }
 
 fn free_port() -> u16 {
-    course::launch::free_port().unwrap()
+    course::dist::launch::free_port().unwrap()
 }
 
 /// Max |Δ| over the tensors of two safetensors files with the same names.

@@ -1,6 +1,6 @@
 //! Runs the module binaries and the course runner as a user would, in temporary output folders.
 
-use course::catalog::MODULES;
+use course::run::catalog::MODULES;
 use course::Metrics;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -128,7 +128,7 @@ fn two_processes_give_the_same_bits_as_this_one() {
         ]));
         u64::from_str_radix(s.trim(), 16).unwrap()
     };
-    let here = course::repro::fingerprint(11, tch::Device::Cpu);
+    let here = course::basics::repro::fingerprint(11, tch::Device::Cpu);
     assert_eq!(probe(11), here);
     assert_eq!(probe(11), probe(11));
     assert_ne!(probe(12), here);
@@ -198,7 +198,7 @@ fn every_module_binary_in_cargo_toml_is_in_the_catalog() {
         } else if let (true, Some(name)) = (section == "[[bin]]", line.strip_prefix("name = \"")) {
             let name = name.trim_end_matches('"');
             if name.starts_with('m') && name.as_bytes().get(1).is_some_and(u8::is_ascii_digit) {
-                assert!(course::catalog::find(name).is_some(), "{name} is a binary but not in catalog::MODULES");
+                assert!(course::run::catalog::find(name).is_some(), "{name} is a binary but not in catalog::MODULES");
                 bins += 1;
             }
         }

@@ -5,7 +5,7 @@
 
 use course::ops::{bias_gelu, bias_gelu_backward, bias_gelu_forward, bias_gelu_reference};
 use course::ops::{cross_entropy, cross_entropy_backward, cross_entropy_forward, cross_entropy_reference};
-use course::rng::Rng;
+use course::sys::rng::Rng;
 use tch::{Device, Kind, Tensor};
 
 /// The CPU, plus CUDA device 0 where one is visible (and the CUDA kernels are built).

@@ -1,7 +1,7 @@
-//! course::optim against PyTorch's own optimizers (fixture by tests/fixtures/make_optim_fixture.py)
+//! course::train::optim against PyTorch's own optimizers (fixture by tests/fixtures/make_optim_fixture.py)
 //! and save/restore exactness.
 
-use course::optim::{AdamW, Group, Optimizer, OptimizerState, Param, Sgd};
+use course::train::optim::{AdamW, Group, Optimizer, OptimizerState, Param, Sgd};
 use tch::{Kind, Tensor};
 
 fn problem() -> (Tensor, Tensor, Tensor, Tensor) {

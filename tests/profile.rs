@@ -3,10 +3,10 @@
 //! known tensors; the per-op summary and memory peaks of a hand-made trace with nested
 //! intervals give exact numbers; bad trace files are errors naming the file.
 
-use course::profile::{
+use course::sys::profile::{
     format_table, memory_peaks, record_function, top_ops, MemoryPeak, OpDevice, OpStat, Profiler, ProfilerOptions,
 };
-use course::rng::Rng;
+use course::sys::rng::Rng;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};

@@ -8,8 +8,8 @@
 //! process, so every test here takes the `TORCH_RNG` lock (tests run in parallel threads).
 
 use anyhow::anyhow;
-use course::recompute::{checkpoint, checkpoint_local, try_checkpoint};
-use course::rng::Rng;
+use course::sys::recompute::{checkpoint, checkpoint_local, try_checkpoint};
+use course::sys::rng::Rng;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -92,9 +92,9 @@ fn take_grads(s: &Setup) -> Vec<(String, Tensor)> {
         out.push((name, t.grad().copy()));
     }
     for (_, t) in s.vs.variables() {
-        course::runtime::clear_grad(&t);
+        course::sys::runtime::clear_grad(&t);
     }
-    course::runtime::clear_grad(&s.x);
+    course::sys::runtime::clear_grad(&s.x);
     out
 }
 
@@ -143,7 +143,7 @@ fn gradients_equal_the_plain_block_under_cpu_bf16_autocast() {
     let run = |ckpt: bool| {
         tch::manual_seed(11);
         let y = {
-            let _ac = course::runtime::autocast(Device::Cpu, Kind::BFloat16, true).unwrap();
+            let _ac = course::sys::runtime::autocast(Device::Cpu, Kind::BFloat16, true).unwrap();
             if ckpt {
                 let m = s.mlp.shallow();
                 checkpoint(move |x| m.forward(x), &s.x, &params(&s.vs)).unwrap()
@@ -154,7 +154,7 @@ fn gradients_equal_the_plain_block_under_cpu_bf16_autocast() {
         assert_eq!(y.kind(), Kind::BFloat16, "autocast ran the last linear in bf16");
         // Backward outside autocast, as a trainer does: the recompute must re-enter it.
         (y.to_kind(Kind::Float) * &s.w).sum(Kind::Float).backward();
-        assert!(!course::runtime::autocast_state(Device::Cpu).unwrap().0, "autocast left on");
+        assert!(!course::sys::runtime::autocast_state(Device::Cpu).unwrap().0, "autocast left on");
         take_grads(&s)
     };
     let plain = run(false);
@@ -211,7 +211,7 @@ fn parameters_get_gradients_when_the_input_needs_none() {
     tch::manual_seed(3);
     (s.mlp.forward(&x) * &s.w).sum(Kind::Float).backward();
     let plain: Vec<Tensor> = params(&s.vs).iter().map(|p| p.grad().copy()).collect();
-    params(&s.vs).iter().for_each(course::runtime::clear_grad);
+    params(&s.vs).iter().for_each(course::sys::runtime::clear_grad);
 
     tch::manual_seed(3);
     let m = s.mlp.shallow();

@@ -1,7 +1,7 @@
 //! The runtime shim against libtorch's own behaviour: autocast on the CPU, determinism,
 //! inference mode, memory statistics and versions.
 
-use course::runtime::{self, autocast, autocast_state};
+use course::sys::runtime::{self, autocast, autocast_state};
 use tch::{Device, Kind, Tensor};
 
 #[test]
@@ -157,7 +157,7 @@ fn retained_memory_is_reused_without_page_faults() {
         drop(v);
         faults
     };
-    assert!(course::runtime::retain_freed_memory(), "mallopt refused");
+    assert!(course::sys::runtime::retain_freed_memory(), "mallopt refused");
     let first = touch();
     let second = touch();
     assert!(second < PAGES as u64 / 8, "second 48 MiB block took {second} page faults (first {first})");

@@ -1,6 +1,6 @@
-//! course::sched against PyTorch's schedulers (fixture by tests/fixtures/make_sched_fixture.py).
+//! course::train::sched against PyTorch's schedulers (fixture by tests/fixtures/make_sched_fixture.py).
 
-use course::sched::{Mode, ReduceLrOnPlateau, Schedule};
+use course::train::sched::{Mode, ReduceLrOnPlateau, Schedule};
 
 fn fixture() -> serde_json::Value {
     serde_json::from_str(include_str!("fixtures/sched.json")).unwrap()

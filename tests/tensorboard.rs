@@ -1,7 +1,7 @@
 //! Our event files, read back by the real TensorBoard's event reader (installed in .venv by
 //! scripts/setup.py).
 
-use course::tensorboard::SummaryWriter;
+use course::train::tensorboard::SummaryWriter;
 use std::process::Command;
 
 #[test]

@@ -6,9 +6,9 @@
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use course::catalog::MODULES;
-use course::data::{data_root, datasets};
-use course::gallery::{status, write_gallery, Status};
+use course::run::catalog::MODULES;
+use course::data::registry::{data_root, datasets};
+use course::run::gallery::{status, write_gallery, Status};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -82,7 +82,7 @@ fn list(outputs: &Path) -> Result<()> {
 }
 
 fn doctor() -> Result<()> {
-    let r = course::report::env_report();
+    let r = course::run::report::env_report();
     println!("{r}");
     println!(
         "cuda kernels  {}",
@@ -92,7 +92,7 @@ fn doctor() -> Result<()> {
             "not compiled (build with --features cuda for the CUDA twins)"
         }
     );
-    let info = course::runtime::parallel_info();
+    let info = course::sys::runtime::parallel_info();
     let threads: Vec<&str> = info.lines().map(str::trim).filter(|l| l.contains("threads")).collect();
     println!("threads       {}", threads.join(", "));
     let ok_torch = r.torch.starts_with("2.11.0");
@@ -127,7 +127,7 @@ fn doctor() -> Result<()> {
 
 fn tour(quick: bool, only: &[String], device: &str, outputs: &Path) -> Result<()> {
     for name in only {
-        if course::catalog::find(name).is_none() {
+        if course::run::catalog::find(name).is_none() {
             bail!(
                 "--only: unknown module '{name}' (known: {})",
                 MODULES.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")

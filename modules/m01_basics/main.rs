@@ -5,11 +5,11 @@
 
 use anyhow::{ensure, Result};
 use clap::Parser;
-use course::charts::{LineChart, Series};
-use course::linreg::{self, nan_max};
-use course::repro::fingerprint;
+use course::run::charts::{LineChart, Series};
+use course::basics::linreg::{self, nan_max};
+use course::basics::repro::fingerprint;
 use course::run::{CommonArgs, Op, Run};
-use course::runtime;
+use course::sys::runtime;
 use serde::Serialize;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
@@ -69,7 +69,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let mut run = Run::start("m01_basics", &args.common, &args)?;
-    println!("== m01_basics: PyTorch basics and reproducibility ==\n{}\n", course::report::env_report());
+    println!("== m01_basics: PyTorch basics and reproducibility ==\n{}\n", course::run::report::env_report());
     tensors(&mut run)?;
     autograd(&mut run)?;
     reproducibility(&mut run, &args)?;
@@ -313,7 +313,7 @@ fn regression(run: &mut Run, args: &Args) -> Result<()> {
     let n = args.samples.unwrap_or(if run.quick { 200 } else { 2000 });
     ensure!(n > args.features, "--samples ({n}) must exceed --features ({})", args.features);
     let p = linreg::synthetic(n, args.features, args.noise, &mut run.rng, Kind::Float, run.device)?;
-    let bar = course::progress::bar(3, "regression");
+    let bar = course::run::progress::bar(3, "regression");
     bar.set_message("closed form");
     let closed = linreg::closed_form(&p.x, &p.y)?;
     bar.inc(1);

@@ -4,13 +4,13 @@
 
 use anyhow::{ensure, Result};
 use clap::Parser;
-use course::charts::{LineChart, Series};
-use course::classify::Confusion;
-use course::loader::DataLoader;
-use course::models::{CnnConfig, InitKind, MlpConfig, ModelConfig};
+use course::run::charts::{LineChart, Series};
+use course::train::metrics::Confusion;
+use course::data::loader::DataLoader;
+use course::models::mnist::{CnnConfig, InitKind, MlpConfig, ModelConfig};
 use course::run::{CommonArgs, Op, Run};
-use course::train::{self, OptKind, SchedKind, TrainConfig};
-use course::vision::{collate_images, image_grid, split_indices, ImageBatch, ImageDataset, ImageFolder, Transform};
+use course::train::classify::{self, OptKind, SchedKind, TrainConfig};
+use course::data::vision::{collate_images, image_grid, split_indices, ImageBatch, ImageDataset, ImageFolder, Transform};
 use serde::Serialize;
 use std::sync::Arc;
 use tch::nn::VarStore;
@@ -113,7 +113,7 @@ fn loader(
 
 struct Trained {
     name: String,
-    out: train::Outcome,
+    out: classify::Outcome,
     test_acc: f64,
     confusion: Confusion,
 }
@@ -202,7 +202,7 @@ fn main() -> Result<()> {
             min_delta: 1e-4,
             max_batches: None,
         };
-        let set = |idx: &[usize], t: &Transform, from: &Arc<course::idx::ImageSet>| {
+        let set = |idx: &[usize], t: &Transform, from: &Arc<course::data::idx::ImageSet>| {
             ImageFolder::new(from.clone(), t.clone()).with_subset(idx.to_vec())
         };
         let train_l = loader(set(&train_idx, &transform, &full), args.batch_size, args.workers, Some(seed), seed)?;
@@ -210,15 +210,15 @@ fn main() -> Result<()> {
         let test_l = loader(set(&test_idx, &plain, &test_set), 1000, args.workers, None, seed)?;
 
         let vs = VarStore::new(run.device);
-        course::rng::seed_everything(seed); // the same initial weights whatever ran before
+        course::sys::rng::seed_everything(seed); // the same initial weights whatever ran before
         let model = model_cfg.build(&vs.root());
-        let params = course::models::param_count(&vs);
+        let params = course::models::mnist::param_count(&vs);
         println!(
             "\n-- {name}: {params} parameters, {epochs} epoch(s), {:?} lr {lr}, {:?} --",
             args.optimizer, args.schedule
         );
         let dir = run.path(name);
-        let out = train::fit(
+        let out = classify::fit(
             &dir,
             &info(&model_cfg),
             &vs,
@@ -237,7 +237,7 @@ fn main() -> Result<()> {
             continue;
         }
         let mut confusion = Confusion::new(10);
-        let (test_loss, test_acc) = train::evaluate(model.as_ref(), &test_l, run.device, Some(&mut confusion))?;
+        let (test_loss, test_acc) = classify::evaluate(model.as_ref(), &test_l, run.device, Some(&mut confusion))?;
         println!("{name}: test loss {test_loss:.4}, test accuracy {:.2}%", test_acc * 100.0);
         run.metric(&format!("{name}_test_loss"), test_loss);
         run.metric(&format!("{name}_params"), params as f64);
@@ -251,7 +251,7 @@ fn main() -> Result<()> {
         let classes = ds.classes();
         for b in test_l.epoch(0) {
             let b = b?;
-            let pred = train::predict(model.as_ref(), &b.images, run.device);
+            let pred = classify::predict(model.as_ref(), &b.images, run.device);
             let p: Vec<i64> = Vec::try_from(&pred)?;
             let l: Vec<i64> = Vec::try_from(&b.labels)?;
             for (k, (p, l)) in p.iter().zip(&l).enumerate() {
@@ -278,7 +278,7 @@ fn main() -> Result<()> {
     let mut acc = LineChart::new("Accuracy per epoch", "epoch", "accuracy");
     let mut lr = LineChart::new("Learning rate by step", "step", "learning rate");
     for t in &trained {
-        (loss, acc) = train::add_curves(loss, acc, &t.name, &t.out.history);
+        (loss, acc) = classify::add_curves(loss, acc, &t.name, &t.out.history);
         lr = lr.series(Series::line(&t.name, t.out.lr_trace.iter().map(|(s, l)| (*s as f64, *l)).collect()));
         let cm = run.path(&format!("confusion_{}.png", t.name));
         t.confusion.heatmap(&format!("{} confusion matrix ({}, test)", t.name, ds.name()), &ds.classes()).save(&cm)?;
@@ -314,7 +314,7 @@ fn main() -> Result<()> {
 /// bit-identical.
 fn resume_check(
     run: &Run,
-    full: &Arc<course::idx::ImageSet>,
+    full: &Arc<course::data::idx::ImageSet>,
     train_idx: &[usize],
     val_idx: &[usize],
     t: &Transform,
@@ -342,7 +342,7 @@ fn resume_check(
         min_delta: 0.0,
         max_batches: None,
     };
-    let make = |dir: &std::path::Path, stop: Option<usize>, resume: bool| -> Result<(VarStore, train::Outcome)> {
+    let make = |dir: &std::path::Path, stop: Option<usize>, resume: bool| -> Result<(VarStore, classify::Outcome)> {
         let tl = loader(
             ImageFolder::new(full.clone(), t.clone()).with_subset(train_idx[..2000.min(train_idx.len())].to_vec()),
             64,
@@ -358,9 +358,9 @@ fn resume_check(
             seed,
         )?;
         let vs = VarStore::new(run.device);
-        course::rng::seed_everything(seed);
+        course::sys::rng::seed_everything(seed);
         let m = cfg_m.build(&vs.root());
-        let out = train::fit(dir, &info(&cfg_m), &vs, m.as_ref(), &tl, &vl, &cfg, resume, stop)?;
+        let out = classify::fit(dir, &info(&cfg_m), &vs, m.as_ref(), &tl, &vl, &cfg, resume, stop)?;
         Ok((vs, out))
     };
     let a = run.path("resume_check/straight");
@@ -371,9 +371,9 @@ fn resume_check(
     let (vs_a, out_a) = make(&a, None, false)?;
     let _ = make(&b, Some(1), false)?;
     let (vs_b, out_b) = make(&b, None, true)?;
-    let same_weights = course::checkpoint::named_tensors(&vs_a)
+    let same_weights = course::train::checkpoint::named_tensors(&vs_a)
         .iter()
-        .zip(course::checkpoint::named_tensors(&vs_b))
+        .zip(course::train::checkpoint::named_tensors(&vs_b))
         .all(|((n1, t1), (n2, t2))| n1 == &n2 && t1.equal(&t2));
     let same_losses = out_a.history.iter().map(|r| r.train_loss).eq(out_b.history.iter().map(|r| r.train_loss));
     println!("resume check: weights identical = {same_weights}, epoch losses identical = {same_losses}");
@@ -381,8 +381,8 @@ fn resume_check(
 }
 
 /// The trainer's record of one of m02's models.
-fn info(cfg: &ModelConfig) -> train::ModelInfo<'_> {
-    train::ModelInfo {
+fn info(cfg: &ModelConfig) -> classify::ModelInfo<'_> {
+    classify::ModelInfo {
         name: cfg.name(),
         config: serde_json::to_value(cfg).expect("model configs serialise"),
         extra_files: None,

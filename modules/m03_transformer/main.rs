@@ -4,15 +4,15 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
-use course::attention::{sinusoidal, EncoderClassifier, EncoderConfig, Pooling, Positions};
-use course::bert::{self, BertClassifier, BertConfig, Pretrained};
-use course::charts::{Heatmap, LineChart};
-use course::classify::Confusion;
-use course::loader::DataLoader;
+use course::nn::attention::{sinusoidal, EncoderClassifier, EncoderConfig, Pooling, Positions};
+use course::models::bert::{self, BertClassifier, BertConfig, Pretrained};
+use course::run::charts::{Heatmap, LineChart};
+use course::train::metrics::Confusion;
+use course::data::loader::DataLoader;
 use course::run::{CommonArgs, Op, Run};
-use course::text::{collate_tokens, split_path, Corpus, Document, Split, TextBatch, TextTask, TokenDataset};
-use course::tokenize::{self, TokenizerKind};
-use course::train::{self, Classifier, OptKind, SchedKind, TrainConfig};
+use course::data::text::{collate_tokens, split_path, Corpus, Document, Split, TextBatch, TextTask, TokenDataset};
+use course::data::tokenize::{self, TokenizerKind};
+use course::train::classify::{self, Classifier, OptKind, SchedKind, TrainConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -211,7 +211,7 @@ fn load_model_dir(dir: &Path, device: Device) -> Result<(Saved, Tokenizer, VarSt
     let tok = tokenize::load(&dir.join("tokenizer.json"))?;
     let vs = VarStore::new(device);
     let model = Model::build(&vs, &saved)?;
-    course::checkpoint::load_into(&vs, &dir.join("model.safetensors"))?;
+    course::train::checkpoint::load_into(&vs, &dir.join("model.safetensors"))?;
     Ok((saved, tok, vs, model))
 }
 
@@ -239,7 +239,7 @@ fn predict(model_dir: &Path, texts: &[String], device: Device) -> Result<()> {
 struct Trained {
     name: String,
     task: TextTask,
-    out: train::Outcome,
+    out: classify::Outcome,
     confusion: Confusion,
 }
 
@@ -318,7 +318,7 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
         // makes every later run bit-reproducible.
         let vocab_size = if quick { 1000 } else { args.vocab_size };
         let kind = format!("{:?}", args.tokenizer).to_lowercase();
-        let cache = course::data::data_root().join("tokenizers").join(format!(
+        let cache = course::data::registry::data_root().join("tokenizers").join(format!(
             "{}-{kind}-{vocab_size}{}.json",
             task.name(),
             if quick { "-quick" } else { "" }
@@ -354,7 +354,7 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
         println!("vocabulary: {} tokens", tok.get_vocab_size(true));
         (tok, Saved::Scratch { encoder, classes: classes.clone(), max_len, task }, None)
     } else {
-        let p = Pretrained::at(&course::data::require("minilm", "")?)?;
+        let p = Pretrained::at(&course::data::registry::require("minilm", "")?)?;
         let saved = Saved::Minilm { bert: p.cfg.clone(), classes: classes.clone(), max_len, task };
         (tokenize::load(&p.tokenizer)?, saved, Some(p))
     };
@@ -372,7 +372,7 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
     let val_l = loader(tokenized(&tok, &val_docs, max_len)?, 64, args.workers, pad, None)?;
     let test_l = loader(tokenized(&tok, &test_docs, max_len)?, 64, args.workers, pad, None)?;
 
-    course::rng::seed_everything(seed);
+    course::sys::rng::seed_everything(seed);
     let vs = VarStore::new(run.device);
     let model = Model::build(&vs, &saved)?;
     if let Some(p) = &pretrained {
@@ -409,11 +409,11 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
     let dir = run.path(&name);
     let tok_for_save = tok.clone();
     let save_tok = move |d: &Path| tokenize::save(&tok_for_save, &d.join("tokenizer.json"));
-    let info = train::ModelInfo { name: &name, config: serde_json::to_value(&saved)?, extra_files: Some(&save_tok) };
-    let out = train::fit(&dir, &info, &vs, &model, &train_l, &val_l, &cfg, args.resume, None)?;
+    let info = classify::ModelInfo { name: &name, config: serde_json::to_value(&saved)?, extra_files: Some(&save_tok) };
+    let out = classify::fit(&dir, &info, &vs, &model, &train_l, &val_l, &cfg, args.resume, None)?;
 
     let mut confusion = Confusion::new(classes.len());
-    let (test_loss, test_acc) = train::evaluate(&model, &test_l, run.device, Some(&mut confusion))?;
+    let (test_loss, test_acc) = classify::evaluate(&model, &test_l, run.device, Some(&mut confusion))?;
     let names: Vec<&str> = classes.iter().map(|s| s.as_str()).collect();
     println!(
         "{name}: test loss {test_loss:.4}, accuracy {:.2}%, macro-F1 {:.4}",
@@ -523,7 +523,7 @@ fn main() -> Result<()> {
     let mut loss = LineChart::new("Loss per epoch", "epoch", "cross-entropy");
     let mut acc = LineChart::new("Accuracy per epoch", "epoch", "accuracy");
     for t in &trained {
-        (loss, acc) = train::add_curves(loss, acc, &t.name, &t.out.history);
+        (loss, acc) = classify::add_curves(loss, acc, &t.name, &t.out.history);
         let cm = run.path(&format!("confusion_{}.png", t.name));
         t.confusion.heatmap(&format!("{} confusion matrix (test)", t.name), t.task.classes()).save(&cm)?;
         run.artifact(&cm);

@@ -5,12 +5,12 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use course::amp::{self, Precision};
-use course::charts::{self, LineChart, Series};
-use course::gpt::{AttentionImpl, Gpt, Kernels, Preset, Sampling};
-use course::lmdata::{self, TokenData, TokenizerChoice};
-use course::lmtrain::{self, Hooks, Inject, LmData, LmTrainConfig, OnNonFinite, TrainOptions};
-use course::rng::Rng;
+use course::train::amp::{self, Precision};
+use course::run::charts::{self, LineChart, Series};
+use course::models::gpt::{AttentionImpl, Gpt, Kernels, Preset, Sampling};
+use course::data::lm::{self as lmdata, TokenData, TokenizerChoice};
+use course::train::lm::{self as lmtrain, Hooks, Inject, LmData, LmTrainConfig, OnNonFinite, TrainOptions};
+use course::sys::rng::Rng;
 use course::run::{CommonArgs, Op, Run};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -114,7 +114,7 @@ struct Args {
     /// Poison one gradient with NaN at this step, to watch the non-finite check work
     #[arg(long)]
     inject_nan: Option<usize>,
-    /// Attention: sdpa (libtorch's fused kernel) or scratch (course::attention by hand)
+    /// Attention: sdpa (libtorch's fused kernel) or scratch (course::nn::attention by hand)
     #[arg(long, value_enum, default_value_t = AttentionImpl::Sdpa)]
     attention: AttentionImpl,
     /// The MLP's bias + GELU through the fused kernel from kernels/
@@ -198,7 +198,7 @@ enum Command {
 fn sample_from_dir(cmd: &Command) -> Result<()> {
     let Command::Sample { model, prompt, tokens, sampling, seed, device } = cmd;
     let device = device.parse::<course::DeviceChoice>().map_err(|e| anyhow::anyhow!("--device: {e}"))?.resolve()?;
-    let cfg = course::gpt::GptConfig::from_file(&model.join("config.json"))?;
+    let cfg = course::models::gpt::GptConfig::from_file(&model.join("config.json"))?;
     let tok = lmdata::LmTokenizer::load_from(model)?;
     if tok.vocab_size() != cfg.vocab_size {
         bail!(
@@ -210,7 +210,7 @@ fn sample_from_dir(cmd: &Command) -> Result<()> {
     }
     let vs = VarStore::new(device);
     let gpt = Gpt::new(&vs.root(), &cfg)?;
-    course::checkpoint::load_into(&vs, &model.join("model.safetensors"))?;
+    course::train::checkpoint::load_into(&vs, &model.join("model.safetensors"))?;
     let ids = tok.encode(prompt).with_context(|| format!("--prompt {prompt:?}"))?;
     let out = gpt.generate(&ids, *tokens, &sampling.sampling(), &mut Rng::new(*seed))?;
     println!("{}", tok.decode(&out));
@@ -284,7 +284,7 @@ fn train_config(args: &Args, block_size: i64) -> LmTrainConfig {
 
 fn load_data(args: &Args) -> Result<TokenData> {
     let text = lmdata::shakespeare_text()?;
-    lmdata::prepare(&course::data::data_root().join("lm"), "shakespeare", &text, args.tokenizer, args.bpe_vocab)
+    lmdata::prepare(&course::data::registry::data_root().join("lm"), "shakespeare", &text, args.tokenizer, args.bpe_vocab)
 }
 
 /// Starts the profiler at step `from` and saves the trace after `n` steps.
@@ -292,14 +292,14 @@ struct ProfileWindow {
     from: usize,
     n: usize,
     trace: PathBuf,
-    active: Option<course::profile::Profiler>,
+    active: Option<course::sys::profile::Profiler>,
     cuda: bool,
 }
 
 impl Hooks for ProfileWindow {
     fn around_step(&mut self, step: usize, starting: bool) -> Result<()> {
         if starting && step == self.from {
-            self.active = Some(course::profile::Profiler::start(self.cuda)?);
+            self.active = Some(course::sys::profile::Profiler::start(self.cuda)?);
         }
         if !starting && step + 1 == self.from + self.n {
             if let Some(p) = self.active.take() {
@@ -348,7 +348,7 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
         tc.precision.name(),
         tc.tokens_per_step()
     );
-    if !run.device.is_cuda() && tc.precision == Precision::Fp16 && !course::report::cpu_has_native_fp16() {
+    if !run.device.is_cuda() && tc.precision == Precision::Fp16 && !course::run::report::cpu_has_native_fp16() {
         println!("note: this CPU has no native fp16 arithmetic (no AVX512-FP16/AMX-FP16): libtorch emulates fp16 matmuls at well under 1 GFLOP/s, hundreds of times slower than bf16. fp16 is a GPU format; on CPUs use bf16");
     }
     if args.cuda_graph && args.checkpoint_activations {
@@ -400,15 +400,15 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
         println!("skipped step {} ({}): {}", s.step, s.reason, s.detail);
     }
     // best/: the final weights with config.json and the vocabulary, ready for generation.
-    course::checkpoint::save_best_with(&dir, &vs, &model_config, Some(&|d: &Path| data.tokenizer.save_to(d)))?;
+    course::train::checkpoint::save_best_with(&dir, &vs, &model_config, Some(&|d: &Path| data.tokenizer.save_to(d)))?;
 
     if args.profile.is_some() {
         let trace = run.path("trace.json");
-        let ops = course::profile::top_ops(&trace, 15)?;
-        let table = course::profile::format_table(&ops);
+        let ops = course::sys::profile::top_ops(&trace, 15)?;
+        let table = course::sys::profile::format_table(&ops);
         println!("\nTop ops by self time over the profiled steps:\n{table}");
         let path = run.path("top_ops.txt");
-        course::fsutil::write_atomic(&path, table.as_bytes())?;
+        course::sys::fsutil::write_atomic(&path, table.as_bytes())?;
         run.artifact(&trace);
         run.artifact(&path);
     }
@@ -454,7 +454,7 @@ fn write_samples(run: &mut Run, args: &Args, model: &Gpt, data: &TokenData) -> R
     }
     println!("\n{}", out.lines().take(24).collect::<Vec<_>>().join("\n"));
     let p = run.path("samples.txt");
-    course::fsutil::write_atomic(&p, out.as_bytes())?;
+    course::sys::fsutil::write_atomic(&p, out.as_bytes())?;
     run.artifact(&p);
     Ok(())
 }
@@ -512,7 +512,7 @@ fn single(args: &Args) -> Result<()> {
         run.target("train_minutes", leg.train_seconds / 60.0, Op::Le, 10.0);
     }
     if args.compare_leg {
-        course::fsutil::write_json_atomic(&run.path("leg.json"), &leg)?;
+        course::sys::fsutil::write_json_atomic(&run.path("leg.json"), &leg)?;
     }
     let m = run.finish()?;
     ensure!(m.quick || m.all_targets_met() || m.targets.is_empty(), "not every target was met (see the table above)");
@@ -532,7 +532,7 @@ fn compare(args: &Args, list: &str) -> Result<()> {
         strip_flag(&mut leg_args, "--compare", true);
         strip_flag(&mut leg_args, "--precision", true);
         cmd.args(&leg_args).args(["--precision", p.name(), "--compare-leg", "--samples", "0"]);
-        let slow = !run.device.is_cuda() && p == Precision::Fp16 && !course::report::cpu_has_native_fp16();
+        let slow = !run.device.is_cuda() && p == Precision::Fp16 && !course::run::report::cpu_has_native_fp16();
         if slow && args.max_time.is_none() {
             println!("fp16 on this CPU is emulated (no native fp16 arithmetic): its run is capped at {} s (--slow-fp16-budget)", args.slow_fp16_budget);
             cmd.args(["--max-time", &args.slow_fp16_budget.to_string()]);
@@ -571,7 +571,7 @@ fn compare(args: &Args, list: &str) -> Result<()> {
     }
     println!("\n{table}\npeak memory: {}", base.memory_measure);
     let md = run.path("compare.md");
-    course::fsutil::write_atomic(&md, format!("{table}\npeak memory: {}\n", base.memory_measure).as_bytes())?;
+    course::sys::fsutil::write_atomic(&md, format!("{table}\npeak memory: {}\n", base.memory_measure).as_bytes())?;
     run.artifact(&md);
     let bars =
         |f: &dyn Fn(&Leg) -> f64| legs.iter().map(|l| (l.precision.name().to_string(), f(l))).collect::<Vec<_>>();

@@ -5,19 +5,19 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
-use course::charts::{self, LineChart, Series};
-use course::ddp::{Ddp, DdpConfig, DistributedSampler};
-use course::dist::{Backend, ProcessGroup, ReduceOp};
-use course::gpt::{Gpt, Preset};
-use course::hooks::Hooks;
-use course::launch::{self, DistEnv, LaunchSpec};
-use course::lmdata;
-use course::lmtrain::{self, LmData, LmTrainConfig, OnNonFinite, TrainOptions};
-use course::loader::DataLoader;
-use course::models::{CnnConfig, LeNet};
+use course::run::charts::{self, LineChart, Series};
+use course::dist::ddp::{Ddp, DdpConfig, DistributedSampler};
+use course::dist::c10d::{Backend, ProcessGroup, ReduceOp};
+use course::models::gpt::{Gpt, Preset};
+use course::train::hooks::Hooks;
+use course::dist::launch::{self, DistEnv, LaunchSpec};
+use course::data::lm as lmdata;
+use course::train::lm::{self as lmtrain, LmData, LmTrainConfig, OnNonFinite, TrainOptions};
+use course::data::loader::DataLoader;
+use course::models::mnist::{CnnConfig, LeNet};
 use course::run::{CommonArgs, Op, Run};
-use course::train::{self, OptKind, SchedKind, TrainConfig};
-use course::vision::{collate_images, split_indices, ImageBatch, ImageDataset, ImageFolder, Transform};
+use course::train::classify::{self, OptKind, SchedKind, TrainConfig};
+use course::data::vision::{collate_images, split_indices, ImageBatch, ImageDataset, ImageFolder, Transform};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -328,10 +328,10 @@ fn train_job(args: &Args, env: Option<DistEnv>) -> Result<()> {
     let main = pg.is_main();
     // Every rank seeds and sets threads; only rank 0 owns the output folder.
     if let Some(n) = args.common.threads {
-        course::runtime::set_threads(n);
+        course::sys::runtime::set_threads(n);
     }
-    course::rng::seed_everything(args.common.seed);
-    course::progress::set_quiet(args.common.quiet || !main);
+    course::sys::rng::seed_everything(args.common.seed);
+    course::run::progress::set_quiet(args.common.quiet || !main);
     let mut run = if main { Some(Run::start(&format!("m05_ddp/{}", args.job), &args.common, args)?) } else { None };
     let dir = args.common.outputs.join("m05_ddp").join(&args.job);
     if main {
@@ -351,17 +351,17 @@ fn train_job(args: &Args, env: Option<DistEnv>) -> Result<()> {
     pg.barrier()?;
     if let Some(mut run) = run {
         if let Some(p) = &args.save_params {
-            course::fsutil::write_via_temp(p, |tmp| {
+            course::sys::fsutil::write_via_temp(p, |tmp| {
                 // Parameters only (what the optimizer updates); buffers such as batch-norm running
                 // statistics are derived from them.
                 let params: Vec<(String, Tensor)> =
-                    course::ddp::sorted_variables(&vs).into_iter().filter(|(_, t)| t.requires_grad()).collect();
+                    course::dist::ddp::sorted_variables(&vs).into_iter().filter(|(_, t)| t.requires_grad()).collect();
                 Tensor::write_safetensors(&params, tmp)
                     .with_context(|| format!("saving the parameters to {}", p.display()))
             })?;
         }
         if let Some(p) = &args.result {
-            course::fsutil::write_json_atomic(p, &result)?;
+            course::sys::fsutil::write_json_atomic(p, &result)?;
         }
         run.metric("world_size", pg.size() as f64);
         run.metric("samples_per_s", result.samples_per_s);
@@ -417,7 +417,7 @@ fn train_cnn(
     let (mean, std) = ds.mean_std();
     let plain = Transform { normalize: Some((mean, std)), ..Default::default() };
     let augmented = Transform { crop_padding: 2, normalize: Some((mean, std)), ..Default::default() };
-    let set = |idx: &[usize], t: &Transform, from: &Arc<course::idx::ImageSet>| {
+    let set = |idx: &[usize], t: &Transform, from: &Arc<course::data::idx::ImageSet>| {
         ImageFolder::new(from.clone(), t.clone()).with_subset(idx.to_vec())
     };
     let b = batch_size(args);
@@ -443,7 +443,7 @@ fn train_cnn(
         conv_bias: false,
     };
     let vs = VarStore::new(device);
-    course::rng::seed_everything(seed);
+    course::sys::rng::seed_everything(seed);
     let group = (world > 1 && !args.no_sync_bn).then(|| pg.clone());
     let model = LeNet::with_group(&vs.root(), &cfg_m, group);
     let ddp = Ddp::new(pg.clone(), &vs, ddp_cfg)?;
@@ -471,12 +471,12 @@ fn train_cnn(
         min_delta: 1e-4,
         max_batches: args.steps.or(quick.then_some(30)),
     };
-    let info = train::ModelInfo { name: "cnn", config: serde_json::to_value(&cfg_m)?, extra_files: None };
+    let info = classify::ModelInfo { name: "cnn", config: serde_json::to_value(&cfg_m)?, extra_files: None };
     let mut hooks = JobHooks { ddp, crash: args.crash_rank.zip(args.crash_at_step) };
     let t0 = Instant::now();
-    let out = train::fit_with(dir, &info, &vs, &model, &train_l, &val_l, &cfg, false, None, &mut hooks)?;
+    let out = classify::fit_with(dir, &info, &vs, &model, &train_l, &val_l, &cfg, false, None, &mut hooks)?;
     let train_seconds = t0.elapsed().as_secs_f64();
-    let sums = train::evaluate_sums(&model, &test_l, device, None)?;
+    let sums = classify::evaluate_sums(&model, &test_l, device, None)?;
     let [_, correct, n] = pg.allreduce_f64(&sums, ReduceOp::Sum)?[..] else {
         bail!("allreduce returned the wrong count")
     };
@@ -524,7 +524,7 @@ fn train_gpt(
     let prepare = || -> Result<lmdata::TokenData> {
         let text = lmdata::shakespeare_text()?;
         lmdata::prepare(
-            &course::data::data_root().join("lm"),
+            &course::data::registry::data_root().join("lm"),
             "shakespeare",
             &text,
             lmdata::TokenizerChoice::Char,
@@ -558,7 +558,7 @@ fn train_gpt(
         eval_iters: if quick { 4 } else { 20 },
         log_interval: 1,
         checkpoint_interval: 0,
-        precision: course::amp::Precision::Fp32,
+        precision: course::train::amp::Precision::Fp32,
         on_nonfinite: OnNonFinite::Stop,
         fused_loss: false,
         max_time: None,
@@ -566,7 +566,7 @@ fn train_gpt(
         cuda_graph: false,
     };
     let vs = VarStore::new(device);
-    course::rng::seed_everything(args.common.seed);
+    course::sys::rng::seed_everything(args.common.seed);
     let model = Gpt::new(&vs.root(), &gcfg)?;
     let ddp = Ddp::new(pg.clone(), &vs, ddp_cfg)?;
     let opts = TrainOptions {
@@ -622,7 +622,7 @@ struct BandwidthResult {
 fn bandwidth_job(args: &Args, env: Option<DistEnv>) -> Result<()> {
     let (pg, device) = join(args, &env)?;
     if let Some(n) = args.common.threads {
-        course::runtime::set_threads(n);
+        course::sys::runtime::set_threads(n);
     }
     let mut points = vec![];
     let mut bytes = 1024usize;
@@ -639,7 +639,7 @@ fn bandwidth_job(args: &Args, env: Option<DistEnv>) -> Result<()> {
         bytes *= 4;
     }
     if let (true, Some(p)) = (pg.is_main(), &args.result) {
-        course::fsutil::write_json_atomic(
+        course::sys::fsutil::write_json_atomic(
             p,
             &BandwidthResult { world: pg.size(), backend: pg.backend().to_string(), points },
         )?;

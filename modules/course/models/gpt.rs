@@ -1,0 +1,495 @@
+//! A decoder-only GPT, the nanoGPT model (Karpathy, `model.py`) in tch: token and position
+//! embeddings, pre-LayerNorm blocks of causal multi-head attention and a GELU MLP, a final
+//! LayerNorm, and an output head tied to the token embedding. GPT-2 initialisation: N(0, 0.02)
+//! everywhere, residual projections scaled by 1/√(2·layers) (Radford et al. 2019, §2.3).
+//!
+//! Parameter names are nanoGPT's (`transformer.h.0.attn.c_attn.weight`, ...), so its checkpoints
+//! map one to one. Shapes: `B` batch, `T` tokens, `C` width, `H` heads, `V` vocabulary.
+
+use crate::nn::attention::{attention, causal_mask, merge_heads, split_heads};
+use crate::sys::rng::Rng;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+/// Which attention implementation the blocks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionImpl {
+    /// libtorch's `scaled_dot_product_attention` (flash attention on CPU and CUDA).
+    #[default]
+    Sdpa,
+    /// The from-scratch attention of course::attention: `softmax(q kᵀ/√d + mask) v` by hand.
+    Scratch,
+}
+
+/// The model's shape; saved as `config.json` beside the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GptConfig {
+    pub vocab_size: i64,
+    /// Context length: the most tokens the model sees at once.
+    pub block_size: i64,
+    pub n_layer: i64,
+    pub n_head: i64,
+    pub n_embd: i64,
+    pub dropout: f64,
+    /// Biases in the Linear layers and LayerNorms (GPT-2 has them; without is a bit faster).
+    pub bias: bool,
+    #[serde(default)]
+    pub attention: AttentionImpl,
+}
+
+/// Named configurations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// Seconds per run: tests and `--quick`.
+    Tiny,
+    /// The laptop-CPU default: 4 layers, 4 heads, 256 wide, 64-token context (3.2M
+    /// parameters). nanoGPT's CPU recipe for Shakespeare is the same at 128 wide; twice the width
+    /// learns more per token, and its 256-wide matmuls are where bf16 pays off on a CPU (at 128
+    /// wide bf16 is no faster than fp32 here).
+    Cpu,
+    /// GPT-2 small (124M): 12 layers, 12 heads, 768 wide, 1024 tokens; for GPUs.
+    Gpt2,
+}
+
+impl Preset {
+    pub fn config(self, vocab_size: i64) -> GptConfig {
+        let (block_size, n_layer, n_head, n_embd, dropout) = match self {
+            Preset::Tiny => (32, 2, 2, 32, 0.0),
+            Preset::Cpu => (64, 4, 4, 256, 0.0),
+            Preset::Gpt2 => (1024, 12, 12, 768, 0.0),
+        };
+        GptConfig {
+            vocab_size,
+            block_size,
+            n_layer,
+            n_head,
+            n_embd,
+            dropout,
+            bias: true,
+            attention: AttentionImpl::Sdpa,
+        }
+    }
+}
+
+impl GptConfig {
+    pub fn check(&self) -> Result<()> {
+        let c = self;
+        if c.vocab_size < 1 || c.block_size < 1 || c.n_layer < 1 || c.n_head < 1 || c.n_embd < 1 {
+            bail!("GPT config: vocab_size, block_size, n_layer, n_head and n_embd must be positive: {c:?}");
+        }
+        if c.n_embd % c.n_head != 0 {
+            bail!("GPT config: n_embd {} is not a multiple of n_head {}", c.n_embd, c.n_head);
+        }
+        if !(0.0..1.0).contains(&c.dropout) {
+            bail!("GPT config: dropout must be in [0, 1), got {}", c.dropout);
+        }
+        Ok(())
+    }
+
+    /// Reads and checks a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: GptConfig =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a GPT config", path.display()))?;
+        c.check().with_context(|| path.display().to_string())?;
+        Ok(c)
+    }
+
+    /// Parameters, counting the tied head once (nanoGPT's `get_num_params(non_embedding=False)`).
+    pub fn num_params(&self) -> i64 {
+        let (c, l, v, t) = (self.n_embd, self.n_layer, self.vocab_size, self.block_size);
+        let b = i64::from(self.bias);
+        let ln = c + b * c;
+        let block = 2 * ln + (c * 3 * c + b * 3 * c) + (c * c + b * c) + (c * 4 * c + b * 4 * c) + (4 * c * c + b * c);
+        v * c + t * c + l * block + ln
+    }
+
+    /// GPT-2's init std of the projections that write into the residual stream: each block adds
+    /// two of them, so 0.02 shrinks by √(2·n_layer) to keep the residual's variance flat in depth.
+    pub fn residual_std(&self) -> f64 {
+        0.02 / ((2 * self.n_layer) as f64).sqrt()
+    }
+
+    /// Training FLOPs per token, forward and backward (6 per parameter, plus attention's
+    /// `6·L·T·C` for `q kᵀ` and `att v`: PaLM, Chowdhery et al. 2022, appendix B).
+    pub fn flops_per_token(&self) -> f64 {
+        let n = (self.num_params() - self.block_size * self.n_embd) as f64;
+        6.0 * n + 6.0 * (self.n_layer * self.block_size * self.n_embd) as f64
+    }
+}
+
+/// Speed options that change how a forward pass runs, not what it computes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kernels {
+    /// The MLP's bias + GELU through the fused kernel in kernels/ (course::ops::bias_gelu).
+    pub fused_bias_gelu: bool,
+    /// Recompute each block's activations in backward instead of keeping them
+    /// (course::recompute::checkpoint): less memory, one more forward per block.
+    pub checkpoint: bool,
+}
+
+fn linear(vs: nn::Path, i: i64, o: i64, bias: bool, std: f64) -> nn::Linear {
+    let c = nn::LinearConfig {
+        ws_init: nn::Init::Randn { mean: 0.0, stdev: std },
+        bs_init: bias.then_some(nn::Init::Const(0.0)),
+        bias,
+    };
+    nn::linear(vs, i, o, c)
+}
+
+/// LayerNorm with an optional bias (tch's has both affine tensors or neither).
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub ws: Tensor,
+    pub bs: Option<Tensor>,
+    dim: i64,
+}
+
+impl LayerNorm {
+    /// # Shapes
+    /// `x`: `(..., C)` -> `(..., C)`
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.dim], Some(&self.ws), self.bs.as_ref(), 1e-5, true)
+    }
+}
+
+fn layer_norm(vs: nn::Path, c: i64, bias: bool) -> LayerNorm {
+    LayerNorm {
+        ws: vs.var("weight", &[c], nn::Init::Const(1.0)),
+        bs: bias.then(|| vs.var("bias", &[c], nn::Init::Const(0.0))),
+        dim: c,
+    }
+}
+
+/// Causal self-attention with one `C -> 3C` projection for q, k and v.
+#[derive(Debug)]
+pub struct CausalSelfAttention {
+    c_attn: nn::Linear,
+    c_proj: nn::Linear,
+    n_head: i64,
+    dropout: f64,
+    imp: AttentionImpl,
+}
+
+impl CausalSelfAttention {
+    fn new(vs: &nn::Path, c: &GptConfig) -> Self {
+        Self {
+            c_attn: linear(vs / "c_attn", c.n_embd, 3 * c.n_embd, c.bias, 0.02),
+            c_proj: linear(vs / "c_proj", c.n_embd, c.n_embd, c.bias, c.residual_std()),
+            n_head: c.n_head,
+            dropout: c.dropout,
+            imp: c.attention,
+        }
+    }
+
+    /// # Shapes
+    /// `x`: `(B, T, C)` -> `(B, T, C)`
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let qkv = self.c_attn.forward(x).chunk(3, -1);
+        // (B, T, C) -> (B, H, T, C/H) each
+        let (q, k, v) =
+            (split_heads(&qkv[0], self.n_head), split_heads(&qkv[1], self.n_head), split_heads(&qkv[2], self.n_head));
+        let p = if train { self.dropout } else { 0.0 };
+        let y = match self.imp {
+            // is_causal: the kernel skips the masked upper triangle instead of reading a mask.
+            AttentionImpl::Sdpa => {
+                Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, p, true, None, false)
+            }
+            AttentionImpl::Scratch => {
+                let t = x.size()[1];
+                attention(&q, &k, &v, Some(&causal_mask(t, x.device())), p, train).0
+            }
+        };
+        self.c_proj.forward(&merge_heads(&y)).dropout(self.dropout, train) // (B, T, C)
+    }
+}
+
+/// `c_proj(gelu(c_fc(x)))`, 4× wide. GELU is the tanh approximation, as in GPT-2 and as the
+/// fused kernel computes it.
+#[derive(Debug)]
+pub struct Mlp {
+    c_fc: nn::Linear,
+    c_proj: nn::Linear,
+    dropout: f64,
+}
+
+impl Mlp {
+    fn new(vs: &nn::Path, c: &GptConfig) -> Self {
+        Self {
+            c_fc: linear(vs / "c_fc", c.n_embd, 4 * c.n_embd, c.bias, 0.02),
+            c_proj: linear(vs / "c_proj", 4 * c.n_embd, c.n_embd, c.bias, c.residual_std()),
+            dropout: c.dropout,
+        }
+    }
+
+    /// # Shapes
+    /// `x`: `(B, T, C)` -> `(B, T, C)`
+    pub fn forward(&self, x: &Tensor, train: bool, k: Kernels) -> Tensor {
+        let h = match (&self.c_fc.bs, k.fused_bias_gelu) {
+            (Some(b), true) => {
+                // (B, T, 4C), in the autocast dtype if any; the kernel takes one dtype, so the
+                // bias follows the matmul's.
+                let h = x.matmul(&self.c_fc.ws.tr());
+                match h.kind() {
+                    // The kernel has no fp16 path (fp16 autocast): the unfused pair.
+                    Kind::Half => (&h + b.to_kind(Kind::Half)).gelu("tanh"),
+                    // Shapes and dtypes are right by construction: an error here is a bug.
+                    _ => crate::ops::bias_gelu(&h, &b.to_kind(h.kind())).expect("fused bias + GELU"),
+                }
+            }
+            _ => self.c_fc.forward(x).gelu("tanh"),
+        };
+        self.c_proj.forward(&h).dropout(self.dropout, train)
+    }
+}
+
+/// `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+#[derive(Debug)]
+pub struct Block {
+    ln_1: LayerNorm,
+    attn: CausalSelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(vs: &nn::Path, c: &GptConfig) -> Self {
+        Self {
+            ln_1: layer_norm(vs / "ln_1", c.n_embd, c.bias),
+            attn: CausalSelfAttention::new(&(vs / "attn"), c),
+            ln_2: layer_norm(vs / "ln_2", c.n_embd, c.bias),
+            mlp: Mlp::new(&(vs / "mlp"), c),
+        }
+    }
+
+    /// # Shapes
+    /// `x`: `(B, T, C)` -> `(B, T, C)`
+    pub fn forward(&self, x: &Tensor, train: bool, k: Kernels) -> Tensor {
+        let x = x + self.attn.forward(&self.ln_1.forward(x), train);
+        &x + self.mlp.forward(&self.ln_2.forward(&x), train, k)
+    }
+
+    /// The block's trainable tensors (for recomputation, which must hand them to autograd).
+    fn parameters(&self) -> Vec<Tensor> {
+        let mut v = vec![];
+        for l in [&self.attn.c_attn, &self.attn.c_proj, &self.mlp.c_fc, &self.mlp.c_proj] {
+            v.push(l.ws.shallow_clone());
+            v.extend(l.bs.as_ref().map(|b| b.shallow_clone()));
+        }
+        for ln in [&self.ln_1, &self.ln_2] {
+            v.push(ln.ws.shallow_clone());
+            v.extend(ln.bs.as_ref().map(|b| b.shallow_clone()));
+        }
+        v
+    }
+}
+
+/// A block shared with the recompute closure, which autograd may call on its device thread.
+struct SharedBlock(Arc<Block>);
+// SAFETY: a Block is only read (its forward), and libtorch tensors may be read from several
+// threads at once (their refcounts are atomic); tch marks Tensor Send but not Sync only
+// because it cannot know what callers do with `&mut` methods, which Block never calls.
+unsafe impl Send for SharedBlock {}
+
+impl SharedBlock {
+    fn forward(&self, x: &Tensor, k: Kernels) -> Tensor {
+        self.0.forward(x, true, k)
+    }
+}
+
+/// The GPT language model.
+#[derive(Debug)]
+pub struct Gpt {
+    pub cfg: GptConfig,
+    pub kernels: Kernels,
+    wte: nn::Embedding,
+    wpe: nn::Embedding,
+    h: Vec<Arc<Block>>,
+    ln_f: LayerNorm,
+}
+
+impl Gpt {
+    /// Builds the model under `vs` with GPT-2 initialisation.
+    pub fn new(vs: &nn::Path, cfg: &GptConfig) -> Result<Self> {
+        cfg.check()?;
+        let t = vs / "transformer";
+        let emb = nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() };
+        Ok(Self {
+            wte: nn::embedding(&t / "wte", cfg.vocab_size, cfg.n_embd, emb),
+            wpe: nn::embedding(&t / "wpe", cfg.block_size, cfg.n_embd, emb),
+            h: (0..cfg.n_layer).map(|i| Arc::new(Block::new(&(&t / "h" / i), cfg))).collect(),
+            ln_f: layer_norm(&t / "ln_f", cfg.n_embd, cfg.bias),
+            cfg: cfg.clone(),
+            kernels: Kernels::default(),
+        })
+    }
+
+    /// Final hidden states.
+    ///
+    /// # Shapes
+    /// `idx`: `(B, T)` int64 token ids with `T <= block_size` -> `(B, T, C)`
+    pub fn hidden(&self, idx: &Tensor, train: bool) -> Tensor {
+        let t = idx.size()[1];
+        assert!(
+            t <= self.cfg.block_size,
+            "sequence of {t} tokens is longer than the block size {}",
+            self.cfg.block_size
+        );
+        let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
+        let mut x = (self.wte.forward(idx) + self.wpe.forward(&pos)).dropout(self.cfg.dropout, train); // (B, T, C)
+        for b in &self.h {
+            x = if self.kernels.checkpoint && train && x.requires_grad() {
+                let (blk, k) = (SharedBlock(Arc::clone(b)), self.kernels);
+                crate::sys::recompute::checkpoint(move |x: &Tensor| blk.forward(x, k), &x, &b.parameters())
+                    .expect("a checkpointed block runs as the plain one does")
+            } else {
+                b.forward(&x, train, self.kernels)
+            };
+        }
+        self.ln_f.forward(&x)
+    }
+
+    /// # Shapes
+    /// `idx`: `(B, T)` -> logits `(B, T, V)`; the head is the token embedding, transposed (tying).
+    pub fn forward(&self, idx: &Tensor, train: bool) -> Tensor {
+        self.hidden(idx, train).linear::<Tensor>(&self.wte.ws, None)
+    }
+
+    /// Mean next-token cross-entropy of `idx` against `targets` (both `(B, T)`), in fp32 under
+    /// autocast (f64 for an f64 model). With `fused`, through the fused softmax-cross-entropy kernel.
+    pub fn loss(&self, idx: &Tensor, targets: &Tensor, train: bool, fused: bool) -> Tensor {
+        let logits = self.forward(idx, train);
+        let v = self.cfg.vocab_size;
+        let (flat, y) = (logits.view([-1, v]), targets.reshape([-1]));
+        if fused {
+            // fp32/bf16/fp16/f64 logits, fp32 accumulation, an fp32 (f64) loss. Like tch's own ops
+            // in a forward pass, a failure (a target out of range) panics with the kernel's message.
+            return crate::ops::cross_entropy(&flat, &y).unwrap_or_else(|e| panic!("fused cross-entropy: {e:#}"));
+        }
+        // Under autocast the logits are bf16/fp16; the softmax and the mean run in fp32.
+        match flat.kind() {
+            Kind::BFloat16 | Kind::Half => cross_entropy(&flat.to_kind(Kind::Float), &y),
+            _ => cross_entropy(&flat, &y),
+        }
+    }
+
+    /// Samples `max_new` tokens after `prompt`, nanoGPT's `generate` with a seeded sampler.
+    /// Returns the prompt followed by the new tokens.
+    pub fn generate(&self, prompt: &[i64], max_new: usize, s: &Sampling, rng: &mut Rng) -> Result<Vec<i64>> {
+        if prompt.is_empty() {
+            bail!("generate: the prompt is empty (give at least one token)");
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t < 0 || t >= self.cfg.vocab_size) {
+            bail!("generate: token {bad} is outside the vocabulary of {}", self.cfg.vocab_size);
+        }
+        s.check()?;
+        let _g = tch::no_grad_guard();
+        let device = self.wte.ws.device();
+        let mut out = prompt.to_vec();
+        for _ in 0..max_new {
+            let start = out.len().saturating_sub(self.cfg.block_size as usize);
+            let idx = Tensor::from_slice(&out[start..]).to_device(device).unsqueeze(0); // (1, T)
+            let logits = self.forward(&idx, false).select(1, -1).squeeze_dim(0); // (V)
+            out.push(sample(&logits, s, rng));
+        }
+        Ok(out)
+    }
+}
+
+/// Mean cross-entropy of `(N, V)` logits against `(N)` targets, in the logits' dtype (tch's
+/// `cross_entropy_for_logits` always computes in fp32).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
+    logits.cross_entropy_loss::<Tensor>(targets, None, tch::Reduction::Mean, -100, 0.0)
+}
+
+/// How [`Gpt::generate`] picks each token.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// Divides the logits: < 1 sharpens, > 1 flattens; 0 means greedy (always the top token).
+    pub temperature: f64,
+    /// Keep only the k most likely tokens (None: all).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches p (nucleus
+    /// sampling, Holtzman et al. 2019); 1.0 keeps all.
+    pub top_p: f64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { temperature: 0.8, top_k: Some(200), top_p: 1.0 }
+    }
+}
+
+impl Sampling {
+    pub fn check(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!("sampling: temperature must be >= 0, got {}", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("sampling: top_p must be in (0, 1], got {}", self.top_p);
+        }
+        if self.top_k == Some(0) {
+            bail!("sampling: top_k must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Draws one token id from `logits` `(V)`: temperature, then top-k, then top-p, then a draw by
+/// inverse CDF with the course's own RNG (so a seed gives the same text on every device).
+pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> i64 {
+    let logits: Vec<f64> =
+        Vec::<f64>::try_from(logits.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default();
+    if s.temperature == 0.0 {
+        return argmax(&logits);
+    }
+    // Sort token ids by logit, descending (stable: ties keep id order).
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal));
+    let keep = s.top_k.map_or(order.len(), |k| k.min(order.len()));
+    order.truncate(keep);
+    let top = logits[order[0]];
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] - top) / s.temperature).exp()).collect();
+    let z: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= z);
+    if s.top_p < 1.0 {
+        // Smallest prefix whose mass reaches top_p (the top token is always kept).
+        let mut acc = 0.0;
+        let mut n = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= s.top_p {
+                n = i + 1;
+                break;
+            }
+        }
+        probs.truncate(n);
+        let z: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= z);
+    }
+    let u = rng.next_f64();
+    let mut acc = 0.0;
+    for (i, p) in probs.iter().enumerate() {
+        acc += p;
+        if u < acc {
+            return order[i] as i64;
+        }
+    }
+    order[probs.len() - 1] as i64
+}
+
+fn argmax(v: &[f64]) -> i64 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as i64
+}
