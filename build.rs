@@ -56,8 +56,10 @@ const NCCL_SOURCES: &[&str] = &["kernels/dist/c10d_nccl.cpp"];
 /// Sources compiled once per CPU_VARIANTS entry.
 const CPU_KERNEL_SOURCES: &[&str] = &["kernels/ops/bias_gelu_cpu.cpp", "kernels/ops/cross_entropy_cpu.cpp"];
 /// CUDA sources (feature `cuda`).
-const CUDA_SOURCES: &[&str] = &["kernels/ops/bias_gelu.cu", "kernels/ops/cross_entropy.cu", "kernels/runtime/cuda_graph.cu"];
-const HEADERS: &[&str] = &["kernels/ops.h", "kernels/dispatch.h", "kernels/dist/c10d.h", "kernels/dist/gloo_stub/gloo/decls.h"];
+const CUDA_SOURCES: &[&str] =
+    &["kernels/ops/bias_gelu.cu", "kernels/ops/cross_entropy.cu", "kernels/runtime/cuda_graph.cu"];
+const HEADERS: &[&str] =
+    &["kernels/ops.h", "kernels/dispatch.h", "kernels/dist/c10d.h", "kernels/dist/gloo_stub/gloo/decls.h"];
 
 fn main() {
     if let Err(e) = run() {

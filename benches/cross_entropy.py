@@ -1,4 +1,4 @@
-"""PyTorch eager twin of benches/cross_entropy.rs: F.cross_entropy(x, t, ignore_index=-1)
+"""PyTorch eager twin of benches/cross_entropy.rs: F.cross_entropy(x, t, ignore_index=-100)
 on the CPU in float32, forward (no_grad) and forward+backward (autograd, x.grad set to None
 before each step, PyTorch's zero_grad default).
 
@@ -35,10 +35,10 @@ def main():
         for _ in range(reps):
             if pass_ == "forward":
                 with torch.no_grad():
-                    F.cross_entropy(x, t, ignore_index=-1)
+                    F.cross_entropy(x, t, ignore_index=-100)
             else:
                 x.grad = None
-                F.cross_entropy(x, t, ignore_index=-1).backward()
+                F.cross_entropy(x, t, ignore_index=-100).backward()
         ms = (time.perf_counter() - start) * 1e3 / reps
         print(json.dumps({"pass": pass_, "rows": rows, "cols": cols, "ms": ms}), flush=True)
 

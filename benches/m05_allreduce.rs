@@ -23,10 +23,11 @@
 use anyhow::{bail, Context, Result};
 mod benchkit;
 use benchkit::BenchArgs;
-use course::dist::ddp::{Ddp, DdpConfig};
 use course::dist::c10d::{Backend, ProcessGroup, ReduceOp};
+use course::dist::ddp::{batch_norm_over, Ddp, DdpConfig};
 use course::dist::launch::{self, DistEnv, LaunchSpec, Output};
-use course::models::mnist::{cross_entropy, CnnConfig, LeNet};
+use course::models::{CnnConfig, LeNet};
+use course::nn::loss::cross_entropy;
 use course::train::optim::{decay_groups, AdamW, Optimizer};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
@@ -158,7 +159,7 @@ fn ddp_step(pg: &Arc<ProcessGroup>, sync_bn: bool, steps: usize) -> Result<f64> 
     tch::manual_seed(0);
     let vs = VarStore::new(Device::Cpu);
     let cfg = CnnConfig { channels: (32, 64), hidden: 256, classes: 10, dropout: 0.0, conv_bias: false };
-    let model = LeNet::with_group(&vs.root(), &cfg, sync_bn.then(|| pg.clone()));
+    let model = LeNet::with_norm(&vs.root(), &cfg, &batch_norm_over(sync_bn.then(|| pg.clone())));
     let mut ddp = Ddp::new(pg.clone(), &vs, DdpConfig::default())?;
     let (params, groups) = decay_groups(&vs, 1e-4);
     let mut opt = AdamW::new(params, groups, 1e-3, (0.9, 0.999), 1e-8)?;

@@ -18,6 +18,9 @@
 
 namespace course {
 
+// The target that marks a row left out of a loss: PyTorch's and Hugging Face's ignore_index.
+constexpr int64_t kIgnoreIndex = -100;
+
 // GELU, tanh approximation (Hendrycks & Gimpel 2016, eq. 2): 0.5 x (1 + tanh(k (x + c x^3))).
 constexpr double kGeluK = 0.7978845608028654;  // sqrt(2 / pi)
 constexpr double kGeluC = 0.044715;

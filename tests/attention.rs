@@ -1,10 +1,10 @@
 //! Attention from scratch against libtorch's own `scaled_dot_product_attention` (values and
 //! gradients), and the positional encodings against their closed forms.
 
-use course::nn::attention::{
-    attention, causal_mask, causal_padding_mask, merge_heads, padding_mask, sinusoidal, split_heads, EncoderClassifier,
-    EncoderConfig, Pooling, Positions, Rope, RopeStyle,
-};
+use course::models::encoder::{EncoderClassifier, EncoderConfig};
+use course::nn::attention::{attention, causal_mask, causal_padding_mask, merge_heads, padding_mask, split_heads};
+use course::nn::pool::Pooling;
+use course::nn::positions::{sinusoidal, Positions, Rope, RopeStyle};
 use course::sys::rng::Rng;
 use tch::{nn, Device, Kind, Tensor};
 

@@ -2,8 +2,8 @@
 //! embeddings equal to tests/fixtures/minilm.json (made by make_minilm_fixture.py with
 //! transformers' BertModel); strict loading; tokenizer test vectors from llama.cpp and GPT-2.
 
-use course::models::bert::{self, Bert, BertConfig, Pretrained};
 use course::data::tokenize;
+use course::models::bert::{self, Bert, BertConfig, Pretrained};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};

@@ -4,10 +4,10 @@
 //! norm over the whole batch, and the DistributedSampler's shards.
 
 use anyhow::Result;
-use course::dist::ddp::{Ddp, DdpConfig, DistributedSampler, SyncBatchNorm};
-use course::dist::c10d::{Backend, ProcessGroup, ReduceOp, Store};
-use course::dist::launch::free_port;
 use course::data::loader::Sampler;
+use course::dist::c10d::{Backend, ProcessGroup, ReduceOp, Store};
+use course::dist::ddp::{Ddp, DdpConfig, DistributedSampler, SyncBatchNorm};
+use course::dist::launch::free_port;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -165,7 +165,8 @@ fn ddp_broadcasts_weights_and_averages_gradients_in_buckets() {
             ddp.sync_gradients()?;
             let weights: Vec<(String, Tensor)> =
                 course::dist::ddp::sorted_variables(&vs).into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
-            let grads: Vec<Tensor> = course::dist::ddp::sorted_variables(&vs).iter().map(|(_, t)| t.grad().copy()).collect();
+            let grads: Vec<Tensor> =
+                course::dist::ddp::sorted_variables(&vs).iter().map(|(_, t)| t.grad().copy()).collect();
             Ok((weights, grads, ddp.bucket_names().len(), x, y))
         });
         let (w0, _, nb, x, y) = &out[0];

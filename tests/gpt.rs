@@ -2,7 +2,8 @@
 //! (tests/fixtures/gpt.json, made by make_gpt_fixture.py), causality, both attention paths,
 //! GPT-2 initialisation, a save/load round trip, overfitting one batch, and the sampler.
 
-use course::models::gpt::{sample, AttentionImpl, Gpt, GptConfig, Preset, Sampling};
+use course::infer::{generate, sample, Sampling};
+use course::models::gpt::{AttentionImpl, Gpt, GptConfig, Preset};
 use course::sys::rng::Rng;
 use tch::nn::{self, OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
@@ -131,7 +132,7 @@ fn save_and_load_give_the_same_logits() {
     let cfg = GptConfig::from_file(&dir.join("best/config.json")).unwrap();
     let vs2 = VarStore::new(Device::Cpu);
     let m2 = Gpt::new(&vs2.root(), &cfg).unwrap();
-    course::train::checkpoint::load_into(&vs2, &dir.join("best/model.safetensors")).unwrap();
+    course::io::safetensors::load_into(&vs2, &dir.join("best/model.safetensors")).unwrap();
     let x = Tensor::from_slice(&[1i64, 5, 7, 19, 0, 3]).unsqueeze(0);
     assert!(m.forward(&x, false).equal(&m2.forward(&x, false)));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -163,15 +164,15 @@ fn generation_is_seeded_and_greedy_at_temperature_zero() {
     let vs = VarStore::new(Device::Cpu);
     let m = Gpt::new(&vs.root(), &tiny(10)).unwrap();
     let s = Sampling { temperature: 1.0, top_k: None, top_p: 1.0 };
-    let a = m.generate(&[1, 2], 40, &s, &mut Rng::new(9)).unwrap();
-    let b = m.generate(&[1, 2], 40, &s, &mut Rng::new(9)).unwrap();
-    let c = m.generate(&[1, 2], 40, &s, &mut Rng::new(10)).unwrap();
+    let a = generate(&m, &[1, 2], 40, &s, &mut Rng::new(9)).unwrap();
+    let b = generate(&m, &[1, 2], 40, &s, &mut Rng::new(9)).unwrap();
+    let c = generate(&m, &[1, 2], 40, &s, &mut Rng::new(10)).unwrap();
     assert_eq!(a, b);
     assert_ne!(a, c);
     assert_eq!(a.len(), 42, "the context (32) is cropped, generation goes on");
     assert_eq!(&a[..2], &[1, 2]);
     // Greedy: every new token is the argmax of the model's logits at the previous position.
-    let g = m.generate(&[3], 12, &Sampling { temperature: 0.0, top_k: None, top_p: 1.0 }, &mut Rng::new(0)).unwrap();
+    let g = generate(&m, &[3], 12, &Sampling { temperature: 0.0, top_k: None, top_p: 1.0 }, &mut Rng::new(0)).unwrap();
     let logits = m.forward(&Tensor::from_slice(&g[..12]).unsqueeze(0), false);
     let want: Vec<i64> = Vec::try_from(logits.squeeze_dim(0).argmax(-1, false)).unwrap();
     assert_eq!(&g[1..], &want[..]);
@@ -180,12 +181,12 @@ fn generation_is_seeded_and_greedy_at_temperature_zero() {
         Sampling { temperature: 1.5, top_k: Some(1), top_p: 1.0 },
         Sampling { temperature: 1.0, top_k: None, top_p: 1e-9 },
     ] {
-        assert_eq!(m.generate(&[3], 12, &s, &mut Rng::new(5)).unwrap(), g);
+        assert_eq!(generate(&m, &[3], 12, &s, &mut Rng::new(5)).unwrap(), g);
     }
-    assert!(m.generate(&[], 3, &s, &mut Rng::new(0)).unwrap_err().to_string().contains("prompt is empty"));
-    assert!(m.generate(&[10], 3, &s, &mut Rng::new(0)).unwrap_err().to_string().contains("token 10 is outside"));
+    assert!(generate(&m, &[], 3, &s, &mut Rng::new(0)).unwrap_err().to_string().contains("prompt is empty"));
+    assert!(generate(&m, &[10], 3, &s, &mut Rng::new(0)).unwrap_err().to_string().contains("token 10 is outside"));
     let bad = Sampling { temperature: -1.0, ..s };
-    assert!(m.generate(&[1], 3, &bad, &mut Rng::new(0)).unwrap_err().to_string().contains("temperature"));
+    assert!(generate(&m, &[1], 3, &bad, &mut Rng::new(0)).unwrap_err().to_string().contains("temperature"));
 }
 
 #[test]

@@ -73,9 +73,8 @@ fn strip_comments(src: &str) -> String {
 fn crate_imports(src: &str) -> Vec<(usize, String)> {
     let s = strip_comments(src);
     let line_of = |pos: usize| s[..pos].matches('\n').count() + 1;
-    let ident = |from: usize| -> String {
-        s[from..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect()
-    };
+    let ident =
+        |from: usize| -> String { s[from..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect() };
     let mut found = vec![];
     let mut at = 0;
     while let Some(k) = s[at..].find("crate::") {

@@ -3,11 +3,11 @@
 //! gradients, the non-finite check names the poisoned parameter, resume is exact, and the token
 //! files round-trip.
 
-use course::train::amp::{GradScaler, Precision, ScalerConfig};
-use course::models::gpt::{Gpt, GptConfig, Preset};
 use course::data::lm::{self as lmdata, TokenizerChoice};
-use course::train::lm::{self as lmtrain, Inject, LmData, LmTrainConfig, NoHooks, OnNonFinite, TrainOptions};
+use course::models::gpt::{Gpt, GptConfig, Preset};
 use course::sys::rng::Rng;
+use course::train::amp::{GradScaler, Precision, ScalerConfig};
+use course::train::lm::{self as lmtrain, Inject, LmData, LmTrainConfig, NoHooks, OnNonFinite, TrainOptions};
 use std::path::PathBuf;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};

@@ -207,13 +207,20 @@ fn wrong_device_is_an_error() {
 // ---- Fused softmax cross-entropy ----
 
 /// Logits `(n, v)` (normal, scale 3: rows from nearly one-hot to nearly flat) and targets in
-/// `[0, v)` with every `ignore_every`-th row set to -1 (0: none), from the course RNG.
+/// `[0, v)` with every `ignore_every`-th row set to -100 (0: none), from the course RNG.
 fn ce_inputs(n: i64, v: i64, kind: Kind, seed: u64, ignore_every: i64, device: Device) -> (Tensor, Tensor) {
     let mut rng = Rng::new(seed);
     let x = (rng.normal_tensor(&[n, v]) * 3.0).to_kind(kind).to_device(device);
-    let t: Vec<i64> = (0..n)
-        .map(|i| if ignore_every > 0 && i % ignore_every == ignore_every - 1 { -1 } else { rng.below(v as u64) as i64 })
-        .collect();
+    let t: Vec<i64> =
+        (0..n)
+            .map(|i| {
+                if ignore_every > 0 && i % ignore_every == ignore_every - 1 {
+                    -100
+                } else {
+                    rng.below(v as u64) as i64
+                }
+            })
+            .collect();
     (x, Tensor::from_slice(&t).to_device(device))
 }
 
@@ -239,9 +246,9 @@ fn ce_tol(kind: Kind, scale: f64) -> ((f64, f64), (f64, f64)) {
     }
 }
 
-/// Counted rows (target != -1).
+/// Counted rows (target != -100).
 fn ce_count(t: &Tensor) -> f64 {
-    t.ne(-1).sum(Kind::Int64).int64_value(&[]) as f64
+    t.ne(-100).sum(Kind::Int64).int64_value(&[]) as f64
 }
 
 // (N, V): a tail shorter than one vector, V = 65 (the character-level vocabulary of m04),
@@ -267,7 +274,7 @@ fn cross_entropy_matches_reference_for_every_dtype() {
                 assert_close(&format!("loss {what}"), &loss, &want, la, lr);
                 assert_close(&format!("grad {what}"), &grad, &want_grad, ga, gr);
                 // Ignored rows get exactly zero gradient.
-                let ignored = t.eq(-1).nonzero().squeeze_dim(1);
+                let ignored = t.eq(-100).nonzero().squeeze_dim(1);
                 if ignored.numel() > 0 {
                     assert_eq!(grad.index_select(0, &ignored).abs().max().double_value(&[]), 0.0, "{what}");
                 }
@@ -297,14 +304,14 @@ fn cross_entropy_agrees_with_tch_f32() {
 fn cross_entropy_ignored_rows_leave_the_mean() {
     // Half the rows ignored: the mean divides by the 8 counted rows, as F.cross_entropy does.
     let (x, t) = ce_inputs(16, 10, Kind::Double, 3, 2, Device::Cpu);
-    let keep = t.ne(-1).nonzero().squeeze_dim(1);
+    let keep = t.ne(-100).nonzero().squeeze_dim(1);
     let counted_only = cross_entropy(&x.index_select(0, &keep), &t.index_select(0, &keep)).unwrap();
     assert_close("ignored rows", &cross_entropy(&x, &t).unwrap(), &counted_only, 1e-14, 1e-14);
     // Every row ignored: 0 / 0 = NaN like PyTorch, and every gradient exactly 0.
     let x = x.set_requires_grad(true);
-    let loss = cross_entropy(&x, &t.full_like(-1)).unwrap();
+    let loss = cross_entropy(&x, &t.full_like(-100)).unwrap();
     assert!(loss.double_value(&[]).is_nan(), "all-ignored loss must be NaN");
-    assert!(cross_entropy_reference(&x, &t.full_like(-1)).double_value(&[]).is_nan());
+    assert!(cross_entropy_reference(&x, &t.full_like(-100)).double_value(&[]).is_nan());
     loss.backward();
     assert_eq!(x.grad().abs().max().double_value(&[]), 0.0);
 }

@@ -87,15 +87,15 @@ void cpu_bwd(const T* x, const int64_t* t, const A* lse, A scale, T* gx, int64_t
   }
 }
 
-// Checks every target against [0, V) or -1 and returns how many rows count in the mean. A serial
+// Checks every target against [0, V) or -100 and returns how many rows count in the mean. A serial
 // scan of N integers: noise beside the N x V kernel, and it keeps exceptions out of the workers.
 int64_t count_targets(const at::Tensor& t, int64_t V) {
   const int64_t* p = t.const_data_ptr<int64_t>();
   int64_t count = 0;
   for (int64_t i = 0, n = t.numel(); i < n; ++i) {
-    if (p[i] == -1) continue;
+    if (p[i] == kIgnoreIndex) continue;
     TORCH_CHECK(p[i] >= 0 && p[i] < V, "cross_entropy: targets[", i, "] = ", p[i], " is out of range [0, ", V,
-                ") (-1 marks a row to ignore)");
+                ") (-100 marks a row to ignore)");
     ++count;
   }
   return count;

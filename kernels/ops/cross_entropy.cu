@@ -82,7 +82,7 @@ __device__ __forceinline__ void row_state(const T* __restrict__ xr, int64_t V, i
   }
 }
 
-// Writes lse[row] and the row's loss (0 when ignored); a target outside [0, V) and not -1 puts
+// Writes lse[row] and the row's loss (0 when ignored); a target outside [0, V) and not -100 puts
 // the smallest such row into *bad (initialised to N) for the host to report.
 template <typename T, typename A, int kRowThreads, int kBlockThreads>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     const A log_s = log(s);
     lse[row] = m + log_s;
     const int64_t tr = t[row];
-    if (tr == -1) {
+    if (tr == kIgnoreIndex) {
       loss[row] = A(0);
     } else if (tr < 0 || tr >= V) {
       loss[row] = A(0);
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const T* xr = x + row * V;
   T* gr = gx + row * V;
   const int64_t tr = t[row];
-  if (tr < 0 || tr >= V) {  // -1 (forward rejected every other value outside [0, V))
+  if (tr < 0 || tr >= V) {  // -100 (forward rejected every other value outside [0, V))
     for (int64_t j = lane; j < V; j += kRowThreads) gr[j] = T(0);
     return;
   }
@@ -192,12 +192,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& 
     if (b < N) {
       const int64_t v = t[b].item<int64_t>();
       TORCH_CHECK(false, "cross_entropy: targets[", b, "] = ", v, " is out of range [0, ", V,
-                  ") (-1 marks a row to ignore)");
+                  ") (-100 marks a row to ignore)");
     }
   }
   // The mean over counted rows, as device ops (no sync); 0 / 0 = NaN when every row is ignored,
   // as F.cross_entropy gives.
-  auto count = t.ne(-1).sum();
+  auto count = t.ne(kIgnoreIndex).sum();
   auto loss = (row_loss.sum(at::kDouble) / count).to(acc);
   return {loss, lse};
 }
@@ -215,8 +215,8 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad, const at::Tensor&
   const auto acc = acc_dtype(x.scalar_type());
   auto g = grad.reshape({}).to(acc).contiguous();
   // Out-of-range targets were rejected by forward (the raw backward trusts its caller here: a
-  // second check would cost a second sync); -1 rows are not counted.
-  auto count = t.ne(-1).sum();
+  // second check would cost a second sync); -100 rows are not counted.
+  auto count = t.ne(kIgnoreIndex).sum();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "cross_entropy_backward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;

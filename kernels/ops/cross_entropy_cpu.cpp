@@ -3,10 +3,10 @@
 // file is compiled three times (CPU_CAPABILITY = DEFAULT, AVX2, AVX512); kernels/dispatch.h
 // declares each copy and cross_entropy.cpp picks one at run time.
 //
-// Math per row i of logits x (V classes), target t_i (-1 = ignored):
+// Math per row i of logits x (V classes), target t_i (-100 = ignored):
 //   m_i   = max_j x_ij
 //   lse_i = m_i + log sum_j exp(x_ij - m_i)          (subtracting m keeps every exp <= 1)
-//   loss  = sum_{i: t_i != -1} (lse_i - x_{i,t_i}) / count,   count = #{i: t_i != -1}
+//   loss  = sum_{i: t_i != kIgnoreIndex} (lse_i - x_{i,t_i}) / count,   count = #{i: t_i != kIgnoreIndex}
 //   dloss/dx_ij = (exp(x_ij - lse_i) - [j == t_i]) * g / count   (0 for ignored rows)
 // bf16 and fp16 are computed in fp32 (PyTorch's opmath type) and rounded once on store.
 #include <ATen/Parallel.h>
@@ -149,7 +149,7 @@ inline std::pair<A, A> row_max_logsumexp(const T* x, int64_t V) {
   return {m, std::log(s)};
 }
 
-// Targets were checked (range) and counted by the caller, cross_entropy.cpp; -1 marks an ignored row.
+// Targets were checked (range) and counted by the caller, cross_entropy.cpp; -100 (kIgnoreIndex) marks an ignored row.
 template <typename T, typename A>
 void cross_entropy_fwd(const T* x, const int64_t* t, A* lse, A* loss, int64_t N, int64_t V) {
   at::parallel_for(0, N, grain_rows(V), [&](int64_t r0, int64_t r1) {
@@ -159,7 +159,7 @@ void cross_entropy_fwd(const T* x, const int64_t* t, A* lse, A* loss, int64_t N,
       lse[r] = m + log_s;
       // (m - x_t) + log s rather than lse - x_t: with logits near 1e4, lse rounded to fp32 is
       // off by up to 5e-4, which the subtraction would pass on to a loss of order 1.
-      loss[r] = t[r] == -1 ? A(0) : (m - static_cast<A>(xr[t[r]])) + log_s;
+      loss[r] = t[r] == kIgnoreIndex ? A(0) : (m - static_cast<A>(xr[t[r]])) + log_s;
     }
   });
 }
@@ -173,7 +173,7 @@ void cross_entropy_bwd(const T* x, const int64_t* t, const A* lse, A scale, T* g
       const T* xr = x + r * V;
       T* gr = gx + r * V;
       const int64_t tr = t[r];
-      if (tr == -1) {
+      if (tr == kIgnoreIndex) {
         // Ignored row: no gradient.
         std::fill(gr, gr + V, T(0));
         continue;

@@ -3,24 +3,28 @@
 //! folders its row in ARCHITECTURE.md allows (`tests/layers.rs` checks it). The module binaries in
 //! `modules/mNN_*/` are thin lessons over it.
 
-/// libtorch under tch, the only `unsafe`: ffi, runtime switches, device, RNG, atomic files, profiler, recomputation, CUDA graphs.
-pub mod sys;
+/// Module m01's regressions and reproducibility probes.
+pub mod basics;
+/// Data sets, readers, the `DataLoader`, tokenizers and LM token files.
+pub mod data;
+/// c10d process groups, DDP, the torchrun contract and launcher.
+pub mod dist;
+/// Sampling and generation (m07: the engine and the server).
+pub mod infer;
+/// Formats people already use, no training knowledge: safetensors, Hugging Face model directories.
+pub mod io;
+/// Models: MLP and CNN, the Transformer encoder, BERT, GPT.
+pub mod models;
+/// Layers: attention, positional encodings, pooling, norms, losses.
+pub mod nn;
 /// Custom kernels from `kernels/`, one file per op, each beside its plain-tch `*_reference`.
 pub mod ops;
 /// What every binary shares: `Run`, `CommonArgs`, `Metrics`, child runs, charts, progress, report, catalog, gallery.
 pub mod run;
-/// Data sets, readers, the `DataLoader`, tokenizers and LM token files.
-pub mod data;
-/// Layers: attention, positional encodings, norms, losses.
-pub mod nn;
-/// Models: MLP and CNN, the Transformer encoder, BERT, GPT.
-pub mod models;
+/// libtorch under tch, the only `unsafe`: ffi, runtime switches, device, RNG, atomic files, profiler, recomputation, CUDA graphs.
+pub mod sys;
 /// Optimizers, schedules, AMP, checkpoints, logs, hooks, metrics and the training loops.
 pub mod train;
-/// c10d process groups, DDP, the torchrun contract and launcher.
-pub mod dist;
-/// Module m01's regressions and reproducibility probes.
-pub mod basics;
 
 pub use run::{CommonArgs, Metrics, Op, Run};
 pub use sys::device::DeviceChoice;

@@ -6,8 +6,8 @@
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use course::run::catalog::MODULES;
 use course::data::registry::{data_root, datasets};
+use course::run::catalog::MODULES;
 use course::run::gallery::{status, write_gallery, Status};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -5,9 +5,9 @@
 
 use anyhow::{ensure, Result};
 use clap::Parser;
-use course::run::charts::{LineChart, Series};
 use course::basics::linreg::{self, nan_max};
 use course::basics::repro::fingerprint;
+use course::run::charts::{LineChart, Series};
 use course::run::{CommonArgs, Op, Run};
 use course::sys::runtime;
 use serde::Serialize;

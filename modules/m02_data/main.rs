@@ -4,13 +4,15 @@
 
 use anyhow::{ensure, Result};
 use clap::Parser;
-use course::run::charts::{LineChart, Series};
-use course::train::metrics::Confusion;
 use course::data::loader::DataLoader;
-use course::models::mnist::{CnnConfig, InitKind, MlpConfig, ModelConfig};
+use course::data::vision::{
+    collate_images, image_grid, split_indices, ImageBatch, ImageDataset, ImageFolder, Transform,
+};
+use course::models::{CnnConfig, InitKind, MlpConfig, ModelConfig};
+use course::run::charts::{LineChart, Series};
 use course::run::{CommonArgs, Op, Run};
 use course::train::classify::{self, OptKind, SchedKind, TrainConfig};
-use course::data::vision::{collate_images, image_grid, split_indices, ImageBatch, ImageDataset, ImageFolder, Transform};
+use course::train::metrics::Confusion;
 use serde::Serialize;
 use std::sync::Arc;
 use tch::nn::VarStore;
@@ -212,7 +214,7 @@ fn main() -> Result<()> {
         let vs = VarStore::new(run.device);
         course::sys::rng::seed_everything(seed); // the same initial weights whatever ran before
         let model = model_cfg.build(&vs.root());
-        let params = course::models::mnist::param_count(&vs);
+        let params = course::models::param_count(&vs);
         println!(
             "\n-- {name}: {params} parameters, {epochs} epoch(s), {:?} lr {lr}, {:?} --",
             args.optimizer, args.schedule
@@ -371,9 +373,9 @@ fn resume_check(
     let (vs_a, out_a) = make(&a, None, false)?;
     let _ = make(&b, Some(1), false)?;
     let (vs_b, out_b) = make(&b, None, true)?;
-    let same_weights = course::train::checkpoint::named_tensors(&vs_a)
+    let same_weights = course::io::safetensors::named_tensors(&vs_a)
         .iter()
-        .zip(course::train::checkpoint::named_tensors(&vs_b))
+        .zip(course::io::safetensors::named_tensors(&vs_b))
         .all(|((n1, t1), (n2, t2))| n1 == &n2 && t1.equal(&t2));
     let same_losses = out_a.history.iter().map(|r| r.train_loss).eq(out_b.history.iter().map(|r| r.train_loss));
     println!("resume check: weights identical = {same_weights}, epoch losses identical = {same_losses}");

@@ -4,15 +4,18 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
-use course::nn::attention::{sinusoidal, EncoderClassifier, EncoderConfig, Pooling, Positions};
-use course::models::bert::{self, BertClassifier, BertConfig, Pretrained};
-use course::run::charts::{Heatmap, LineChart};
-use course::train::metrics::Confusion;
 use course::data::loader::DataLoader;
-use course::run::{CommonArgs, Op, Run};
 use course::data::text::{collate_tokens, split_path, Corpus, Document, Split, TextBatch, TextTask, TokenDataset};
 use course::data::tokenize::{self, TokenizerKind};
-use course::train::classify::{self, Classifier, OptKind, SchedKind, TrainConfig};
+use course::models::bert::{self, BertClassifier, BertConfig, Pretrained};
+use course::models::encoder::{EncoderClassifier, EncoderConfig};
+use course::models::Classifier;
+use course::nn::pool::Pooling;
+use course::nn::positions::{sinusoidal, Positions};
+use course::run::charts::{Heatmap, LineChart};
+use course::run::{CommonArgs, Op, Run};
+use course::train::classify::{self, OptKind, SchedKind, TrainConfig};
+use course::train::metrics::Confusion;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -211,7 +214,7 @@ fn load_model_dir(dir: &Path, device: Device) -> Result<(Saved, Tokenizer, VarSt
     let tok = tokenize::load(&dir.join("tokenizer.json"))?;
     let vs = VarStore::new(device);
     let model = Model::build(&vs, &saved)?;
-    course::train::checkpoint::load_into(&vs, &dir.join("model.safetensors"))?;
+    course::io::safetensors::load_into(&vs, &dir.join("model.safetensors"))?;
     Ok((saved, tok, vs, model))
 }
 

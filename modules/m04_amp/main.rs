@@ -5,13 +5,14 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use course::train::amp::{self, Precision};
-use course::run::charts::{self, LineChart, Series};
-use course::models::gpt::{AttentionImpl, Gpt, Kernels, Preset, Sampling};
 use course::data::lm::{self as lmdata, TokenData, TokenizerChoice};
-use course::train::lm::{self as lmtrain, Hooks, Inject, LmData, LmTrainConfig, OnNonFinite, TrainOptions};
-use course::sys::rng::Rng;
+use course::infer::{generate, Sampling};
+use course::models::gpt::{AttentionImpl, Gpt, Kernels, Preset};
+use course::run::charts::{self, LineChart, Series};
 use course::run::{CommonArgs, Op, Run};
+use course::sys::rng::Rng;
+use course::train::amp::{self, Precision};
+use course::train::lm::{self as lmtrain, Hooks, Inject, LmData, LmTrainConfig, OnNonFinite, TrainOptions};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
@@ -210,9 +211,9 @@ fn sample_from_dir(cmd: &Command) -> Result<()> {
     }
     let vs = VarStore::new(device);
     let gpt = Gpt::new(&vs.root(), &cfg)?;
-    course::train::checkpoint::load_into(&vs, &model.join("model.safetensors"))?;
+    course::io::safetensors::load_into(&vs, &model.join("model.safetensors"))?;
     let ids = tok.encode(prompt).with_context(|| format!("--prompt {prompt:?}"))?;
-    let out = gpt.generate(&ids, *tokens, &sampling.sampling(), &mut Rng::new(*seed))?;
+    let out = generate(&gpt, &ids, *tokens, &sampling.sampling(), &mut Rng::new(*seed))?;
     println!("{}", tok.decode(&out));
     Ok(())
 }
@@ -284,7 +285,13 @@ fn train_config(args: &Args, block_size: i64) -> LmTrainConfig {
 
 fn load_data(args: &Args) -> Result<TokenData> {
     let text = lmdata::shakespeare_text()?;
-    lmdata::prepare(&course::data::registry::data_root().join("lm"), "shakespeare", &text, args.tokenizer, args.bpe_vocab)
+    lmdata::prepare(
+        &course::data::registry::data_root().join("lm"),
+        "shakespeare",
+        &text,
+        args.tokenizer,
+        args.bpe_vocab,
+    )
 }
 
 /// Starts the profiler at step `from` and saves the trace after `n` steps.
@@ -440,7 +447,7 @@ fn write_samples(run: &mut Run, args: &Args, model: &Gpt, data: &TokenData) -> R
         let prompt = prompts[i % prompts.len()];
         let ids = data.tokenizer.encode(prompt)?;
         let ids = if ids.is_empty() { vec![0] } else { ids };
-        let gen = model.generate(&ids, args.sample_tokens, &s, &mut rng)?;
+        let gen = generate(model, &ids, args.sample_tokens, &s, &mut rng)?;
         let text = data.tokenizer.decode(&gen);
         out.push_str(&format!(
             "--- sample {} (prompt {:?}, temperature {}, top-k {}, top-p {})\n{}\n\n",

@@ -5,19 +5,19 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
-use course::run::charts::{self, LineChart, Series};
-use course::dist::ddp::{Ddp, DdpConfig, DistributedSampler};
-use course::dist::c10d::{Backend, ProcessGroup, ReduceOp};
-use course::models::gpt::{Gpt, Preset};
-use course::train::hooks::Hooks;
-use course::dist::launch::{self, DistEnv, LaunchSpec};
 use course::data::lm as lmdata;
-use course::train::lm::{self as lmtrain, LmData, LmTrainConfig, OnNonFinite, TrainOptions};
 use course::data::loader::DataLoader;
-use course::models::mnist::{CnnConfig, LeNet};
+use course::data::vision::{collate_images, split_indices, ImageBatch, ImageDataset, ImageFolder, Transform};
+use course::dist::c10d::{Backend, ProcessGroup, ReduceOp};
+use course::dist::ddp::{self, Ddp, DdpConfig, DistributedSampler};
+use course::dist::launch::{self, DistEnv, LaunchSpec};
+use course::models::gpt::{Gpt, Preset};
+use course::models::{CnnConfig, LeNet};
+use course::run::charts::{self, LineChart, Series};
 use course::run::{CommonArgs, Op, Run};
 use course::train::classify::{self, OptKind, SchedKind, TrainConfig};
-use course::data::vision::{collate_images, split_indices, ImageBatch, ImageDataset, ImageFolder, Transform};
+use course::train::hooks::Hooks;
+use course::train::lm::{self as lmtrain, LmData, LmTrainConfig, OnNonFinite, TrainOptions};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -445,7 +445,7 @@ fn train_cnn(
     let vs = VarStore::new(device);
     course::sys::rng::seed_everything(seed);
     let group = (world > 1 && !args.no_sync_bn).then(|| pg.clone());
-    let model = LeNet::with_group(&vs.root(), &cfg_m, group);
+    let model = LeNet::with_norm(&vs.root(), &cfg_m, &ddp::batch_norm_over(group));
     let ddp = Ddp::new(pg.clone(), &vs, ddp_cfg)?;
     if rank == 0 {
         println!(

@@ -6,8 +6,8 @@
 //! `meta.json` beside it that records the tokenizer, the counts and a hash of the source text,
 //! so a changed corpus or tokenizer is re-encoded instead of silently reused.
 
-use crate::sys::rng::Rng;
 use crate::data::tokenize::{self, TokenizerKind};
+use crate::sys::rng::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

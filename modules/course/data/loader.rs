@@ -15,6 +15,7 @@ use anyhow::{anyhow, bail, Result};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use tch::Tensor;
 
 /// A map-style data set: a length and random access to one example.
 pub trait Dataset: Send + Sync + 'static {
@@ -239,6 +240,11 @@ impl<B> Drop for Epoch<B> {
             }
         }
     }
+}
+
+/// A batch the classification trainer can use: it knows its labels `(B)`.
+pub trait Batch: Send + 'static {
+    fn labels(&self) -> &Tensor;
 }
 
 #[cfg(test)]

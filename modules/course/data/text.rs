@@ -255,7 +255,7 @@ pub struct TextBatch {
     pub labels: tch::Tensor,
 }
 
-impl crate::train::classify::Batch for TextBatch {
+impl crate::data::loader::Batch for TextBatch {
     fn labels(&self) -> &tch::Tensor {
         &self.labels
     }
@@ -268,17 +268,5 @@ pub fn collate_tokens(pad_id: i64) -> impl Fn(Vec<(Vec<i64>, i64)>) -> Result<Te
         let (ids, mask) = crate::data::tokenize::pad_batch(&seqs, pad_id);
         let labels: Vec<i64> = items.iter().map(|(_, l)| *l).collect();
         Ok(TextBatch { ids, mask, labels: tch::Tensor::from_slice(&labels) })
-    }
-}
-
-impl crate::train::classify::Classifier<TextBatch> for crate::nn::attention::EncoderClassifier {
-    fn logits(&self, b: &TextBatch, device: tch::Device, train: bool) -> tch::Tensor {
-        crate::nn::attention::EncoderClassifier::logits(self, &b.ids.to_device(device), &b.mask.to_device(device), train)
-    }
-}
-
-impl crate::train::classify::Classifier<TextBatch> for crate::models::bert::BertClassifier {
-    fn logits(&self, b: &TextBatch, device: tch::Device, train: bool) -> tch::Tensor {
-        crate::models::bert::BertClassifier::logits(self, &b.ids.to_device(device), &b.mask.to_device(device), train)
     }
 }

@@ -2,9 +2,9 @@
 //! transforms (normalise, random crop with zero padding, random horizontal flip, all seeded by
 //! the example's own RNG), and the collate step that stacks examples into one batch tensor.
 
-use crate::data::registry;
 use crate::data::idx::ImageSet;
 use crate::data::loader::Dataset;
+use crate::data::registry;
 use crate::sys::rng::Rng;
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -214,6 +214,12 @@ pub fn image_grid(
         }
         root.present().map_err(|e| anyhow::anyhow!("{e:?}"))
     })
+}
+
+impl crate::data::loader::Batch for ImageBatch {
+    fn labels(&self) -> &Tensor {
+        &self.labels
+    }
 }
 
 #[cfg(test)]

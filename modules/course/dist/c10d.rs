@@ -15,8 +15,8 @@
 //! # Ok(()) }
 //! ```
 
-use crate::sys::ffi;
 use crate::dist::launch::DistEnv;
+use crate::sys::ffi;
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::{c_void, CString};
 use std::fmt;

@@ -14,9 +14,9 @@
 //! - [`DistributedSampler`] shards each epoch's order; [`SyncBatchNorm`] normalises with the
 //!   statistics of every rank's samples.
 
+use crate::data::loader::{RandomSampler, Sampler};
 use crate::dist::c10d::{ProcessGroup, ReduceOp};
 use crate::sys::ffi;
-use crate::data::loader::{RandomSampler, Sampler};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -298,6 +298,15 @@ impl SyncBatchNorm {
             eps: cfg.eps,
             group,
         }
+    }
+}
+
+/// The batch-norm factory for `models::LeNet::with_norm`: [`SyncBatchNorm`] over `group`, or
+/// plain batch norm without one (torch's `SyncBatchNorm.convert_sync_batchnorm`, done at build time).
+pub fn batch_norm_over(group: Option<Arc<ProcessGroup>>) -> impl Fn(nn::Path, i64) -> Box<dyn nn::ModuleT> {
+    move |p, c| match &group {
+        Some(g) => Box::new(SyncBatchNorm::new(&p, c, Some(g.clone()))),
+        None => crate::models::lenet::batch_norm(p, c),
     }
 }
 

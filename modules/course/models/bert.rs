@@ -6,7 +6,10 @@
 //! BERT is post-LayerNorm: each sub-layer is `LayerNorm(x + sublayer(x))`, unlike the pre-LN
 //! blocks of [`crate::nn::attention`]. Its attention is the same code, [`attention::attend`].
 
+use crate::data::text::TextBatch;
+use crate::io::safetensors::copy_strict;
 use crate::nn::attention::{self, merge_heads, padding_mask, split_heads};
+use crate::nn::pool::mean_pool;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -180,7 +183,7 @@ impl Bert {
     pub fn embed(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
         let h = self.forward(ids, mask, false);
         let t = h.size()[1];
-        let e = attention::mean_pool(&h, &mask.narrow(1, 0, t));
+        let e = mean_pool(&h, &mask.narrow(1, 0, t));
         let n = e.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
         e / n
     }
@@ -199,7 +202,7 @@ pub fn load_hf(vs: &nn::VarStore, path: &Path, cfg: &BertConfig, skip_prefixes: 
             bail!("{}: 'embeddings.position_ids' is not 0..{}", path.display(), cfg.max_position_embeddings);
         }
     }
-    crate::train::checkpoint::copy_strict(vs, &saved, skip_prefixes, &path.display().to_string())
+    copy_strict(vs, &saved, skip_prefixes, &path.display().to_string())
 }
 
 /// A pretrained BERT directory in Hugging Face's layout: `config.json`, `model.safetensors`,
@@ -246,8 +249,14 @@ impl BertClassifier {
     pub fn logits(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
         let h = self.bert.forward(ids, mask, train);
         let t = h.size()[1];
-        let pooled = attention::mean_pool(&h, &mask.narrow(1, 0, t));
+        let pooled = mean_pool(&h, &mask.narrow(1, 0, t));
         self.head.forward(&pooled.dropout(self.dropout, train))
+    }
+}
+
+impl super::Classifier<TextBatch> for BertClassifier {
+    fn logits(&self, b: &TextBatch, device: Device, train: bool) -> Tensor {
+        BertClassifier::logits(self, &b.ids.to_device(device), &b.mask.to_device(device), train)
     }
 }
 

@@ -7,7 +7,8 @@
 //! map one to one. Shapes: `B` batch, `T` tokens, `C` width, `H` heads, `V` vocabulary.
 
 use crate::nn::attention::{attention, causal_mask, merge_heads, split_heads};
-use crate::sys::rng::Rng;
+use crate::nn::loss::cross_entropy;
+use crate::nn::norm::{layer_norm, LayerNorm};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -141,30 +142,6 @@ fn linear(vs: nn::Path, i: i64, o: i64, bias: bool, std: f64) -> nn::Linear {
         bias,
     };
     nn::linear(vs, i, o, c)
-}
-
-/// LayerNorm with an optional bias (tch's has both affine tensors or neither).
-#[derive(Debug)]
-pub struct LayerNorm {
-    pub ws: Tensor,
-    pub bs: Option<Tensor>,
-    dim: i64,
-}
-
-impl LayerNorm {
-    /// # Shapes
-    /// `x`: `(..., C)` -> `(..., C)`
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.dim], Some(&self.ws), self.bs.as_ref(), 1e-5, true)
-    }
-}
-
-fn layer_norm(vs: nn::Path, c: i64, bias: bool) -> LayerNorm {
-    LayerNorm {
-        ws: vs.var("weight", &[c], nn::Init::Const(1.0)),
-        bs: bias.then(|| vs.var("bias", &[c], nn::Init::Const(0.0))),
-        dim: c,
-    }
 }
 
 /// Causal self-attention with one `C -> 3C` projection for q, k and v.
@@ -374,122 +351,29 @@ impl Gpt {
         }
         // Under autocast the logits are bf16/fp16; the softmax and the mean run in fp32.
         match flat.kind() {
-            Kind::BFloat16 | Kind::Half => cross_entropy(&flat.to_kind(Kind::Float), &y),
-            _ => cross_entropy(&flat, &y),
+            Kind::BFloat16 | Kind::Half => cross_entropy(&flat.to_kind(Kind::Float), &y, 0.0),
+            _ => cross_entropy(&flat, &y, 0.0),
         }
-    }
-
-    /// Samples `max_new` tokens after `prompt`, nanoGPT's `generate` with a seeded sampler.
-    /// Returns the prompt followed by the new tokens.
-    pub fn generate(&self, prompt: &[i64], max_new: usize, s: &Sampling, rng: &mut Rng) -> Result<Vec<i64>> {
-        if prompt.is_empty() {
-            bail!("generate: the prompt is empty (give at least one token)");
-        }
-        if let Some(&bad) = prompt.iter().find(|&&t| t < 0 || t >= self.cfg.vocab_size) {
-            bail!("generate: token {bad} is outside the vocabulary of {}", self.cfg.vocab_size);
-        }
-        s.check()?;
-        let _g = tch::no_grad_guard();
-        let device = self.wte.ws.device();
-        let mut out = prompt.to_vec();
-        for _ in 0..max_new {
-            let start = out.len().saturating_sub(self.cfg.block_size as usize);
-            let idx = Tensor::from_slice(&out[start..]).to_device(device).unsqueeze(0); // (1, T)
-            let logits = self.forward(&idx, false).select(1, -1).squeeze_dim(0); // (V)
-            out.push(sample(&logits, s, rng));
-        }
-        Ok(out)
     }
 }
 
-/// Mean cross-entropy of `(N, V)` logits against `(N)` targets, in the logits' dtype (tch's
-/// `cross_entropy_for_logits` always computes in fp32).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
-    logits.cross_entropy_loss::<Tensor>(targets, None, tch::Reduction::Mean, -100, 0.0)
-}
-
-/// How [`Gpt::generate`] picks each token.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Sampling {
-    /// Divides the logits: < 1 sharpens, > 1 flattens; 0 means greedy (always the top token).
-    pub temperature: f64,
-    /// Keep only the k most likely tokens (None: all).
-    pub top_k: Option<usize>,
-    /// Keep the smallest set of most likely tokens whose probability reaches p (nucleus
-    /// sampling, Holtzman et al. 2019); 1.0 keeps all.
-    pub top_p: f64,
-}
-
-impl Default for Sampling {
-    fn default() -> Self {
-        Self { temperature: 0.8, top_k: Some(200), top_p: 1.0 }
+impl super::LanguageModel for Gpt {
+    fn loss(&self, x: &Tensor, y: &Tensor, train: bool, fused_loss: bool) -> Tensor {
+        Gpt::loss(self, x, y, train, fused_loss)
     }
 }
 
-impl Sampling {
-    pub fn check(&self) -> Result<()> {
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            bail!("sampling: temperature must be >= 0, got {}", self.temperature);
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            bail!("sampling: top_p must be in (0, 1], got {}", self.top_p);
-        }
-        if self.top_k == Some(0) {
-            bail!("sampling: top_k must be at least 1");
-        }
-        Ok(())
+impl super::CausalLm for Gpt {
+    fn vocab_size(&self) -> i64 {
+        self.cfg.vocab_size
     }
-}
-
-/// Draws one token id from `logits` `(V)`: temperature, then top-k, then top-p, then a draw by
-/// inverse CDF with the course's own RNG (so a seed gives the same text on every device).
-pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> i64 {
-    let logits: Vec<f64> =
-        Vec::<f64>::try_from(logits.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default();
-    if s.temperature == 0.0 {
-        return argmax(&logits);
+    fn context_len(&self) -> i64 {
+        self.cfg.block_size
     }
-    // Sort token ids by logit, descending (stable: ties keep id order).
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal));
-    let keep = s.top_k.map_or(order.len(), |k| k.min(order.len()));
-    order.truncate(keep);
-    let top = logits[order[0]];
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] - top) / s.temperature).exp()).collect();
-    let z: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= z);
-    if s.top_p < 1.0 {
-        // Smallest prefix whose mass reaches top_p (the top token is always kept).
-        let mut acc = 0.0;
-        let mut n = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc >= s.top_p {
-                n = i + 1;
-                break;
-            }
-        }
-        probs.truncate(n);
-        let z: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= z);
+    fn device(&self) -> Device {
+        self.wte.ws.device()
     }
-    let u = rng.next_f64();
-    let mut acc = 0.0;
-    for (i, p) in probs.iter().enumerate() {
-        acc += p;
-        if u < acc {
-            return order[i] as i64;
-        }
+    fn logits(&self, ids: &Tensor) -> Tensor {
+        self.forward(ids, false)
     }
-    order[probs.len() - 1] as i64
-}
-
-fn argmax(v: &[f64]) -> i64 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as i64
 }

@@ -1,14 +1,13 @@
 //! Attention from scratch: scaled dot-product attention with causal and padding masks, heads
-//! split and merged by hand, multi-head self-attention, the three positional encodings
-//! (sinusoidal, learned, rotary), a pre-LayerNorm Transformer encoder block and an encoder
-//! classifier with CLS or mean pooling.
+//! split and merged by hand, and multi-head self-attention (optionally with RoPE from
+//! [`super::positions`]), beside libtorch's fused kernel.
 //!
 //! Shapes: `B` batch, `T` tokens, `D` model width, `H` heads, `Dh = D / H` head width.
 //! Masks are *keep* masks (`true` where attention is allowed), broadcastable to `(B, H, Tq, Tk)`,
 //! as `torch.nn.functional.scaled_dot_product_attention` takes them.
 
+use super::positions::Rope;
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -93,86 +92,6 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, dropout: f64, p: Pass) -> (Ten
     }
 }
 
-/// How token positions enter the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum Positions {
-    /// Fixed sines and cosines added to the token embeddings (Vaswani et al. 2017).
-    Sinusoidal,
-    /// A trained embedding per position (BERT, GPT-2).
-    Learned,
-    /// Rotary: queries and keys rotated by a position-dependent angle (Su et al. 2021).
-    Rope,
-}
-
-/// `(T, D)` sinusoidal encoding: `pe[p, 2i] = sin(p / 10000^(2i/D))`, `pe[p, 2i+1] = cos(..)`.
-pub fn sinusoidal(len: i64, d: i64) -> Tensor {
-    let pos = Tensor::arange(len, (Kind::Double, Device::Cpu)).unsqueeze(1);
-    let i = Tensor::arange_start_step(0, d, 2, (Kind::Double, Device::Cpu));
-    let angle = pos * (i * (-(10000f64.ln()) / d as f64)).exp().unsqueeze(0); // (T, ceil(D/2))
-    let pe = Tensor::stack(&[angle.sin(), angle.cos()], 2).view([len, -1]); // interleave sin, cos
-    pe.narrow(1, 0, d).to_kind(Kind::Float)
-}
-
-/// Which pairs of a head's dimensions RoPE rotates together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RopeStyle {
-    /// Dimension `i` with `i + Dh/2` (GPT-NeoX, Hugging Face Llama).
-    Half,
-    /// Dimension `2i` with `2i + 1` (the paper, GPT-J, llama.cpp's GGUF layout).
-    Interleaved,
-}
-
-/// Rotary position embedding: pair `j` of a head's dimensions at position `p` is rotated by
-/// `p · base^(-2j/Dh)`. Then `q_m · k_n` depends on `m - n` only.
-#[derive(Debug)]
-pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-    style: RopeStyle,
-}
-
-impl Rope {
-    pub fn new(head_dim: i64, max_len: i64, base: f64, style: RopeStyle, device: Device) -> Result<Self> {
-        if head_dim % 2 != 0 {
-            bail!("RoPE needs an even head width, got {head_dim}");
-        }
-        let inv = (Tensor::arange_start_step(0, head_dim, 2, (Kind::Double, Device::Cpu))
-            * (-base.ln() / head_dim as f64))
-            .exp();
-        let angle = Tensor::arange(max_len, (Kind::Double, Device::Cpu)).unsqueeze(1) * inv.unsqueeze(0); // (T, Dh/2)
-        Ok(Self {
-            cos: angle.cos().to_kind(Kind::Float).to_device(device),
-            sin: angle.sin().to_kind(Kind::Float).to_device(device),
-            style,
-        })
-    }
-
-    pub fn max_len(&self) -> i64 {
-        self.cos.size()[0]
-    }
-
-    /// Rotates `x`: `(B, H, T, Dh)`, whose first token sits at position `offset`.
-    pub fn apply(&self, x: &Tensor, offset: i64) -> Tensor {
-        let s = x.size();
-        let (t, dh) = (s[2], s[3]);
-        let cos = self.cos.narrow(0, offset, t).to_kind(x.kind());
-        let sin = self.sin.narrow(0, offset, t).to_kind(x.kind());
-        match self.style {
-            RopeStyle::Half => {
-                let (a, b) = (x.narrow(-1, 0, dh / 2), x.narrow(-1, dh / 2, dh / 2));
-                Tensor::cat(&[&a * &cos - &b * &sin, &b * &cos + &a * &sin], -1)
-            }
-            RopeStyle::Interleaved => {
-                let pairs = x.unflatten(-1, [dh / 2, 2]);
-                let (a, b) = (pairs.select(-1, 0), pairs.select(-1, 1));
-                Tensor::stack(&[&a * &cos - &b * &sin, &a * &sin + &b * &cos], -1).flatten(-2, -1)
-            }
-        }
-    }
-}
-
 /// What one forward pass through attention layers needs besides the input: the keep-mask,
 /// RoPE if the model uses it, train/eval mode, and whether to return the attention weights.
 #[derive(Clone, Copy)]
@@ -217,149 +136,5 @@ impl MultiHeadAttention {
         }
         let (o, w) = attend(&q, &k, &v, self.dropout, p);
         (self.out.forward(&merge_heads(&o)), w)
-    }
-}
-
-/// Pre-LayerNorm encoder block: `x + attn(ln1(x))`, then `x + ff(ln2(x))` with a GELU
-/// feed-forward, dropout on both residual branches.
-#[derive(Debug)]
-pub struct EncoderBlock {
-    ln1: nn::LayerNorm,
-    attn: MultiHeadAttention,
-    ln2: nn::LayerNorm,
-    ff1: nn::Linear,
-    ff2: nn::Linear,
-    dropout: f64,
-}
-
-impl EncoderBlock {
-    pub fn new(vs: &nn::Path, d: i64, heads: i64, d_ff: i64, dropout: f64) -> Result<Self> {
-        Ok(Self {
-            ln1: nn::layer_norm(vs / "ln1", vec![d], Default::default()),
-            attn: MultiHeadAttention::new(&(vs / "attn"), d, heads, dropout)?,
-            ln2: nn::layer_norm(vs / "ln2", vec![d], Default::default()),
-            ff1: nn::linear(vs / "ff1", d, d_ff, Default::default()),
-            ff2: nn::linear(vs / "ff2", d_ff, d, Default::default()),
-            dropout,
-        })
-    }
-
-    /// `x`: `(B, T, D)` -> `((B, T, D), weights (B, H, T, T) if asked for)`.
-    pub fn forward(&self, x: &Tensor, p: Pass) -> (Tensor, Option<Tensor>) {
-        let (a, w) = self.attn.forward(&self.ln1.forward(x), p);
-        let x = x + a.dropout(self.dropout, p.train);
-        let f = self.ff2.forward(&self.ff1.forward(&self.ln2.forward(&x)).gelu("none"));
-        (&x + f.dropout(self.dropout, p.train), w)
-    }
-}
-
-/// How a sequence of token states becomes one vector for the classifier head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum Pooling {
-    /// The state of the first token (`[CLS]`).
-    Cls,
-    /// The mean over real (unpadded) tokens.
-    Mean,
-}
-
-/// Mean of `h` `(B, T, D)` over the tokens where `mask` `(B, T)` is nonzero.
-pub fn mean_pool(h: &Tensor, mask: &Tensor) -> Tensor {
-    let m = mask.to_kind(h.kind()).unsqueeze(-1);
-    (h * &m).sum_dim_intlist(1, false, h.kind()) / m.sum_dim_intlist(1, false, h.kind()).clamp_min(1e-9)
-}
-
-pub fn pool(h: &Tensor, mask: &Tensor, pooling: Pooling) -> Tensor {
-    match pooling {
-        Pooling::Cls => h.select(1, 0),
-        Pooling::Mean => mean_pool(h, mask),
-    }
-}
-
-/// The encoder classifier's shape; saved as its `config.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EncoderConfig {
-    pub vocab: i64,
-    pub d_model: i64,
-    pub heads: i64,
-    pub layers: i64,
-    pub d_ff: i64,
-    pub max_len: i64,
-    pub dropout: f64,
-    pub positions: Positions,
-    pub pooling: Pooling,
-    pub classes: i64,
-}
-
-/// Token embedding + positions -> pre-LN encoder blocks -> final LayerNorm -> pooling -> linear.
-#[derive(Debug)]
-pub struct EncoderClassifier {
-    pub cfg: EncoderConfig,
-    tok: nn::Embedding,
-    pos: Option<nn::Embedding>,
-    sinus: Option<Tensor>,
-    rope: Option<Rope>,
-    blocks: Vec<EncoderBlock>,
-    ln: nn::LayerNorm,
-    head: nn::Linear,
-}
-
-impl EncoderClassifier {
-    pub fn new(vs: &nn::Path, cfg: &EncoderConfig) -> Result<Self> {
-        let c = cfg;
-        if c.vocab < 1 || c.d_model < 1 || c.layers < 0 || c.d_ff < 1 || c.max_len < 1 || c.classes < 2 {
-            bail!("encoder config: vocab, d_model, d_ff, max_len must be positive and classes at least 2: {c:?}");
-        }
-        let emb = nn::EmbeddingConfig { ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 }, ..Default::default() };
-        let blocks = (0..c.layers)
-            .map(|i| EncoderBlock::new(&(vs / "blocks" / i), c.d_model, c.heads, c.d_ff, c.dropout))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            tok: nn::embedding(vs / "tok", c.vocab, c.d_model, emb),
-            pos: (c.positions == Positions::Learned).then(|| nn::embedding(vs / "pos", c.max_len, c.d_model, emb)),
-            sinus: (c.positions == Positions::Sinusoidal)
-                .then(|| sinusoidal(c.max_len, c.d_model).to_device(vs.device())),
-            rope: match c.positions {
-                Positions::Rope => {
-                    Some(Rope::new(c.d_model / c.heads, c.max_len, 10000.0, RopeStyle::Half, vs.device())?)
-                }
-                _ => None,
-            },
-            blocks,
-            ln: nn::layer_norm(vs / "ln", vec![c.d_model], Default::default()),
-            head: nn::linear(vs / "head", c.d_model, c.classes, Default::default()),
-            cfg: c.clone(),
-        })
-    }
-
-    /// Final token states `(B, T, D)` and, with `need_weights`, each layer's attention weights
-    /// `(B, H, T, T)`. Tokens past `max_len` are dropped (the tokenizer truncates before this).
-    pub fn encode(&self, ids: &Tensor, mask: &Tensor, train: bool, need_weights: bool) -> (Tensor, Vec<Tensor>) {
-        let t = ids.size()[1].min(self.cfg.max_len);
-        let (ids, mask) = (&ids.narrow(1, 0, t), &mask.narrow(1, 0, t));
-        let mut x = self.tok.forward(ids);
-        if let Some(p) = &self.pos {
-            x = x + p.forward(&Tensor::arange(t, (Kind::Int64, ids.device())));
-        }
-        if let Some(s) = &self.sinus {
-            x = x + s.narrow(0, 0, t);
-        }
-        let mut x = x.dropout(self.cfg.dropout, train);
-        let keep = padding_mask(mask);
-        let mut weights = Vec::with_capacity(self.blocks.len());
-        for b in &self.blocks {
-            let pass = Pass { keep: Some(&keep), rope: self.rope.as_ref(), train, need_weights };
-            let (y, w) = b.forward(&x, pass);
-            x = y;
-            weights.extend(w);
-        }
-        (self.ln.forward(&x), weights)
-    }
-
-    /// Class logits `(B, classes)` for token ids `(B, T)` and their attention mask `(B, T)`.
-    pub fn logits(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
-        let (h, _) = self.encode(ids, mask, train, false);
-        let t = h.size()[1];
-        self.head.forward(&pool(&h, &mask.narrow(1, 0, t), self.cfg.pooling))
     }
 }

@@ -2,8 +2,8 @@
 //! module's targets, metrics and charts, read from `outputs/<module>/metrics.json`.
 
 use crate::run::catalog::MODULES;
-use crate::sys::fsutil::write_atomic;
 use crate::run::Metrics;
+use crate::sys::fsutil::write_atomic;
 use anyhow::Result;
 use std::path::Path;
 

@@ -11,6 +11,7 @@
 //! a loadable checkpoint: the new one, or the previous one (found again under its
 //! moved-aside name by [`resolve`]).
 
+use crate::io::safetensors::{load_into, named_tensors, read_tensors, write_tensors};
 use crate::train::optim::OptimizerState;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -86,54 +87,6 @@ pub fn resolve(target: &Path) -> Option<PathBuf> {
     }
     let aside = aside_name(target).ok()?;
     aside.is_dir().then_some(aside)
-}
-
-/// Every variable of `vs` (parameters and buffers), by name, on the CPU.
-pub fn named_tensors(vs: &VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> =
-        vs.variables().into_iter().map(|(k, t)| (k, t.detach().to_device(tch::Device::Cpu))).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    Tensor::write_safetensors(tensors, path).with_context(|| format!("writing {}", path.display()))
-}
-
-pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    Ok(Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?.into_iter().collect())
-}
-
-/// Copies saved weights into `vs` strictly: a missing or unexpected name, or a shape mismatch,
-/// is an error naming it.
-pub fn load_into(vs: &VarStore, path: &Path) -> Result<()> {
-    copy_strict(vs, &read_tensors(path)?, &[], &path.display().to_string())
-}
-
-/// Copies `saved` into the variables of `vs` whose names do not start with one of
-/// `skip_prefixes`, strictly: a variable without a saved tensor, a saved tensor without a
-/// variable, or a shape mismatch is an error naming it. `source` names the file in errors.
-pub fn copy_strict(
-    vs: &VarStore,
-    saved: &BTreeMap<String, Tensor>,
-    skip_prefixes: &[&str],
-    source: &str,
-) -> Result<()> {
-    let vars: BTreeMap<String, Tensor> =
-        vs.variables().into_iter().filter(|(k, _)| !skip_prefixes.iter().any(|p| k.starts_with(p))).collect();
-    if let Some(k) = saved.keys().find(|k| !vars.contains_key(*k)) {
-        bail!("{source}: unexpected tensor '{k}' (the model has no such variable)");
-    }
-    tch::no_grad(|| -> Result<()> {
-        for (name, var) in &vars {
-            let src = saved.get(name).with_context(|| format!("{source}: missing tensor '{name}'"))?;
-            if src.size() != var.size() {
-                bail!("{source}: '{name}' has shape {:?}, the model expects {:?}", src.size(), var.size());
-            }
-            var.shallow_clone().f_copy_(&src.to_device(var.device()).to_kind(var.kind()))?;
-        }
-        Ok(())
-    })
 }
 
 /// Writes `<dir>/best/`: weights and config.json.

@@ -6,15 +6,15 @@
 //! moments, torch's generator (dropout), and the epoch/step counters. The data order needs no
 //! saving: the loader draws it from `(seed, epoch)`, and augmentation from `(seed, epoch, index)`.
 
+use crate::data::loader::{Batch, DataLoader, Dataset};
+use crate::models::Classifier;
+use crate::nn::loss::cross_entropy;
 use crate::train::checkpoint::{self, TrainingState};
-use crate::train::metrics::{self, Confusion};
 use crate::train::hooks::{Hooks, NoHooks};
-use crate::data::loader::{DataLoader, Dataset};
-use crate::models::mnist::cross_entropy;
+use crate::train::metrics::{self, Confusion};
 use crate::train::optim::{decay_groups, AdamW, Optimizer, Sgd};
 use crate::train::sched::{EarlyStopping, Mode, ReduceLrOnPlateau, Schedule, Verdict};
 use crate::train::tensorboard::SummaryWriter;
-use crate::data::vision::ImageBatch;
 use crate::{run::progress, sys::runtime};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -98,29 +98,6 @@ struct Progress {
     loss_trace: Vec<(usize, f64)>,
     plateau: Option<ReduceLrOnPlateau>,
     early: Option<EarlyStopping>,
-}
-
-/// A batch the trainer can use: it knows its labels `(B)`.
-pub trait Batch: Send + 'static {
-    fn labels(&self) -> &Tensor;
-}
-
-impl Batch for ImageBatch {
-    fn labels(&self) -> &Tensor {
-        &self.labels
-    }
-}
-
-/// A model that turns a batch of kind `B` into class logits `(B, classes)`. Every tch
-/// `ModuleT` is one for image batches; m03's text models implement it for token batches.
-pub trait Classifier<B> {
-    fn logits(&self, batch: &B, device: Device, train: bool) -> Tensor;
-}
-
-impl<M: ModuleT + ?Sized> Classifier<ImageBatch> for M {
-    fn logits(&self, batch: &ImageBatch, device: Device, train: bool) -> Tensor {
-        self.forward_t(&batch.images.to_device(device), train)
-    }
 }
 
 /// What the trainer records about the model: a short name for logs, the config that rebuilds
@@ -386,7 +363,8 @@ pub fn fit_with<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
     }
     let interrupted = p.next_epoch < cfg.epochs && !stopped_early;
     if stopped_early {
-        checkpoint::load_into(vs, &best_dir(dir).join("model.safetensors")).context("restoring the best weights")?;
+        crate::io::safetensors::load_into(vs, &best_dir(dir).join("model.safetensors"))
+            .context("restoring the best weights")?;
     }
     let best_epoch = p.early.as_ref().and_then(|e| e.best_epoch).or_else(|| {
         p.history

@@ -9,13 +9,13 @@
 //! `block_size` tokens; the micro-batch losses are divided by `grad_accum` so the summed
 //! gradients equal those of one batch of `grad_accum · batch_size` blocks.
 
-use crate::train::amp::{GradScaler, Precision, ScalerConfig};
-use crate::train::checkpoint::{self, TrainingState};
-use crate::sys::cudagraph::CudaGraph;
 use crate::data::lm::sample_batch;
-use crate::train::optim::{decay_groups, AdamW, Optimizer};
+use crate::sys::cudagraph::CudaGraph;
 use crate::sys::rng::Rng;
 use crate::sys::runtime;
+use crate::train::amp::{GradScaler, Precision, ScalerConfig};
+use crate::train::checkpoint::{self, TrainingState};
+use crate::train::optim::{decay_groups, AdamW, Optimizer};
 use crate::train::sched::Schedule;
 use crate::train::tensorboard::SummaryWriter;
 use anyhow::{bail, Context, Result};
@@ -105,17 +105,7 @@ impl LmTrainConfig {
     }
 }
 
-/// A model the loop can train: the mean next-token loss of `(B, T)` inputs against targets.
-pub trait LanguageModel {
-    fn loss(&self, x: &Tensor, y: &Tensor, train: bool, fused_loss: bool) -> Tensor;
-}
-
-impl LanguageModel for crate::models::gpt::Gpt {
-    fn loss(&self, x: &Tensor, y: &Tensor, train: bool, fused_loss: bool) -> Tensor {
-        crate::models::gpt::Gpt::loss(self, x, y, train, fused_loss)
-    }
-}
-
+pub use crate::models::LanguageModel;
 pub use crate::train::hooks::{Hooks, NoHooks};
 
 /// One logged step.

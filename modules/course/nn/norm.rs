@@ -1,0 +1,31 @@
+//! Normalisation layers that tch's `nn` lacks: LayerNorm with an optional bias (GPT-2 with
+//! `bias: false`, Llama's RMSNorm to come). SyncBatchNorm needs a process group and lives in
+//! `dist::ddp`; models take their batch norm from a factory so they need not know.
+
+use tch::nn;
+use tch::Tensor;
+
+/// LayerNorm with an optional bias (tch's has both affine tensors or neither).
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub ws: Tensor,
+    pub bs: Option<Tensor>,
+    dim: i64,
+}
+
+impl LayerNorm {
+    /// # Shapes
+    /// `x`: `(..., C)` -> `(..., C)`
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.dim], Some(&self.ws), self.bs.as_ref(), 1e-5, true)
+    }
+}
+
+/// A LayerNorm over `c` features at `vs` (`weight`, and `bias` when asked), eps 1e-5.
+pub fn layer_norm(vs: nn::Path, c: i64, bias: bool) -> LayerNorm {
+    LayerNorm {
+        ws: vs.var("weight", &[c], nn::Init::Const(1.0)),
+        bs: bias.then(|| vs.var("bias", &[c], nn::Init::Const(0.0))),
+        dim: c,
+    }
+}
