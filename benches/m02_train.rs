@@ -15,7 +15,7 @@ use anyhow::Result;
 mod benchkit;
 use benchkit::PyTwin;
 use course::data::loader::DataLoader;
-use course::data::vision::{collate_images, ImageDataset, ImageFolder, Transform};
+use course::data::vision::{collate_images, ImageDataset, ImageSubset, Transform};
 use course::models::{CnnConfig, InitKind, MlpConfig, ModelConfig};
 use course::nn::loss::cross_entropy;
 use course::train::optim::{decay_groups, AdamW, Optimizer};
@@ -58,7 +58,7 @@ impl Trainer {
 
 fn loader_speed(workers: usize, batches: usize) -> Result<f64> {
     let set = Arc::new(ImageDataset::Mnist.load(true)?);
-    let ds = ImageFolder::new(set, Transform { normalize: Some((0.1307, 0.3081)), ..Default::default() });
+    let ds = ImageSubset::new(set, Transform { normalize: Some((0.1307, 0.3081)), ..Default::default() });
     let l = DataLoader::new(Arc::new(ds), 128, collate_images(28, 28))?.shuffle(0).workers(workers);
     let t = Instant::now();
     let mut n = 0;

@@ -62,7 +62,17 @@ fn max_diff(a: &Path, b: &Path) -> f64 {
 #[test]
 fn the_quick_lesson_proves_two_ranks_equal_one_and_draws_its_charts() {
     let out = tmp("lesson");
-    ok(m05(&out).output().unwrap());
+    // The process set-up flags reach every rank of every job the lesson launches.
+    let o = m05(&out).args(["--threads", "1", "--deterministic", "--release-freed-memory"]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    ok(o);
+    let setups: Vec<&str> = text.lines().filter(|l| l.contains(": rank ") && l.contains(" of ")).collect();
+    // bandwidth (2 ranks), equiv_n1 (1), equiv_n2 (2), ddp_train (2)
+    assert_eq!(setups.len(), 7, "one set-up line per rank and job:\n{text}");
+    for l in &setups {
+        assert!(l.contains("1 threads, deterministic on, freed memory released"), "{l}");
+    }
+    assert_eq!(setups.iter().filter(|l| l.starts_with("[rank1]: rank 1 of 2:")).count(), 3, "{setups:#?}");
     let dir = out.join("m05_ddp");
     let m = json(&dir.join("metrics.json"));
     let t = m["targets"].as_array().unwrap().iter().find(|t| t["name"] == "max_param_diff_n2_vs_n1").unwrap();
@@ -85,6 +95,25 @@ fn the_quick_lesson_proves_two_ranks_equal_one_and_draws_its_charts() {
     let bw = json(&dir.join("jobs/bandwidth.json"));
     assert_eq!(bw["points"].as_array().unwrap().len(), 6, "1 KB .. 1 MB, x4 apart");
     assert!(json(&dir.join("ddp_train/metrics.json"))["metrics"]["test_accuracy"].as_f64().unwrap() > 0.5);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn every_rank_under_the_launcher_gets_the_same_set_up() {
+    // Rank 1 too applies --deterministic, --threads and --release-freed-memory (before, only
+    // rank 0 called Run::start and the other ranks ran with libtorch's defaults).
+    let out = tmp("setup");
+    let o = m05(&out)
+        .args(["--nproc-per-node", "2", "--model", "gpt", "--steps", "2", "--batch-size", "2"])
+        .args(["--deterministic", "--threads", "1", "--release-freed-memory", "--job", "setup"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    ok(o);
+    for r in 0..2 {
+        let want = format!("[rank{r}]: rank {r} of 2: device cpu, 1 threads, deterministic on, freed memory released");
+        assert!(text.lines().any(|l| l == want), "no line {want:?} in:\n{text}");
+    }
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -3,12 +3,12 @@
 //! Read top to bottom: each section prints what it demonstrates and records what it measured in
 //! `outputs/m01_basics/metrics.json`. The lesson is notes/m01_basics.md.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use course::basics::linreg::{self, nan_max};
 use course::basics::repro::fingerprint;
 use course::run::charts::{LineChart, Series};
-use course::run::{CommonArgs, Op, Run};
+use course::run::{relaunch, CommonArgs, Op, Run};
 use course::sys::runtime;
 use serde::Serialize;
 use tch::nn::{self, ModuleT};
@@ -65,7 +65,13 @@ fn main() -> Result<()> {
     ensure!(args.noise.is_finite() && args.noise >= 0.0, "--noise must be a finite number >= 0, got {}", args.noise);
     ensure!(args.lr.is_finite() && args.lr > 0.0, "--lr must be a finite number > 0, got {}", args.lr);
     if let Some(seed) = args.probe_fingerprint {
-        println!("{:016x}", fingerprint(seed, args.common.device.resolve()?));
+        // The second process of section 3: the same set-up as the parent, then one fingerprint.
+        let setup = course::run::Setup::apply(&args.common)?;
+        let f = format!("{:016x}", fingerprint(seed, setup.device));
+        match &args.common.result {
+            Some(p) => relaunch::report(p, &f)?,
+            None => println!("{f}"),
+        }
         return Ok(());
     }
     let mut run = Run::start("m01_basics", &args.common, &args)?;
@@ -231,14 +237,11 @@ fn reproducibility(run: &mut Run, args: &Args) -> Result<()> {
     let other_seed = seed.wrapping_add(1);
     let f3 = fingerprint(other_seed, run.device);
     println!("fingerprint(seed {seed}) = {f1:016x}, again = {f2:016x}, seed {other_seed} = {f3:016x}");
-    // A second process, started fresh with the same seed and the same thread count.
-    let exe = std::env::current_exe()?;
-    let out = std::process::Command::new(exe)
-        .args(["--probe-fingerprint", &seed.to_string(), "--device", &args.common.device.to_string()])
-        .args(args.common.threads.map(|t| vec!["--threads".to_string(), t.to_string()]).unwrap_or_default())
-        .output()?;
-    ensure!(out.status.success(), "the probe process failed: {}", String::from_utf8_lossy(&out.stderr));
-    let other = u64::from_str_radix(String::from_utf8_lossy(&out.stdout).trim(), 16)?;
+    // A second process, started fresh with the same flags (seed, threads, device, ...).
+    let mut child_args = args.common.to_args();
+    child_args.extend(["--probe-fingerprint".into(), seed.to_string().into()]);
+    let other: String = relaunch::Child::new(child_args).run("the probe process")?;
+    let other = u64::from_str_radix(&other, 16).context("the probe's fingerprint")?;
     println!("second process: {other:016x} -> {}", if other == f1 { "bit-identical" } else { "DIFFERENT" });
     run.target("repro_same_process", (f1 == f2) as u8 as f64, Op::Eq, 1.0);
     run.target("repro_cross_process", (f1 == other) as u8 as f64, Op::Eq, 1.0);

@@ -5,9 +5,7 @@
 use anyhow::{ensure, Result};
 use clap::Parser;
 use course::data::loader::DataLoader;
-use course::data::vision::{
-    collate_images, image_grid, split_indices, ImageBatch, ImageDataset, ImageFolder, Transform,
-};
+use course::data::vision::{collate_images, ImageBatch, ImageDataset, ImageSubset, Splits};
 use course::models::{CnnConfig, InitKind, MlpConfig, ModelConfig};
 use course::run::charts::{LineChart, Series};
 use course::run::{CommonArgs, Op, Run};
@@ -48,25 +46,25 @@ struct Args {
     #[arg(long)]
     lr: Option<f64>,
     /// SGD momentum (Nesterov with --nesterov)
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = TrainConfig::default().momentum)]
     momentum: f64,
     /// Use Nesterov momentum with SGD
     #[arg(long)]
     nesterov: bool,
     /// Weight decay on weight matrices and kernels (never on biases or norm scales)
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = TrainConfig::default().weight_decay)]
     weight_decay: f64,
     /// Learning-rate schedule
-    #[arg(long, value_enum, default_value_t = SchedKind::WarmupCosine)]
+    #[arg(long, value_enum, default_value_t = TrainConfig::default().schedule)]
     schedule: SchedKind,
     /// Label smoothing of the cross-entropy target
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = TrainConfig::default().label_smoothing)]
     label_smoothing: f64,
     /// Early stopping: stop after this many epochs without a validation-accuracy gain
     #[arg(long)]
     patience: Option<usize>,
     /// MLP weight initialisation
-    #[arg(long, value_enum, default_value_t = InitKind::KaimingNormal)]
+    #[arg(long, value_enum, default_value_t = MlpConfig::mnist().init)]
     init: InitKind,
     /// DataLoader worker threads (0 = load in the training thread)
     #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=64))]
@@ -87,7 +85,7 @@ struct Args {
 
 const LESSON: &str = "\
 What happens, in order (notes/m02_data.md has the lesson):
-  1. data      IDX files -> ImageFolder (normalise; random crop for the CNN) -> DataLoader with
+  1. data      IDX files -> ImageSubset (normalise; random crop for the CNN) -> DataLoader with
                worker threads, a seeded shuffle per epoch, and a held-out validation split
   2. models    MLP 784-512-256-10 (dropout 0.2) and LeNet-5-style CNN with batch norm
   3. training  AdamW (or SGD) with decay groups, warmup + cosine (or step/cosine/plateau),
@@ -99,12 +97,12 @@ Try: m02_data --model mlp --optimizer sgd --nesterov     m02_data --dataset fash
      m02_data --model mlp --epochs 3 --stop-after 1 && m02_data --model mlp --epochs 3 --resume";
 
 fn loader(
-    set: ImageFolder,
+    set: ImageSubset,
     batch: usize,
     workers: usize,
     shuffle: Option<u64>,
     seed: u64,
-) -> Result<DataLoader<ImageFolder, ImageBatch>> {
+) -> Result<DataLoader<ImageSubset, ImageBatch>> {
     let (r, c) = set.set.image_size();
     let l = DataLoader::new(Arc::new(set), batch, collate_images(r, c))?.workers(workers).seed(seed);
     Ok(match shuffle {
@@ -133,31 +131,16 @@ fn main() -> Result<()> {
     let seed = run.seed();
 
     println!("== m02_data: {} ==", ds.name());
-    let full = ds.load(true)?;
-    let test_set = ds.load(false)?;
-    let (train_idx, val_idx) = split_indices(full.len(), args.val_size.min(full.len() / 2), seed);
-    let (train_idx, val_idx, test_idx): (Vec<usize>, Vec<usize>, Vec<usize>) = if quick {
-        (train_idx[..3000].to_vec(), val_idx[..500.min(val_idx.len())].to_vec(), (0..1000).collect())
-    } else {
-        (train_idx, val_idx, (0..test_set.len()).collect())
-    };
+    let splits = Splits::load(ds, args.val_size, quick, seed)?;
     println!(
         "train {} / val {} / test {} examples of {}x{}",
-        train_idx.len(),
-        val_idx.len(),
-        test_idx.len(),
-        full.image_size().0,
-        full.image_size().1
+        splits.train.len(),
+        splits.val.len(),
+        splits.test.len(),
+        splits.train_set.image_size().0,
+        splits.train_set.image_size().1
     );
-    let (mean, std) = ds.mean_std();
-    let plain = Transform { normalize: Some((mean, std)), ..Default::default() };
-    // For digits, shifts of up to 2 pixels; for clothes, left-right flips only (with shifts as
-    // well, 4 epochs underfit Fashion-MNIST: 89.2 % test, train accuracy below validation).
     let fashion = ds == ImageDataset::FashionMnist;
-    let augmented =
-        Transform { crop_padding: if fashion { 0 } else { 2 }, hflip: fashion, normalize: Some((mean, std)) };
-    let full = Arc::new(full);
-    let test_set = Arc::new(test_set);
 
     let mut trained: Vec<Trained> = vec![];
     let models: Vec<&str> = match args.model.as_str() {
@@ -165,32 +148,23 @@ fn main() -> Result<()> {
         m => vec![m],
     };
     for name in models {
-        let (model_cfg, epochs, transform) = match name {
-            "mlp" => (
-                ModelConfig::Mlp(MlpConfig {
-                    input: 784,
-                    hidden: vec![512, 256],
-                    classes: 10,
-                    dropout: 0.2,
-                    init: args.init,
-                }),
-                10,
-                plain.clone(),
-            ),
-            _ => (
-                ModelConfig::Cnn(CnnConfig {
-                    channels: (32, 64),
-                    hidden: 256,
-                    classes: 10,
-                    dropout: 0.3,
-                    conv_bias: true,
-                }),
-                if fashion { 6 } else { 4 },
-                augmented.clone(),
-            ),
+        // The recipes; the flags change what they name (their defaults are the recipes' own).
+        let (model_cfg, recipe, augment) = match name {
+            "mlp" => {
+                (ModelConfig::Mlp(MlpConfig { init: args.init, ..MlpConfig::mnist() }), TrainConfig::mnist_mlp(), false)
+            }
+            _ => {
+                let r = TrainConfig::mnist_cnn();
+                // Fashion-MNIST with flips only needs two more epochs.
+                (
+                    ModelConfig::Cnn(CnnConfig::lenet()),
+                    TrainConfig { epochs: r.epochs + if fashion { 2 } else { 0 }, ..r },
+                    true,
+                )
+            }
         };
-        let epochs = if quick { args.epochs.unwrap_or(1) } else { args.epochs.unwrap_or(epochs) };
-        let lr = args.lr.unwrap_or(if args.optimizer == OptKind::Sgd { 0.05 } else { 1e-3 });
+        let epochs = if quick { args.epochs.unwrap_or(1) } else { args.epochs.unwrap_or(recipe.epochs) };
+        let lr = args.lr.unwrap_or(TrainConfig::default_lr(args.optimizer));
         let cfg = TrainConfig {
             epochs,
             lr,
@@ -201,15 +175,11 @@ fn main() -> Result<()> {
             schedule: args.schedule,
             label_smoothing: args.label_smoothing,
             patience: args.patience,
-            min_delta: 1e-4,
-            max_batches: None,
+            ..recipe
         };
-        let set = |idx: &[usize], t: &Transform, from: &Arc<course::data::idx::ImageSet>| {
-            ImageFolder::new(from.clone(), t.clone()).with_subset(idx.to_vec())
-        };
-        let train_l = loader(set(&train_idx, &transform, &full), args.batch_size, args.workers, Some(seed), seed)?;
-        let val_l = loader(set(&val_idx, &plain, &full), 1000, args.workers, None, seed)?;
-        let test_l = loader(set(&test_idx, &plain, &test_set), 1000, args.workers, None, seed)?;
+        let train_l = loader(splits.train_subset(augment), args.batch_size, args.workers, Some(seed), seed)?;
+        let val_l = loader(splits.val_subset(), 1000, args.workers, None, seed)?;
+        let test_l = loader(splits.test_subset(), 1000, args.workers, None, seed)?;
 
         let vs = VarStore::new(run.device);
         course::sys::rng::seed_everything(seed); // the same initial weights whatever ran before
@@ -248,25 +218,8 @@ fn main() -> Result<()> {
         }
         run.metric(&format!("{name}_epochs_run"), out.history.len() as f64);
         // Misclassified test examples, with their predicted and true labels.
-        let mut wrong = vec![];
-        let mut caps = vec![];
-        let classes = ds.classes();
-        for b in test_l.epoch(0) {
-            let b = b?;
-            let pred = classify::predict(model.as_ref(), &b.images, run.device);
-            let p: Vec<i64> = Vec::try_from(&pred)?;
-            let l: Vec<i64> = Vec::try_from(&b.labels)?;
-            for (k, (p, l)) in p.iter().zip(&l).enumerate() {
-                if p != l && wrong.len() < 24 {
-                    let img: Vec<f32> = Vec::try_from(b.images.get(k as i64).flatten(0, -1))?;
-                    wrong.push(img.iter().map(|v| v * std + mean).collect::<Vec<f32>>());
-                    caps.push(format!("pred {} / true {}", classes[*p as usize], classes[*l as usize]));
-                }
-            }
-        }
-        if !wrong.is_empty() {
-            let p = run.path(&format!("misclassified_{name}.png"));
-            image_grid(&p, &wrong, &caps, 28, 28, 8, 4)?;
+        let p = run.path(&format!("misclassified_{name}.png"));
+        if classify::misclassified_grid(model.as_ref(), &test_l, ds, run.device, 24, &p)? > 0 {
             run.artifact(&p);
         }
         trained.push(Trained { name: name.to_string(), out, test_acc, confusion });
@@ -303,7 +256,7 @@ fn main() -> Result<()> {
         run.target(&format!("{}_test_accuracy", t.name), t.test_acc, Op::Ge, goal);
     }
     if !args.skip_resume_check {
-        let equal = resume_check(&run, &full, &train_idx, &val_idx, &plain, seed, args.workers)?;
+        let equal = resume_check(&run, &splits, seed, args.workers)?;
         run.target("resume_equals_uninterrupted", equal as u8 as f64, Op::Eq, 1.0);
     }
     let m = run.finish()?;
@@ -314,46 +267,22 @@ fn main() -> Result<()> {
 /// Trains a small MLP for 2 epochs straight, and again as 1 epoch + save + fresh model and
 /// optimizer + load + 1 epoch, through real checkpoint files; true when the final weights are
 /// bit-identical.
-fn resume_check(
-    run: &Run,
-    full: &Arc<course::data::idx::ImageSet>,
-    train_idx: &[usize],
-    val_idx: &[usize],
-    t: &Transform,
-    seed: u64,
-    workers: usize,
-) -> Result<bool> {
+fn resume_check(run: &Run, splits: &Splits, seed: u64, workers: usize) -> Result<bool> {
     println!("\n-- resume check: 2 epochs straight vs 1 + resume + 1 (small MLP, 2000 examples) --");
-    let cfg_m = ModelConfig::Mlp(MlpConfig {
-        input: 784,
-        hidden: vec![64],
-        classes: 10,
-        dropout: 0.2,
-        init: InitKind::KaimingNormal,
-    });
-    let cfg = TrainConfig {
-        epochs: 2,
-        lr: 1e-3,
-        optimizer: OptKind::Adamw,
-        momentum: 0.9,
-        nesterov: false,
-        weight_decay: 1e-4,
-        schedule: SchedKind::WarmupCosine,
-        label_smoothing: 0.0,
-        patience: None,
-        min_delta: 0.0,
-        max_batches: None,
-    };
+    let cfg_m = ModelConfig::Mlp(MlpConfig { hidden: vec![64], ..MlpConfig::mnist() });
+    let cfg = TrainConfig { epochs: 2, min_delta: 0.0, ..TrainConfig::mnist_mlp() };
     let make = |dir: &std::path::Path, stop: Option<usize>, resume: bool| -> Result<(VarStore, classify::Outcome)> {
         let tl = loader(
-            ImageFolder::new(full.clone(), t.clone()).with_subset(train_idx[..2000.min(train_idx.len())].to_vec()),
+            ImageSubset::new(splits.train_set.clone(), splits.plain.clone())
+                .with_subset(splits.train[..2000.min(splits.train.len())].to_vec()),
             64,
             workers,
             Some(seed),
             seed,
         )?;
         let vl = loader(
-            ImageFolder::new(full.clone(), t.clone()).with_subset(val_idx[..200.min(val_idx.len())].to_vec()),
+            ImageSubset::new(splits.train_set.clone(), splits.plain.clone())
+                .with_subset(splits.val[..200.min(splits.val.len())].to_vec()),
             200,
             workers,
             None,

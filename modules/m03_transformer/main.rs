@@ -14,7 +14,7 @@ use course::nn::pool::Pooling;
 use course::nn::positions::{sinusoidal, Positions};
 use course::run::charts::{Heatmap, LineChart};
 use course::run::{CommonArgs, Op, Run};
-use course::train::classify::{self, OptKind, SchedKind, TrainConfig};
+use course::train::classify::{self, SchedKind, TrainConfig};
 use course::train::metrics::Confusion;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -399,15 +399,10 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
     let cfg = TrainConfig {
         epochs,
         lr,
-        optimizer: OptKind::Adamw,
-        momentum: 0.9,
-        nesterov: false,
         weight_decay: args.weight_decay,
         schedule: args.schedule,
-        label_smoothing: 0.0,
         patience: args.patience,
-        min_delta: 1e-4,
-        max_batches: None,
+        ..TrainConfig::default()
     };
     let dir = run.path(&name);
     let tok_for_save = tok.clone();

@@ -9,11 +9,12 @@ use course::data::lm::{self as lmdata, TokenData, TokenizerChoice};
 use course::infer::{generate, Sampling};
 use course::models::gpt::{AttentionImpl, Gpt, Kernels, Preset};
 use course::run::charts::{self, LineChart, Series};
-use course::run::{CommonArgs, Op, Run};
+use course::run::{relaunch, CommonArgs, Op, Run};
 use course::sys::rng::Rng;
 use course::train::amp::{self, Precision};
 use course::train::lm::{self as lmtrain, Hooks, Inject, LmData, LmTrainConfig, OnNonFinite, TrainOptions};
 use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 
@@ -53,11 +54,11 @@ struct Args {
     /// Vocabulary size of the BPE tokenizer
     #[arg(long, default_value_t = 2048, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(300..=65_536))]
     bpe_vocab: usize,
-    /// Optimizer steps (default: 2500; 40 with --quick)
+    /// Optimizer steps (default: the recipe's 2500; 40 with --quick)
     #[arg(long)]
     steps: Option<usize>,
     /// Blocks per micro-batch
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    #[arg(long, default_value_t = LmTrainConfig::shakespeare_char().batch_size, value_parser = clap::value_parser!(i64).range(1..=4096))]
     batch_size: i64,
     /// Micro-batches per optimizer step (gradient accumulation): the step sees
     /// batch-size x grad-accum blocks
@@ -79,28 +80,28 @@ struct Args {
     #[arg(long)]
     dropout: Option<f64>,
     /// Peak learning rate, reached after the warmup
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = LmTrainConfig::shakespeare_char().lr)]
     lr: f64,
     /// Learning rate at the end of the cosine decay
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = LmTrainConfig::shakespeare_char().min_lr)]
     min_lr: f64,
     /// Linear warmup steps
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = LmTrainConfig::shakespeare_char().warmup)]
     warmup: usize,
     /// AdamW weight decay on matrices and embeddings (never biases or LayerNorm scales)
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = LmTrainConfig::shakespeare_char().weight_decay)]
     weight_decay: f64,
     /// AdamW beta2 (0.99 for small data, nanoGPT's Shakespeare setting)
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, default_value_t = LmTrainConfig::shakespeare_char().beta2)]
     beta2: f64,
     /// Clip the global gradient norm to this (0 turns clipping off)
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = LmTrainConfig::shakespeare_char().grad_clip)]
     grad_clip: f64,
     /// Evaluate every this many steps
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = LmTrainConfig::shakespeare_char().eval_interval)]
     eval_interval: usize,
     /// Batches per split in each evaluation
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = LmTrainConfig::shakespeare_char().eval_iters)]
     eval_iters: usize,
     /// Stop a training run after this many seconds (it still evaluates and saves)
     #[arg(long)]
@@ -257,8 +258,9 @@ fn preset(args: &Args) -> Preset {
 
 fn train_config(args: &Args, block_size: i64) -> LmTrainConfig {
     let quick = args.common.quick;
-    let steps = args.steps.unwrap_or(if quick { 40 } else { 2500 });
-    LmTrainConfig {
+    let steps = args.steps.unwrap_or(if quick { 40 } else { LmTrainConfig::shakespeare_char().steps });
+    // The recipe, with what the flags change (their defaults are the recipe's own numbers).
+    let cfg = LmTrainConfig {
         steps,
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,
@@ -267,19 +269,22 @@ fn train_config(args: &Args, block_size: i64) -> LmTrainConfig {
         min_lr: args.min_lr,
         warmup: args.warmup.min(steps / 2),
         weight_decay: args.weight_decay,
-        beta1: 0.9,
         beta2: args.beta2,
         grad_clip: args.grad_clip,
-        eval_interval: if quick { steps / 2 } else { args.eval_interval },
-        eval_iters: if quick { 4 } else { args.eval_iters },
-        log_interval: if quick { 1 } else { 10 },
-        checkpoint_interval: if quick { 0 } else { 500 },
+        eval_interval: args.eval_interval,
+        eval_iters: args.eval_iters,
         precision: args.precision,
         on_nonfinite: args.on_nonfinite,
         fused_loss: args.fused_loss,
         max_time: args.max_time,
         seed: args.common.seed,
         cuda_graph: args.cuda_graph,
+        ..LmTrainConfig::shakespeare_char()
+    };
+    if quick {
+        cfg.quick(steps)
+    } else {
+        cfg
     }
 }
 
@@ -518,8 +523,8 @@ fn single(args: &Args) -> Result<()> {
         run.target("char_val_loss", leg.final_val_loss, Op::Le, 1.90);
         run.target("train_minutes", leg.train_seconds / 60.0, Op::Le, 10.0);
     }
-    if args.compare_leg {
-        course::sys::fsutil::write_json_atomic(&run.path("leg.json"), &leg)?;
+    if let Some(p) = &args.common.result {
+        relaunch::report(p, &leg)?;
     }
     let m = run.finish()?;
     ensure!(m.quick || m.all_targets_met() || m.targets.is_empty(), "not every target was met (see the table above)");
@@ -529,32 +534,19 @@ fn single(args: &Args) -> Result<()> {
 fn compare(args: &Args, list: &str) -> Result<()> {
     let precisions = amp::parse_list(list)?;
     let mut run = Run::start("m04_amp/compare", &args.common, args)?;
-    let exe = std::env::current_exe().context("finding this program's path")?;
     let mut legs = vec![];
     for &p in &precisions {
         // Each precision in its own process: peak memory and allocator state are its own, and a
         // crash in one leg is reported without losing the others.
-        let mut cmd = std::process::Command::new(&exe);
-        let mut leg_args: Vec<String> = std::env::args().skip(1).collect();
-        strip_flag(&mut leg_args, "--compare", true);
-        strip_flag(&mut leg_args, "--precision", true);
-        cmd.args(&leg_args).args(["--precision", p.name(), "--compare-leg", "--samples", "0"]);
+        let mut leg_args = relaunch::args_without(&[("--compare", true), ("--precision", true)]);
+        leg_args.extend(["--precision", p.name(), "--compare-leg", "--samples", "0"].map(OsString::from));
         let slow = !run.device.is_cuda() && p == Precision::Fp16 && !course::run::report::cpu_has_native_fp16();
         if slow && args.max_time.is_none() {
             println!("fp16 on this CPU is emulated (no native fp16 arithmetic): its run is capped at {} s (--slow-fp16-budget)", args.slow_fp16_budget);
-            cmd.args(["--max-time", &args.slow_fp16_budget.to_string()]);
+            leg_args.extend(["--max-time".into(), args.slow_fp16_budget.to_string().into()]);
         }
         println!("\n=== {} ===", p.name());
-        let status = cmd.status().with_context(|| format!("starting {}", exe.display()))?;
-        if !status.success() {
-            bail!("the {} run failed ({status}); its output is above", p.name());
-        }
-        let leg_path = run.dir.join(p.name()).join("leg.json");
-        let text = std::fs::read_to_string(&leg_path).with_context(|| format!("reading {}", leg_path.display()))?;
-        legs.push(
-            serde_json::from_str::<Leg>(&text)
-                .with_context(|| format!("{} is not a leg summary", leg_path.display()))?,
-        );
+        legs.push(relaunch::Child::new(leg_args).run::<Leg>(&format!("the {} run", p.name()))?);
     }
     let base = legs.iter().find(|l| l.precision == Precision::Fp32).or(legs.first()).cloned().context("no legs")?;
     let mut table = String::from("| precision | steps | tokens/s | vs fp32 | peak memory (MB) | final val loss | vs fp32 | skipped steps |\n|---|---|---|---|---|---|---|---|\n");
@@ -605,21 +597,6 @@ fn compare(args: &Args, list: &str) -> Result<()> {
     let m = run.finish()?;
     ensure!(m.quick || m.targets.is_empty() || m.all_targets_met(), "not every target was met (see the table above)");
     Ok(())
-}
-
-/// Removes `flag` (and its value) from an argument list, in both `--flag v` and `--flag=v` forms.
-fn strip_flag(args: &mut Vec<String>, flag: &str, takes_value: bool) {
-    let mut i = 0;
-    while i < args.len() {
-        if args[i] == flag {
-            let n = if takes_value && i + 1 < args.len() { 2 } else { 1 };
-            args.drain(i..i + n);
-        } else if args[i].starts_with(&format!("{flag}=")) {
-            args.remove(i);
-        } else {
-            i += 1;
-        }
-    }
 }
 
 fn main() -> Result<()> {

@@ -7,17 +7,18 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, ValueEnum};
 use course::data::lm as lmdata;
 use course::data::loader::DataLoader;
-use course::data::vision::{collate_images, split_indices, ImageBatch, ImageDataset, ImageFolder, Transform};
-use course::dist::c10d::{Backend, ProcessGroup, ReduceOp};
+use course::data::vision::{collate_images, mnist_splits, ImageBatch, ImageSubset};
+use course::dist;
+use course::dist::c10d::{ProcessGroup, ReduceOp};
 use course::dist::ddp::{self, Ddp, DdpConfig, DistributedSampler};
-use course::dist::launch::{self, DistEnv, LaunchSpec};
+use course::dist::launch::{self, DistEnv, LaunchArgs, LaunchSpec};
 use course::models::gpt::{Gpt, Preset};
 use course::models::{CnnConfig, LeNet};
 use course::run::charts::{self, LineChart, Series};
-use course::run::{CommonArgs, Op, Run};
-use course::train::classify::{self, OptKind, SchedKind, TrainConfig};
+use course::run::{relaunch, CommonArgs, Op, Run, Setup};
+use course::train::classify::{self, OptKind, TrainConfig};
 use course::train::hooks::Hooks;
-use course::train::lm::{self as lmtrain, LmData, LmTrainConfig, OnNonFinite, TrainOptions};
+use course::train::lm::{self as lmtrain, LmData, LmTrainConfig, TrainOptions};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -49,22 +50,8 @@ use tch::Tensor;
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// Launch N processes of this command on this node (like torchrun --nproc-per-node N) and
-    /// wait for them; each trains as one rank
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
-    nproc_per_node: Option<usize>,
-    /// Nodes taking part (each runs this command with its own --node-rank)
-    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
-    nnodes: usize,
-    /// This node's index, 0..nnodes
-    #[arg(long, default_value_t = 0)]
-    node_rank: usize,
-    /// Address of rank 0's node (where the rendezvous TCPStore listens)
-    #[arg(long, default_value = "127.0.0.1")]
-    master_addr: String,
-    /// Port of the rendezvous store (0: a free port; with several nodes give one explicitly)
-    #[arg(long, default_value_t = 0)]
-    master_port: u16,
+    #[command(flatten)]
+    launch: LaunchArgs,
     /// What to train: cnn (m02's LeNet on MNIST) or gpt (m04's GPT on Shakespeare)
     #[arg(long, value_enum, default_value_t = ModelKind::Cnn)]
     model: ModelKind,
@@ -127,9 +114,6 @@ struct Args {
     /// Internal: rank 0 saves the final parameters here (safetensors)
     #[arg(long, hide = true)]
     save_params: Option<PathBuf>,
-    /// Internal: rank 0 writes the job's result here (JSON)
-    #[arg(long, hide = true)]
-    result: Option<PathBuf>,
     /// Internal: largest allreduce message of the bandwidth role, in bytes
     #[arg(long, hide = true, default_value_t = 64 << 20)]
     max_bytes: usize,
@@ -172,13 +156,13 @@ fn main() -> Result<()> {
     ensure!(args.lr.is_none_or(|l| l.is_finite() && l > 0.0), "--lr must be a finite number > 0");
     ensure!(args.dropout.is_none_or(|d| (0.0..1.0).contains(&d)), "--dropout must be in [0, 1)");
     ensure!(args.bucket_cap_mb.is_finite() && args.bucket_cap_mb > 0.0, "--bucket-cap-mb must be > 0");
-    ensure!(args.node_rank < args.nnodes, "--node-rank {} must be below --nnodes {}", args.node_rank, args.nnodes);
+    args.launch.check()?;
     ensure!(
         !args.job.is_empty() && args.job.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
         "--job must be a folder name of letters, digits, _ and -, got {:?}",
         args.job
     );
-    if let Some(n) = args.nproc_per_node {
+    if let Some(n) = args.launch.nproc_per_node {
         if DistEnv::from_env()?.is_some() {
             bail!("--nproc-per-node was given to a process that a launcher already started (RANK is set); drop one of the two launchers");
         }
@@ -192,73 +176,27 @@ fn main() -> Result<()> {
     }
 }
 
-/// The flags only the launcher reads, with whether each takes a value.
-const LAUNCHER_FLAGS: &[(&str, bool)] = &[
-    ("--nproc-per-node", true),
-    ("--nnodes", true),
-    ("--node-rank", true),
-    ("--master-addr", true),
-    ("--master-port", true),
-];
-
-/// This command's arguments without the launcher's flags: what every rank runs.
-fn worker_args() -> Vec<OsString> {
-    let mut out = vec![];
-    let mut it = std::env::args_os().skip(1);
-    while let Some(a) = it.next() {
-        let s = a.to_string_lossy().into_owned();
-        match LAUNCHER_FLAGS.iter().find(|(f, _)| s == *f || s.starts_with(&format!("{f}="))) {
-            Some((f, true)) if s == *f => {
-                it.next();
-            }
-            Some(_) => {}
-            None => out.push(a),
-        }
-    }
-    out
-}
-
 fn launcher(args: &Args, n: usize) -> Result<()> {
-    let spec = LaunchSpec {
-        nproc_per_node: n,
-        nnodes: args.nnodes,
-        node_rank: args.node_rank,
-        master_addr: args.master_addr.clone(),
-        master_port: args.master_port,
-        threads_per_proc: args.common.threads,
-        ..LaunchSpec::local(n)
-    };
     let exe = std::env::current_exe().context("finding this program's path")?;
     let t0 = Instant::now();
-    launch::launch(&spec, &exe, &worker_args())?;
+    launch::launch(&args.launch.spec(n, args.common.threads), &exe, &relaunch::args_without(LaunchArgs::FLAGS))?;
     println!("all {} rank(s) of this node finished in {:.1} s", n, t0.elapsed().as_secs_f64());
     Ok(())
 }
 
-/// Launches `n` ranks of this program with `extra` arguments (the lesson's jobs).
-fn launch_job(args: &Args, n: usize, extra: &[String]) -> Result<()> {
-    let mut a: Vec<OsString> = vec![];
-    let c = &args.common;
+/// Launches `n` ranks of this program as one of the lesson's jobs, with every common flag
+/// (threads, determinism, allocator, ...) and `extra`, and reads the result rank 0 reports.
+fn launch_job<T: serde::de::DeserializeOwned>(args: &Args, n: usize, extra: &[String], what: &str) -> Result<T> {
+    let mut a = args.common.to_args();
     for (k, v) in [
-        ("--device", c.device.to_string()),
-        ("--seed", c.seed.to_string()),
-        ("--outputs", c.outputs.display().to_string()),
         ("--timeout-s", args.timeout_s.to_string()),
         ("--bucket-cap-mb", args.bucket_cap_mb.to_string()),
         ("--backend", args.backend.clone()),
     ] {
-        a.push(k.into());
-        a.push(v.into());
-    }
-    for (on, flag) in [(c.quick, "--quick"), (c.quiet, "--quiet"), (c.deterministic, "--deterministic")] {
-        if on {
-            a.push(flag.into());
-        }
+        a.extend([OsString::from(k), v.into()]);
     }
     a.extend(extra.iter().map(OsString::from));
-    let exe = std::env::current_exe().context("finding this program's path")?;
-    launch::launch(&LaunchSpec::local(n), &exe, &a)?;
-    Ok(())
+    relaunch::Child::new(a).run_with(what, |exe, argv| launch::launch(&LaunchSpec::local(n), exe, argv).map(|_| ()))
 }
 
 /// What a training job reports to the lesson (rank 0 writes it).
@@ -305,34 +243,24 @@ impl Hooks for JobHooks {
     }
 }
 
-/// Joins the process group of this rank (or a group of one without a launcher).
-fn join(args: &Args, env: &Option<DistEnv>) -> Result<(Arc<ProcessGroup>, tch::Device)> {
-    let mut device = args.common.device.resolve()?;
-    if let (tch::Device::Cuda(_), Some(e)) = (device, env) {
-        device = tch::Device::Cuda(e.local_rank);
-    }
-    let backend = match args.backend.as_str() {
-        "auto" => Backend::for_device(device),
-        b => b.parse()?,
-    };
+/// Every rank applies the same set-up (threads, determinism, allocator, seed), says so, and joins
+/// the process group.
+fn setup_rank(args: &Args, env: &Option<DistEnv>) -> Result<(Setup, Arc<ProcessGroup>, tch::Device)> {
+    let mut setup = Setup::apply(&args.common)?;
     let timeout = Duration::from_secs(args.timeout_s);
-    let pg = match env {
-        Some(e) => ProcessGroup::init(e, backend, timeout)?,
-        None => ProcessGroup::single(backend, timeout)?,
-    };
-    Ok((Arc::new(pg), device))
+    let (pg, device) = dist::join(env.as_ref(), setup.device, &args.backend, timeout)?;
+    setup.device = device;
+    println!("rank {} of {}: {}", pg.rank(), pg.size(), setup.summary());
+    Ok((setup, pg, device))
 }
 
 fn train_job(args: &Args, env: Option<DistEnv>) -> Result<()> {
-    let (pg, device) = join(args, &env)?;
+    let (setup, pg, device) = setup_rank(args, &env)?;
     let main = pg.is_main();
-    // Every rank seeds and sets threads; only rank 0 owns the output folder.
-    if let Some(n) = args.common.threads {
-        course::sys::runtime::set_threads(n);
-    }
-    course::sys::rng::seed_everything(args.common.seed);
+    // Only rank 0 owns the output folder and draws progress bars.
     course::run::progress::set_quiet(args.common.quiet || !main);
-    let mut run = if main { Some(Run::start(&format!("m05_ddp/{}", args.job), &args.common, args)?) } else { None };
+    let mut run =
+        if main { Some(Run::start_with(setup, &format!("m05_ddp/{}", args.job), &args.common, args)?) } else { None };
     let dir = args.common.outputs.join("m05_ddp").join(&args.job);
     if main {
         println!(
@@ -360,8 +288,8 @@ fn train_job(args: &Args, env: Option<DistEnv>) -> Result<()> {
                     .with_context(|| format!("saving the parameters to {}", p.display()))
             })?;
         }
-        if let Some(p) = &args.result {
-            course::sys::fsutil::write_json_atomic(p, &result)?;
+        if let Some(p) = &args.common.result {
+            relaunch::report(p, &result)?;
         }
         run.metric("world_size", pg.size() as f64);
         run.metric("samples_per_s", result.samples_per_s);
@@ -384,12 +312,12 @@ fn batch_size(args: &Args) -> usize {
 }
 
 fn mnist_loader(
-    set: ImageFolder,
+    set: ImageSubset,
     batch: usize,
     sampler: DistributedSampler,
     seed: u64,
     drop_last: bool,
-) -> Result<DataLoader<ImageFolder, ImageBatch>> {
+) -> Result<DataLoader<ImageSubset, ImageBatch>> {
     let (r, c) = set.set.image_size();
     Ok(DataLoader::new(Arc::new(set), batch, collate_images(r, c))?.sampler(sampler).seed(seed).drop_last(drop_last))
 }
@@ -405,43 +333,22 @@ fn train_cnn(
     let quick = args.common.quick;
     let seed = args.common.seed;
     let (rank, world) = (pg.rank(), pg.size());
-    let ds = ImageDataset::Mnist;
-    let full = Arc::new(ds.load(true)?);
-    let test_set = Arc::new(ds.load(false)?);
-    let (train_idx, val_idx) = split_indices(full.len(), 5000, seed);
-    let (train_idx, val_idx, test_idx): (Vec<usize>, Vec<usize>, Vec<usize>) = if quick {
-        (train_idx[..3000].to_vec(), val_idx[..500].to_vec(), (0..1000).collect())
-    } else {
-        (train_idx, val_idx, (0..test_set.len()).collect())
-    };
-    let (mean, std) = ds.mean_std();
-    let plain = Transform { normalize: Some((mean, std)), ..Default::default() };
-    let augmented = Transform { crop_padding: 2, normalize: Some((mean, std)), ..Default::default() };
-    let set = |idx: &[usize], t: &Transform, from: &Arc<course::data::idx::ImageSet>| {
-        ImageFolder::new(from.clone(), t.clone()).with_subset(idx.to_vec())
-    };
+    let splits = mnist_splits(quick, seed)?;
     let b = batch_size(args);
     // Equal shards and whole batches on every rank: a partial batch would weight its examples
     // differently from one process's global batch.
     let train_l = mnist_loader(
-        set(&train_idx, &augmented, &full),
+        splits.train_subset(true),
         b,
         DistributedSampler::new(rank, world, Some(seed), true)?,
         seed,
         true,
     )?;
-    let val_l =
-        mnist_loader(set(&val_idx, &plain, &full), 1000, DistributedSampler::for_eval(rank, world)?, seed, false)?;
-    let test_l =
-        mnist_loader(set(&test_idx, &plain, &test_set), 1000, DistributedSampler::for_eval(rank, world)?, seed, false)?;
+    let val_l = mnist_loader(splits.val_subset(), 1000, DistributedSampler::for_eval(rank, world)?, seed, false)?;
+    let test_l = mnist_loader(splits.test_subset(), 1000, DistributedSampler::for_eval(rank, world)?, seed, false)?;
     // m02's CNN, without the convolution biases that batch norm cancels (see CnnConfig).
-    let cfg_m = CnnConfig {
-        channels: (32, 64),
-        hidden: 256,
-        classes: 10,
-        dropout: args.dropout.unwrap_or(0.3),
-        conv_bias: false,
-    };
+    let lenet = CnnConfig::lenet();
+    let cfg_m = CnnConfig { dropout: args.dropout.unwrap_or(lenet.dropout), conv_bias: false, ..lenet };
     let vs = VarStore::new(device);
     course::sys::rng::seed_everything(seed);
     let group = (world > 1 && !args.no_sync_bn).then(|| pg.clone());
@@ -450,26 +357,22 @@ fn train_cnn(
     if rank == 0 {
         println!(
             "train {} / val {} / test {} MNIST images; {} per rank and step, {} buckets, SyncBatchNorm {}",
-            train_idx.len(),
-            val_idx.len(),
-            test_idx.len(),
+            splits.train.len(),
+            splits.val.len(),
+            splits.test.len(),
             b,
             ddp.bucket_names().len(),
             if world > 1 && !args.no_sync_bn { "on" } else { "off" }
         );
     }
+    // m02's CNN recipe; the lesson's equivalence runs change the optimizer and cap the steps.
+    let recipe = TrainConfig::mnist_cnn();
     let cfg = TrainConfig {
-        epochs: args.epochs.unwrap_or(if quick { 1 } else { 4 }),
-        lr: args.lr.unwrap_or(if args.optimizer == OptKind::Sgd { 0.05 } else { 1e-3 }),
+        epochs: args.epochs.unwrap_or(if quick { 1 } else { recipe.epochs }),
+        lr: args.lr.unwrap_or(TrainConfig::default_lr(args.optimizer)),
         optimizer: args.optimizer,
-        momentum: 0.9,
-        nesterov: false,
-        weight_decay: 1e-4,
-        schedule: SchedKind::WarmupCosine,
-        label_smoothing: 0.0,
-        patience: None,
-        min_delta: 1e-4,
         max_batches: args.steps.or(quick.then_some(30)),
+        ..recipe
     };
     let info = classify::ModelInfo { name: "cnn", config: serde_json::to_value(&cfg_m)?, extra_files: None };
     let mut hooks = JobHooks { ddp, crash: args.crash_rank.zip(args.crash_at_step) };
@@ -541,29 +444,22 @@ fn train_gpt(
     };
     let preset = if quick { Preset::Tiny } else { Preset::Cpu };
     let gcfg = preset.config(data.tokenizer.vocab_size());
+    // m04's recipe, shorter (600 steps) and logged every step for the loss chart.
     let steps = args.steps.unwrap_or(if quick { 30 } else { 600 });
+    let recipe = LmTrainConfig::shakespeare_char();
     let tc = LmTrainConfig {
         steps,
         batch_size: batch_size(args) as i64,
         grad_accum: args.grad_accum,
         block_size: gcfg.block_size,
-        lr: args.lr.unwrap_or(1e-3),
-        min_lr: 1e-4,
-        warmup: 100.min(steps / 2),
-        weight_decay: 0.1,
-        beta1: 0.9,
-        beta2: 0.99,
-        grad_clip: 1.0,
+        lr: args.lr.unwrap_or(recipe.lr),
+        warmup: recipe.warmup.min(steps / 2),
         eval_interval: if quick { 0 } else { 200 },
-        eval_iters: if quick { 4 } else { 20 },
+        eval_iters: if quick { 4 } else { recipe.eval_iters },
         log_interval: 1,
         checkpoint_interval: 0,
-        precision: course::train::amp::Precision::Fp32,
-        on_nonfinite: OnNonFinite::Stop,
-        fused_loss: false,
-        max_time: None,
         seed: args.common.seed,
-        cuda_graph: false,
+        ..recipe
     };
     let vs = VarStore::new(device);
     course::sys::rng::seed_everything(args.common.seed);
@@ -620,10 +516,7 @@ struct BandwidthResult {
 }
 
 fn bandwidth_job(args: &Args, env: Option<DistEnv>) -> Result<()> {
-    let (pg, device) = join(args, &env)?;
-    if let Some(n) = args.common.threads {
-        course::sys::runtime::set_threads(n);
-    }
+    let (_setup, pg, device) = setup_rank(args, &env)?;
     let mut points = vec![];
     let mut bytes = 1024usize;
     while bytes <= args.max_bytes {
@@ -638,18 +531,10 @@ fn bandwidth_job(args: &Args, env: Option<DistEnv>) -> Result<()> {
         points.push((bytes, per, bus));
         bytes *= 4;
     }
-    if let (true, Some(p)) = (pg.is_main(), &args.result) {
-        course::sys::fsutil::write_json_atomic(
-            p,
-            &BandwidthResult { world: pg.size(), backend: pg.backend().to_string(), points },
-        )?;
+    if let (true, Some(p)) = (pg.is_main(), &args.common.result) {
+        relaunch::report(p, &BandwidthResult { world: pg.size(), backend: pg.backend().to_string(), points })?;
     }
     pg.barrier()
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T> {
-    let s = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    serde_json::from_str(&s).with_context(|| format!("parsing {}", p.display()))
 }
 
 fn lesson(args: &Args) -> Result<()> {
@@ -666,15 +551,14 @@ fn lesson(args: &Args) -> Result<()> {
 
     // 1. Allreduce bandwidth against message size, 2 ranks.
     println!("\n-- 1. allreduce bandwidth, 2 ranks --");
-    let bw_path = jobs.join("bandwidth.json");
     let max_bytes = if quick { 1 << 20 } else { args.max_bytes };
-    launch_job(
+    let bw: BandwidthResult = launch_job(
         args,
         2,
-        &["--role", "bandwidth", "--max-bytes", &max_bytes.to_string(), "--result", &bw_path.display().to_string()]
-            .map(String::from),
+        &["--role", "bandwidth", "--max-bytes", &max_bytes.to_string()].map(String::from),
+        "the bandwidth job",
     )?;
-    let bw: BandwidthResult = read_json(&bw_path)?;
+    relaunch::report(&jobs.join("bandwidth.json"), &bw)?;
     let mut chart = LineChart::new(
         &format!("Allreduce bus bandwidth, {} ranks ({})", bw.world, bw.backend),
         "message size (log2 bytes)",
@@ -700,7 +584,6 @@ fn lesson(args: &Args) -> Result<()> {
     let mut results = vec![];
     for n in [1usize, 2] {
         let job = format!("equiv_n{n}");
-        let res = jobs.join(format!("{job}.json"));
         let params = jobs.join(format!("{job}.safetensors"));
         let mut extra: Vec<String> = [
             "--role",
@@ -715,16 +598,15 @@ fn lesson(args: &Args) -> Result<()> {
             &(2 * b / n).to_string(),
             "--save-params",
             &params.display().to_string(),
-            "--result",
-            &res.display().to_string(),
         ]
         .map(String::from)
         .to_vec();
         if args.model == ModelKind::Cnn {
             extra.extend(["--epochs", "1", "--dropout", "0", "--optimizer", "sgd", "--lr", "0.02"].map(String::from));
         }
-        launch_job(args, n, &extra)?;
-        results.push((n, read_json::<JobResult>(&res)?, params));
+        let r: JobResult = launch_job(args, n, &extra, &format!("the {job} job"))?;
+        relaunch::report(&jobs.join(format!("{job}.json")), &r)?;
+        results.push((n, r, params));
     }
     let load = |p: &Path| -> Result<Vec<(String, Tensor)>> {
         let mut v = Tensor::read_safetensors(p).with_context(|| format!("reading {}", p.display()))?;
@@ -768,14 +650,13 @@ fn lesson(args: &Args) -> Result<()> {
 
     // 3. A full DDP training run on 2 ranks.
     println!("\n-- 3. training on 2 ranks --");
-    let res = jobs.join("ddp_train.json");
-    launch_job(
+    let r: JobResult = launch_job(
         args,
         2,
-        &["--role", "train", "--model", model, "--job", "ddp_train", "--result", &res.display().to_string()]
-            .map(String::from),
+        &["--role", "train", "--model", model, "--job", "ddp_train"].map(String::from),
+        "the ddp_train job",
     )?;
-    let r: JobResult = read_json(&res)?;
+    relaunch::report(&jobs.join("ddp_train.json"), &r)?;
     if let Some(acc) = r.test_accuracy {
         if quick {
             run.metric("ddp_test_accuracy", acc);

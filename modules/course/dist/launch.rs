@@ -200,6 +200,61 @@ impl LaunchSpec {
     }
 }
 
+/// The launcher's flags, with torchrun's names: flatten them into a module's `Args` beside
+/// `CommonArgs` (`#[command(flatten)]`).
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct LaunchArgs {
+    /// Launch N processes of this command on this node (like torchrun --nproc-per-node N) and
+    /// wait for them; each trains as one rank
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub nproc_per_node: Option<usize>,
+    /// Nodes taking part (each runs this command with its own --node-rank)
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    pub nnodes: usize,
+    /// This node's index, 0..nnodes
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Address of rank 0's node (where the rendezvous TCPStore listens)
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Port of the rendezvous store (0: a free port; with several nodes give one explicitly)
+    #[arg(long, default_value_t = 0)]
+    pub master_port: u16,
+}
+
+impl LaunchArgs {
+    /// The flags above, with whether each takes a value: stripped from the ranks' command line.
+    pub const FLAGS: &'static [(&'static str, bool)] = &[
+        ("--nproc-per-node", true),
+        ("--nnodes", true),
+        ("--node-rank", true),
+        ("--master-addr", true),
+        ("--master-port", true),
+    ];
+
+    /// The flags are consistent: the node rank is below the node count.
+    pub fn check(&self) -> Result<()> {
+        if self.node_rank >= self.nnodes {
+            bail!("--node-rank {} must be below --nnodes {}", self.node_rank, self.nnodes);
+        }
+        Ok(())
+    }
+
+    /// The launch these flags ask for, `n` processes here with `threads` intra-op threads each
+    /// (None: split the cores).
+    pub fn spec(&self, n: usize, threads: Option<usize>) -> LaunchSpec {
+        LaunchSpec {
+            nproc_per_node: n,
+            nnodes: self.nnodes,
+            node_rank: self.node_rank,
+            master_addr: self.master_addr.clone(),
+            master_port: self.master_port,
+            threads_per_proc: threads,
+            ..LaunchSpec::local(n)
+        }
+    }
+}
+
 /// How each rank on this node ended.
 #[derive(Debug, Clone)]
 pub struct LaunchReport {

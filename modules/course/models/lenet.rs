@@ -21,6 +21,13 @@ pub struct CnnConfig {
     pub conv_bias: bool,
 }
 
+impl CnnConfig {
+    /// m02's CNN: LeNet-5's shape, wider (32 and 64 channels, 256 hidden), dropout 0.3.
+    pub fn lenet() -> Self {
+        CnnConfig { channels: (32, 64), hidden: 256, classes: 10, dropout: 0.3, conv_bias: true }
+    }
+}
+
 fn conv_bias_default() -> bool {
     true
 }

@@ -53,6 +53,13 @@ pub struct MlpConfig {
     pub init: InitKind,
 }
 
+impl MlpConfig {
+    /// m02's MLP for 28x28 digits: 784-512-256-10, dropout 0.2, Kaiming-normal weights.
+    pub fn mnist() -> Self {
+        MlpConfig { input: 784, hidden: vec![512, 256], classes: 10, dropout: 0.2, init: InitKind::KaimingNormal }
+    }
+}
+
 /// Flatten, then Linear-ReLU-Dropout per hidden layer, then a Linear to the classes.
 #[derive(Debug)]
 pub struct Mlp {

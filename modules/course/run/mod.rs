@@ -14,6 +14,7 @@ pub mod catalog;
 pub mod charts;
 pub mod gallery;
 pub mod progress;
+pub mod relaunch;
 pub mod report;
 
 use crate::sys::device::{device_name, DeviceChoice};
@@ -58,6 +59,10 @@ pub struct CommonArgs {
     /// fifth of a CPU step); see course::runtime::retain_freed_memory
     #[arg(long)]
     pub release_freed_memory: bool,
+    /// (internal) where a child run of this program writes its JSON result for its parent
+    /// (`run::relaunch`)
+    #[arg(long, hide = true)]
+    pub result: Option<PathBuf>,
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> {
@@ -193,10 +198,19 @@ pub struct Run {
     artifacts: Vec<String>,
 }
 
-impl Run {
-    /// Resolves the device, sets threads and determinism, seeds every RNG and creates
-    /// `<outputs>/<module>/`. `config` is the module's own parsed arguments, saved in the manifest.
-    pub fn start<C: Serialize>(module: &str, common: &CommonArgs, config: &C) -> Result<Run> {
+/// The process-wide set-up that every process of a module applies, the main one and every other
+/// rank alike: device, threads, determinism, the allocator setting, seeds and progress bars.
+#[derive(Debug)]
+pub struct Setup {
+    pub device: Device,
+    pub rng: Rng,
+    /// Whether glibc keeps freed memory for this process (see `runtime::retain_freed_memory`).
+    pub retains_freed_memory: bool,
+}
+
+impl Setup {
+    /// Applies `common` to this process.
+    pub fn apply(common: &CommonArgs) -> Result<Setup> {
         let device = common.device.resolve()?;
         if let Some(n) = common.threads {
             if !(1..=1024).contains(&n) {
@@ -207,6 +221,33 @@ impl Run {
         runtime::set_deterministic(common.deterministic, false);
         let retains_freed_memory = !common.release_freed_memory && runtime::retain_freed_memory();
         let rng = seed_everything(common.seed);
+        crate::run::progress::set_quiet(common.quiet);
+        Ok(Setup { device, rng, retains_freed_memory })
+    }
+
+    /// One line naming what this process runs with, as read back from libtorch and glibc.
+    pub fn summary(&self) -> String {
+        format!(
+            "device {}, {} threads, deterministic {}, freed memory {}",
+            device_name(self.device),
+            runtime::threads(),
+            if runtime::deterministic() { "on" } else { "off" },
+            if self.retains_freed_memory { "kept" } else { "released" }
+        )
+    }
+}
+
+impl Run {
+    /// Applies the process set-up ([`Setup::apply`]) and creates `<outputs>/<module>/`.
+    /// `config` is the module's own parsed arguments, saved in the manifest.
+    pub fn start<C: Serialize>(module: &str, common: &CommonArgs, config: &C) -> Result<Run> {
+        Run::start_with(Setup::apply(common)?, module, common, config)
+    }
+
+    /// [`Run::start`] for a process whose set-up is already applied (m05's rank 0, which joined
+    /// its process group first).
+    pub fn start_with<C: Serialize>(setup: Setup, module: &str, common: &CommonArgs, config: &C) -> Result<Run> {
+        let Setup { device, rng, retains_freed_memory } = setup;
         let dir = common.outputs.join(module);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating output folder {}", dir.display()))?;
         // A run that fails must not leave the previous run's metrics looking current.
@@ -214,7 +255,6 @@ impl Run {
         if stale.exists() {
             std::fs::remove_file(&stale).with_context(|| format!("removing the previous {}", stale.display()))?;
         }
-        crate::run::progress::set_quiet(common.quiet);
         Ok(Run {
             module: module.to_string(),
             dir,

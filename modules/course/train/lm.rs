@@ -75,6 +75,50 @@ pub struct LmTrainConfig {
 }
 
 impl LmTrainConfig {
+    /// nanoGPT's `train_shakespeare_char.py`, sized for a 2-core CPU (m04's default, and m05's GPT):
+    /// AdamW lr 1e-3 warming up over 100 steps then cosine to 1e-4, weight decay 0.1, beta2 0.99
+    /// (small data), global-norm clipping at 1, batch 16 of 64 tokens, 2500 steps, evaluation every
+    /// 250 steps on 20 batches. Val loss 1.66 with the `cpu` preset (notes/m04_amp.md).
+    pub fn shakespeare_char() -> Self {
+        LmTrainConfig {
+            steps: 2500,
+            batch_size: 16,
+            grad_accum: 1,
+            block_size: 64,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            grad_clip: 1.0,
+            eval_interval: 250,
+            eval_iters: 20,
+            log_interval: 10,
+            checkpoint_interval: 500,
+            precision: Precision::Fp32,
+            on_nonfinite: OnNonFinite::Stop,
+            fused_loss: false,
+            max_time: None,
+            seed: 0,
+            cuda_graph: false,
+        }
+    }
+
+    /// The same recipe cut to seconds (`--quick`): `steps` steps, two evaluations of 4 batches,
+    /// a log line every step, no intermediate checkpoints.
+    pub fn quick(self, steps: usize) -> Self {
+        LmTrainConfig {
+            steps,
+            warmup: self.warmup.min(steps / 2),
+            eval_interval: steps / 2,
+            eval_iters: 4,
+            log_interval: 1,
+            checkpoint_interval: 0,
+            ..self
+        }
+    }
+
     pub fn check(&self) -> Result<()> {
         if self.steps == 0 || self.batch_size < 1 || self.grad_accum == 0 || self.block_size < 1 {
             bail!("--steps, --batch-size, --grad-accum and the block size must be at least 1");
