@@ -226,3 +226,40 @@ fn the_sampler_draws_from_the_filtered_softmax() {
     }
     assert!(f[3] == 0.0 && f[4] == 0.0);
 }
+
+#[test]
+fn masked_targets_give_the_same_loss_and_gradients_fused_and_unfused() {
+    // -100 (PyTorch's and Hugging Face's ignore_index) leaves a position out in both loss paths.
+    tch::manual_seed(3);
+    let mut vs = VarStore::new(Device::Cpu);
+    let m = Gpt::new(&vs.root(), &tiny(11)).unwrap();
+    vs.double();
+    let x = Tensor::randint(11, [3, 9], (Kind::Int64, Device::Cpu));
+    let y = Tensor::randint(11, [3, 9], (Kind::Int64, Device::Cpu));
+    let _ = y.narrow(1, 0, 4).fill_(course::ops::IGNORE_INDEX); // a "prompt" of 4 positions per row
+    let run = |fused: bool| {
+        let vars = vs.variables();
+        for t in vars.values() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let loss = m.loss(&x, &y, true, fused);
+        loss.backward();
+        let mut g: Vec<(String, Tensor)> = vars.into_iter().map(|(n, t)| (n, t.grad().copy())).collect();
+        g.sort_by(|a, b| a.0.cmp(&b.0));
+        (loss.double_value(&[]), g)
+    };
+    let (lu, gu) = run(false);
+    let (lf, gf) = run(true);
+    // The reference: the mean NLL over the 3 x 5 kept positions only.
+    let lp = tch::no_grad(|| m.forward(&x, true).log_softmax(-1, Kind::Double));
+    let keep = y.narrow(1, 4, 5);
+    let want = -lp.narrow(1, 4, 5).gather(2, &keep.unsqueeze(-1), false).mean(Kind::Double).double_value(&[]);
+    assert!((lu - want).abs() < 1e-12 && (lf - want).abs() < 1e-12, "unfused {lu}, fused {lf}, want {want}");
+    for ((n, a), (_, b)) in gu.iter().zip(&gf) {
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(d < 1e-12, "{n}: fused and unfused gradients differ by {d}");
+    }
+}

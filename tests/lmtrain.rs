@@ -3,11 +3,13 @@
 //! gradients, the non-finite check names the poisoned parameter, resume is exact, and the token
 //! files round-trip.
 
-use course::data::lm::{self as lmdata, TokenizerChoice};
+use course::data::lm::LmData;
+use course::data::lm::{self as lmdata, BatchSource, Split, TokenizerChoice};
 use course::models::gpt::{Gpt, GptConfig, Preset};
+use course::ops::IGNORE_INDEX;
 use course::sys::rng::Rng;
 use course::train::amp::{GradScaler, Precision, ScalerConfig};
-use course::train::lm::{self as lmtrain, Inject, LmData, LmTrainConfig, NoHooks, OnNonFinite, TrainOptions};
+use course::train::lm::{self as lmtrain, Inject, LmTrainConfig, NoHooks, OnNonFinite, TrainOptions};
 use std::path::PathBuf;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -382,4 +384,55 @@ fn token_files_round_trip_and_are_reused() {
         .to_string()
         .contains("too few"));
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Instruction-tuning-shaped batches: a token stream whose first `prompt` target positions of
+/// every row are masked with -100 (as m06 masks prompts).
+struct MaskedPrompt<'a> {
+    inner: LmData<'a>,
+    prompt: i64,
+}
+
+impl BatchSource for MaskedPrompt<'_> {
+    fn batch(
+        &self,
+        split: Split,
+        rows: i64,
+        block: i64,
+        rng: &mut Rng,
+        device: Device,
+    ) -> anyhow::Result<(Tensor, Tensor)> {
+        let (x, y) = self.inner.batch(split, rows, block, rng, device)?;
+        let _ = y.narrow(1, 0, self.prompt).fill_(IGNORE_INDEX);
+        Ok((x, y))
+    }
+}
+
+/// The masked mean written out: log-softmax, gather at the targets, mean over unmasked positions.
+fn masked_nll(logits: &Tensor, y: &Tensor) -> f64 {
+    let v = logits.size()[2];
+    let (lp, y) = (logits.log_softmax(-1, Kind::Double).view([-1, v]), y.reshape([-1]));
+    let keep = y.ne(IGNORE_INDEX).nonzero().squeeze_dim(1);
+    let picked = lp.index_select(0, &keep).gather(1, &y.index_select(0, &keep).unsqueeze(1), false);
+    -picked.mean(Kind::Double).double_value(&[])
+}
+
+#[test]
+fn the_loop_trains_on_masked_batches_fused_and_unfused() {
+    let (train, val) = (tokens(4000, 12, 1), tokens(500, 12, 2));
+    let data = MaskedPrompt { inner: LmData { train: &train, val: &val }, prompt: 10 };
+    for fused in [false, true] {
+        let (vs, m) = model(Kind::Double);
+        let cfg = LmTrainConfig { fused_loss: fused, steps: 3, ..config(3) };
+        // The first training batch the loop draws, and the loss the model gives it before any step.
+        let (x, y) =
+            data.batch(Split::Train, cfg.batch_size, cfg.block_size, &mut Rng::new(cfg.seed), Device::Cpu).unwrap();
+        let want = tch::no_grad(|| masked_nll(&m.forward(&x, true), &y));
+        let dir = tmp(&format!("masked{fused}"));
+        let out = lmtrain::train(&vs, &m, &data, &cfg, &opts(&dir, &m), &mut NoHooks).unwrap();
+        let got = out.progress.logs[0].loss;
+        assert!((got - want).abs() < 1e-10, "fused {fused}: step-0 loss {got} vs masked NLL {want}");
+        assert!(out.progress.logs[2].loss < got, "the masked loss falls: {:?}", out.progress.logs);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

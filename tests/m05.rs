@@ -125,6 +125,8 @@ fn the_m04_gpt_trainer_under_ddp_equals_one_process() {
         let params = out.join(format!("gpt{n}.safetensors"));
         ok(m05(&out)
             .args(["--nproc-per-node", &n.to_string(), "--model", "gpt", "--steps", "4", "--batch-size", &b])
+            // Hooks compose: DDP and the profiler window in one run (rank 0 profiles 2 steps).
+            .args(if n == 2 { &["--profile", "2"][..] } else { &[][..] })
             .args(["--job", &format!("gpt{n}"), "--save-params"])
             .arg(&params)
             .output()
@@ -134,6 +136,9 @@ fn the_m04_gpt_trainer_under_ddp_equals_one_process() {
     assert!(d <= 1e-5, "GPT parameters after 4 AdamW steps, N=2 x 4 vs N=1 x 8: max |Δ| = {d}");
     let m = json(&out.join("m05_ddp/gpt2/metrics.json"));
     assert_eq!(m["metrics"]["world_size"], 2.0);
+    let trace = out.join("m05_ddp/gpt2/trace.json");
+    let ops = course::sys::profile::top_ops(&trace, 5).unwrap();
+    assert!(!ops.is_empty(), "the profiled DDP run left no ops in {}", trace.display());
     let _ = std::fs::remove_dir_all(&out);
 }
 

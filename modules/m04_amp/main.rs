@@ -12,7 +12,8 @@ use course::run::charts::{self, LineChart, Series};
 use course::run::{relaunch, CommonArgs, Op, Run};
 use course::sys::rng::Rng;
 use course::train::amp::{self, Precision};
-use course::train::lm::{self as lmtrain, Hooks, Inject, LmData, LmTrainConfig, OnNonFinite, TrainOptions};
+use course::train::hooks::ProfileWindow;
+use course::train::lm::{self as lmtrain, Inject, LmTrainConfig, OnNonFinite, TrainOptions};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -299,29 +300,6 @@ fn load_data(args: &Args) -> Result<TokenData> {
     )
 }
 
-/// Starts the profiler at step `from` and saves the trace after `n` steps.
-struct ProfileWindow {
-    from: usize,
-    n: usize,
-    trace: PathBuf,
-    active: Option<course::sys::profile::Profiler>,
-    cuda: bool,
-}
-
-impl Hooks for ProfileWindow {
-    fn around_step(&mut self, step: usize, starting: bool) -> Result<()> {
-        if starting && step == self.from {
-            self.active = Some(course::sys::profile::Profiler::start(self.cuda)?);
-        }
-        if !starting && step + 1 == self.from + self.n {
-            if let Some(p) = self.active.take() {
-                p.stop_and_save(&self.trace)?;
-            }
-        }
-        Ok(())
-    }
-}
-
 /// One training run: data, model, loop, samples. Returns the leg summary.
 fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
     let data = load_data(args)?;
@@ -383,17 +361,16 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
         }),
         stop_after: None,
     };
-    let mut hooks: Box<dyn Hooks> = match args.profile {
-        Some(n) if n > 0 => Box::new(ProfileWindow {
-            from: 5.min(tc.steps.saturating_sub(n)),
-            n: n.min(tc.steps),
-            trace: run.path("trace.json"),
-            active: None,
-            cuda: run.device.is_cuda(),
-        }),
-        _ => Box::new(lmtrain::NoHooks),
-    };
-    let out = lmtrain::train(&vs, &model, &LmData { train: &data.train, val: &data.val }, &tc, &opts, hooks.as_mut())?;
+    let mut hooks = args.profile.filter(|&n| n > 0).map(|n| {
+        ProfileWindow::new(
+            5.min(tc.steps.saturating_sub(n)),
+            n.min(tc.steps),
+            run.path("trace.json"),
+            run.device.is_cuda(),
+        )
+    });
+    let out =
+        lmtrain::train(&vs, &model, &lmdata::LmData { train: &data.train, val: &data.val }, &tc, &opts, &mut hooks)?;
     let p = &out.progress;
     if out.stopped_by_time {
         println!("stopped by the time budget after {} of {} steps", p.step, tc.steps);

@@ -17,8 +17,8 @@ use course::models::{CnnConfig, LeNet};
 use course::run::charts::{self, LineChart, Series};
 use course::run::{relaunch, CommonArgs, Op, Run, Setup};
 use course::train::classify::{self, OptKind, TrainConfig};
-use course::train::hooks::Hooks;
-use course::train::lm::{self as lmtrain, LmData, LmTrainConfig, TrainOptions};
+use course::train::hooks::{Hooks, ProfileWindow};
+use course::train::lm::{self as lmtrain, LmTrainConfig, TrainOptions};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -108,6 +108,10 @@ struct Args {
     /// The step at which --crash-rank exits
     #[arg(long, requires = "crash_rank")]
     crash_at_step: Option<usize>,
+    /// Profile N training steps (from step 1) on rank 0 with torch's profiler, beside DDP:
+    /// writes <job>/trace.json (open it in chrome://tracing or Perfetto)
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    profile: Option<usize>,
     /// Internal: what this process does (lesson, train or bandwidth); set by the lesson
     #[arg(long, value_enum, hide = true)]
     role: Option<Role>,
@@ -214,33 +218,38 @@ struct JobResult {
     train_seconds: f64,
 }
 
-/// Simulated crash and DDP, as the training loops' hooks.
-struct JobHooks {
-    ddp: Ddp,
-    crash: Option<(usize, usize)>,
+/// A simulated crash (`--crash-rank R --crash-at-step S`): rank R exits abruptly with status 17
+/// after the backward of step S, as a killed process would.
+struct CrashAt {
+    rank: usize,
+    step: usize,
+    this_rank: usize,
 }
 
-impl Hooks for JobHooks {
-    fn after_backward(&mut self, step: usize, params: &[(String, Tensor)]) -> Result<()> {
-        let rank = self.ddp.group().rank();
-        if self.crash == Some((rank, step)) {
-            eprintln!("rank {rank}: simulating a crash at step {step} (--crash-rank/--crash-at-step)");
+impl Hooks for CrashAt {
+    fn after_backward(&mut self, step: usize, _params: &[(String, Tensor)]) -> Result<()> {
+        if self.this_rank == self.rank && step == self.step {
+            eprintln!("rank {}: simulating a crash at step {step} (--crash-rank/--crash-at-step)", self.rank);
             std::process::exit(17);
         }
-        self.ddp.after_backward(step, params)
+        Ok(())
     }
-    fn is_main(&self) -> bool {
-        self.ddp.is_main()
-    }
-    fn shard(&self) -> (usize, usize) {
-        self.ddp.shard()
-    }
-    fn reduce_sum(&mut self, values: &[f64]) -> Result<Vec<f64>> {
-        self.ddp.reduce_sum(values)
-    }
-    fn barrier(&mut self) -> Result<()> {
-        self.ddp.barrier()
-    }
+}
+
+/// The hooks of a training job: the crash simulation (if asked), DDP, and on rank 0 the profiler
+/// window (`--profile N`), composed.
+fn job_hooks<'a>(args: &Args, ddp: &'a mut Ddp, dir: &Path) -> impl Hooks + 'a {
+    let rank = ddp.group().rank();
+    let crash = args.crash_rank.zip(args.crash_at_step).map(|(r, s)| CrashAt { rank: r, step: s, this_rank: rank });
+    let profile = args.profile.filter(|_| rank == 0).map(|n| {
+        ProfileWindow::new(
+            1,
+            n,
+            dir.join("trace.json"),
+            matches!(ddp.group().backend(), course::dist::c10d::Backend::Nccl),
+        )
+    });
+    (crash, (ddp, profile))
 }
 
 /// Every rank applies the same set-up (threads, determinism, allocator, seed), says so, and joins
@@ -353,7 +362,7 @@ fn train_cnn(
     course::sys::rng::seed_everything(seed);
     let group = (world > 1 && !args.no_sync_bn).then(|| pg.clone());
     let model = LeNet::with_norm(&vs.root(), &cfg_m, &ddp::batch_norm_over(group));
-    let ddp = Ddp::new(pg.clone(), &vs, ddp_cfg)?;
+    let mut ddp = Ddp::new(pg.clone(), &vs, ddp_cfg)?;
     if rank == 0 {
         println!(
             "train {} / val {} / test {} MNIST images; {} per rank and step, {} buckets, SyncBatchNorm {}",
@@ -375,9 +384,10 @@ fn train_cnn(
         ..recipe
     };
     let info = classify::ModelInfo { name: "cnn", config: serde_json::to_value(&cfg_m)?, extra_files: None };
-    let mut hooks = JobHooks { ddp, crash: args.crash_rank.zip(args.crash_at_step) };
+    let mut hooks = job_hooks(args, &mut ddp, dir);
     let t0 = Instant::now();
     let out = classify::fit_with(dir, &info, &vs, &model, &train_l, &val_l, &cfg, false, None, &mut hooks)?;
+    drop(hooks);
     let train_seconds = t0.elapsed().as_secs_f64();
     let sums = classify::evaluate_sums(&model, &test_l, device, None)?;
     let [_, correct, n] = pg.allreduce_f64(&sums, ReduceOp::Sum)?[..] else {
@@ -407,8 +417,8 @@ fn train_cnn(
         loss_trace: out.loss_trace,
         test_accuracy: Some(test_acc),
         final_val_loss: out.history.last().map(|r| r.val_loss),
-        allreduce_seconds: hooks.ddp.stats.seconds,
-        allreduce_bytes: hooks.ddp.stats.bytes,
+        allreduce_seconds: ddp.stats.seconds,
+        allreduce_bytes: ddp.stats.bytes,
         train_seconds,
     };
     Ok((result, vs))
@@ -464,7 +474,7 @@ fn train_gpt(
     let vs = VarStore::new(device);
     course::sys::rng::seed_everything(args.common.seed);
     let model = Gpt::new(&vs.root(), &gcfg)?;
-    let ddp = Ddp::new(pg.clone(), &vs, ddp_cfg)?;
+    let mut ddp = Ddp::new(pg.clone(), &vs, ddp_cfg)?;
     let opts = TrainOptions {
         dir: dir.join("run"),
         resume: false,
@@ -473,8 +483,10 @@ fn train_gpt(
         inject: None,
         stop_after: None,
     };
-    let mut hooks = JobHooks { ddp, crash: args.crash_rank.zip(args.crash_at_step) };
-    let out = lmtrain::train(&vs, &model, &LmData { train: &data.train, val: &data.val }, &tc, &opts, &mut hooks)?;
+    let mut hooks = job_hooks(args, &mut ddp, dir);
+    let out =
+        lmtrain::train(&vs, &model, &lmdata::LmData { train: &data.train, val: &data.val }, &tc, &opts, &mut hooks)?;
+    drop(hooks);
     let p = &out.progress;
     let loss_trace: Vec<(usize, f64)> = p.logs.iter().map(|l| (l.step, l.loss)).collect();
     let global_batch = tc.batch_size as usize * pg.size() * tc.grad_accum;
@@ -499,8 +511,8 @@ fn train_gpt(
         loss_trace,
         test_accuracy: None,
         final_val_loss: Some(out.final_val_loss),
-        allreduce_seconds: hooks.ddp.stats.seconds,
-        allreduce_bytes: hooks.ddp.stats.bytes,
+        allreduce_seconds: ddp.stats.seconds,
+        allreduce_bytes: ddp.stats.bytes,
         train_seconds: p.train_seconds,
     };
     Ok((result, vs))

@@ -278,3 +278,35 @@ pub fn sample_batch(data: &Tensor, batch: i64, block: i64, rng: &mut Rng, device
     let y = win.narrow(1, 1, block).contiguous().to_device(device);
     Ok((x, y))
 }
+
+/// Which split a batch comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Val,
+}
+
+/// Where the LM training loop (`train::lm`) gets its batches: `rows` examples of `block` tokens,
+/// inputs `(rows, block)` and targets `(rows, block)` int64 on `device`, drawn with `rng` (the loop
+/// keeps one for training and fixed seeds for evaluation). A target of -100
+/// (`ops::IGNORE_INDEX`) leaves its position out of the loss: a token stream (m04) has none,
+/// instruction-tuning examples (m06) mask their prompt and padding.
+pub trait BatchSource {
+    fn batch(&self, split: Split, rows: i64, block: i64, rng: &mut Rng, device: Device) -> Result<(Tensor, Tensor)>;
+}
+
+/// A token stream per split (m04's Shakespeare): random windows, the targets shifted by one.
+pub struct LmData<'a> {
+    pub train: &'a Tensor,
+    pub val: &'a Tensor,
+}
+
+impl BatchSource for LmData<'_> {
+    fn batch(&self, split: Split, rows: i64, block: i64, rng: &mut Rng, device: Device) -> Result<(Tensor, Tensor)> {
+        let data = match split {
+            Split::Train => self.train,
+            Split::Val => self.val,
+        };
+        sample_batch(data, rows, block, rng, device)
+    }
+}

@@ -289,6 +289,7 @@ pub fn fit_with<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
         let (mut loss_sum, mut correct, mut seen) = (0.0, 0i64, 0i64);
         for (i, batch) in train.epoch(epoch as u64).take(per_epoch).enumerate() {
             let b = batch?;
+            hooks.around_step(p.step, true)?;
             let lr = match &p.plateau {
                 Some(pl) => pl.lr,
                 None => schedule.lr(cfg.lr, p.step),
@@ -320,6 +321,7 @@ pub fn fit_with<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
                 tb.add_scalar("train/lr", lr, p.step as i64)?;
                 tb.add_scalar("train/grad_norm", gnorm.unwrap_or(f64::NAN), p.step as i64)?;
             }
+            hooks.around_step(p.step, false)?;
             p.step += 1;
             bar.inc(1);
             bar.set_message(format!("loss {l:.4}"));

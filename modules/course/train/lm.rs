@@ -9,7 +9,7 @@
 //! `block_size` tokens; the micro-batch losses are divided by `grad_accum` so the summed
 //! gradients equal those of one batch of `grad_accum · batch_size` blocks.
 
-use crate::data::lm::sample_batch;
+use crate::data::lm::{BatchSource, Split};
 use crate::sys::cudagraph::CudaGraph;
 use crate::sys::rng::Rng;
 use crate::sys::runtime;
@@ -210,12 +210,6 @@ pub struct LmOutcome {
     pub memory_measure: &'static str,
 }
 
-/// Where the loop reads its data: flat token tensors of the two splits.
-pub struct LmData<'a> {
-    pub train: &'a Tensor,
-    pub val: &'a Tensor,
-}
-
 /// Test-only fault injection: after the backward of `step`, the gradient of `param` is filled
 /// with `value` (NaN or inf).
 #[derive(Debug, Clone)]
@@ -288,24 +282,26 @@ pub fn first_nonfinite(params: &[(String, Tensor)]) -> Option<(String, String)> 
     None
 }
 
-/// Mean loss over `iters` batches of `data` drawn with a fixed seed (the same batches at every
-/// evaluation, so curves compare across steps and across runs), in eval mode.
-pub fn estimate_loss<M: LanguageModel + ?Sized>(
+/// Mean loss over `eval_iters` batches of `split` drawn with a fixed seed (the same batches at
+/// every evaluation, so curves compare across steps and across runs), in eval mode.
+pub fn estimate_loss<M: LanguageModel + ?Sized, S: BatchSource + ?Sized>(
     model: &M,
-    data: &Tensor,
+    data: &S,
+    split: Split,
     cfg: &LmTrainConfig,
     seed: u64,
     device: Device,
 ) -> Result<f64> {
-    Ok(estimate_loss_sum(model, data, cfg, seed, device, (0, 1))? / cfg.eval_iters as f64)
+    Ok(estimate_loss_sum(model, data, split, cfg, seed, device, (0, 1))? / cfg.eval_iters as f64)
 }
 
 /// This process's share of [`estimate_loss`]: the sum of the losses of the eval batches
 /// `rank, rank + world, ...` (every process draws all of them, so the batches do not depend on
 /// the world size). Summed over processes and divided by `eval_iters`, it is the mean.
-pub fn estimate_loss_sum<M: LanguageModel + ?Sized>(
+pub fn estimate_loss_sum<M: LanguageModel + ?Sized, S: BatchSource + ?Sized>(
     model: &M,
-    data: &Tensor,
+    data: &S,
+    split: Split,
     cfg: &LmTrainConfig,
     seed: u64,
     device: Device,
@@ -316,7 +312,7 @@ pub fn estimate_loss_sum<M: LanguageModel + ?Sized>(
     let mut rng = Rng::new(seed);
     let mut sum = 0.0;
     for i in 0..cfg.eval_iters {
-        let (x, y) = sample_batch(data, cfg.batch_size, cfg.block_size, &mut rng, device)?;
+        let (x, y) = data.batch(split, cfg.batch_size, cfg.block_size, &mut rng, device)?;
         if i % world == rank {
             sum += model.loss(&x, &y, false, cfg.fused_loss).double_value(&[]);
         }
@@ -327,14 +323,14 @@ pub fn estimate_loss_sum<M: LanguageModel + ?Sized>(
 /// This process's rows of a batch of `world · batch` windows drawn from the shared `rng`: with
 /// every process drawing the same windows, N processes of batch b see exactly the rows one
 /// process of batch N·b would.
-fn shard_batch(
-    data: &Tensor,
+fn shard_batch<S: BatchSource + ?Sized>(
+    data: &S,
     cfg: &LmTrainConfig,
     rng: &mut Rng,
     device: Device,
     (rank, world): (usize, usize),
 ) -> Result<(Tensor, Tensor)> {
-    let (x, y) = sample_batch(data, cfg.batch_size * world as i64, cfg.block_size, rng, device)?;
+    let (x, y) = data.batch(Split::Train, cfg.batch_size * world as i64, cfg.block_size, rng, device)?;
     if world == 1 {
         return Ok((x, y));
     }
@@ -365,7 +361,7 @@ fn zero_grads_in_place(params: &[(String, Tensor)]) {
 /// captured as a CUDA graph. Each micro-batch is copied into the static `x`/`y` and the graph
 /// replayed; it adds its gradients into the existing `.grad` tensors and writes its loss into
 /// `loss`. Unscaling, clipping, the checks and the optimizer step stay eager.
-struct GraphedMicroBatch<'a> {
+pub struct GraphedMicroBatch<'a> {
     x: Tensor,
     y: Tensor,
     loss: Tensor,
@@ -419,11 +415,135 @@ impl<'a> GraphedMicroBatch<'a> {
     }
 }
 
+/// The optimizer side of the loop, built once: the trainable parameters by name, AdamW over
+/// decay / no-decay groups, and the GradScaler (enabled for fp16 only).
+pub struct StepState {
+    pub device: Device,
+    pub named: Vec<(String, Tensor)>,
+    pub opt: AdamW,
+    pub scaler: GradScaler,
+}
+
+impl StepState {
+    pub fn new(vs: &VarStore, cfg: &LmTrainConfig) -> Result<StepState> {
+        let (params, groups) = decay_groups(vs, cfg.weight_decay);
+        let named: Vec<(String, Tensor)> = params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+        let opt = AdamW::new(params, groups, cfg.lr, (cfg.beta1, cfg.beta2), 1e-8)?;
+        let scaler = GradScaler::new(ScalerConfig::default(), cfg.precision.needs_scaler(), vs.device())?;
+        Ok(StepState { device: vs.device(), named, opt, scaler })
+    }
+}
+
+/// What one [`train_step`] did.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Mean loss of the global batch (over processes).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The loss scale the step ran with (1 without a scaler).
+    pub scale: f64,
+    /// Set when the update was skipped (the scaler backed off, or `OnNonFinite::Skip`).
+    pub skipped: Option<SkippedStep>,
+}
+
+/// One optimizer step at learning rate `lr`, exactly as [`train`] runs it and the m04 benchmark
+/// times it: `grad_accum` micro-batches from `data` (forward under the precision's autocast,
+/// loss / grad_accum, scaled backward), `hooks.after_backward` (DDP's allreduce), unscaling,
+/// global-norm clipping, the non-finite check (one host sync for the loss and the norm; the
+/// per-parameter scan only when something is non-finite), then AdamW or a skipped update, and
+/// the gradients zeroed. `graphed` replays captured micro-batches instead (`--cuda-graph`).
+#[allow(clippy::too_many_arguments)]
+pub fn train_step<M: LanguageModel + ?Sized, S: BatchSource + ?Sized>(
+    model: &M,
+    data: &S,
+    st: &mut StepState,
+    cfg: &LmTrainConfig,
+    step: usize,
+    lr: f64,
+    rng: &mut Rng,
+    hooks: &mut dyn Hooks,
+    inject: Option<&Inject>,
+    mut graphed: Option<&mut GraphedMicroBatch>,
+) -> Result<StepReport> {
+    let device = st.device;
+    let shard = hooks.shard();
+    let world = shard.1;
+    st.opt.set_lr(lr);
+    let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+    for _ in 0..cfg.grad_accum {
+        let (x, y) = shard_batch(data, cfg, rng, device, shard)?;
+        if let Some(g) = graphed.as_deref_mut() {
+            loss_sum += g.run(&x, &y)?;
+            continue;
+        }
+        let loss = {
+            let _ac = cfg.precision.autocast(device)?;
+            model.loss(&x, &y, true, cfg.fused_loss) / cfg.grad_accum as f64
+        };
+        st.scaler.scale(&loss).backward();
+        loss_sum += loss.detach().to_kind(Kind::Double);
+    }
+    hooks.after_backward(step, &st.named)?;
+    if let Some(inj) = inject.filter(|i| i.step == step) {
+        let _g = tch::no_grad_guard();
+        let (_, t) = st
+            .named
+            .iter()
+            .find(|(n, _)| *n == inj.param)
+            .with_context(|| format!("inject: no trainable parameter named '{}'", inj.param))?;
+        let mut g = t.grad();
+        if g.defined() {
+            let _ = g.fill_(inj.value);
+        }
+    }
+    let found_inf = st.scaler.unscale(&st.named.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>())?;
+    let norm = clip_grad_norm(&st.named, cfg.grad_clip);
+    // The logged loss is the mean over processes (the loss of the whole global batch).
+    let loss = loss_sum.double_value(&[]);
+    let loss = if world > 1 { hooks.reduce_sum(&[loss])?[0] / world as f64 } else { loss };
+    let scale = st.scaler.scale_value();
+    let mut skipped = None;
+    if found_inf && loss.is_finite() {
+        // fp16 overflow: the scaler's business. Skip, back off, go on.
+        st.scaler.update()?;
+        skipped = Some(SkippedStep {
+            step,
+            reason: "scaler".into(),
+            detail: format!("inf/NaN gradients at scale {scale}; scale now {}", st.scaler.scale_value()),
+        });
+    } else if !loss.is_finite() || !norm.is_finite() {
+        let culprit = first_nonfinite(&st.named)
+            .map(|(n, what)| format!("first non-finite gradient in '{n}' ({what})"))
+            .unwrap_or_else(|| "all gradients finite: the loss itself overflowed".into());
+        let detail = format!("step {step}: loss {loss}, grad norm {norm}; {culprit}");
+        match cfg.on_nonfinite {
+            OnNonFinite::Stop => {
+                bail!("non-finite values at {detail} (lr {lr:.3e}); lower --lr, keep --grad-clip, or pass --on-nonfinite skip");
+            }
+            OnNonFinite::Skip => {
+                if st.scaler.enabled() {
+                    st.scaler.update()?;
+                }
+                skipped = Some(SkippedStep { step, reason: "nonfinite".into(), detail });
+            }
+        }
+    } else {
+        st.opt.step()?;
+        st.scaler.update()?;
+    }
+    if !cfg.cuda_graph {
+        // (With --cuda-graph the next step zeroes the gradients in place instead.)
+        st.opt.zero_grad();
+    }
+    Ok(StepReport { loss, grad_norm: norm, scale, skipped })
+}
+
 /// Trains `model` (variables in `vs`) on `data` with `cfg`.
-pub fn train<M: LanguageModel + ?Sized>(
+pub fn train<M: LanguageModel + ?Sized, S: BatchSource + ?Sized>(
     vs: &VarStore,
     model: &M,
-    data: &LmData,
+    data: &S,
     cfg: &LmTrainConfig,
     opts: &TrainOptions,
     hooks: &mut dyn Hooks,
@@ -442,15 +562,12 @@ pub fn train<M: LanguageModel + ?Sized>(
         }
     }
     let main = hooks.is_main();
-    let (params, groups) = decay_groups(vs, cfg.weight_decay);
-    let named: Vec<(String, Tensor)> = params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect();
+    let mut st = StepState::new(vs, cfg)?;
     if let Some(inj) = &opts.inject {
-        if !named.iter().any(|(n, _)| *n == inj.param) {
+        if !st.named.iter().any(|(n, _)| *n == inj.param) {
             bail!("inject: no trainable parameter named '{}'", inj.param);
         }
     }
-    let mut opt = AdamW::new(params, groups, cfg.lr, (cfg.beta1, cfg.beta2), 1e-8)?;
-    let mut scaler = GradScaler::new(ScalerConfig::default(), cfg.precision.needs_scaler(), device)?;
     let schedule = cfg.schedule();
     let mut p = Progress { rng: Rng::new(cfg.seed).state(), ..Default::default() };
     if opts.resume {
@@ -471,12 +588,12 @@ pub fn train<M: LanguageModel + ?Sized>(
                     cfg.tokens_per_step()
                 );
             }
-            opt.load_state(&saved.optimizer).context("restoring the optimizer")?;
+            st.opt.load_state(&saved.optimizer).context("restoring the optimizer")?;
             runtime::set_generator_state(Device::Cpu, &saved.torch_rng).context("restoring torch's generator")?;
             p = serde_json::from_value(saved.state["progress"].clone())
                 .with_context(|| format!("{}/state.json: bad 'progress'", last.display()))?;
             if !p.scaler.is_null() {
-                scaler.load_state(&p.scaler)?;
+                st.scaler.load_state(&p.scaler)?;
             }
             if main {
                 println!("resumed from {} at step {}", last.display(), p.step);
@@ -491,8 +608,8 @@ pub fn train<M: LanguageModel + ?Sized>(
     // Each process evaluates its share of the fixed eval batches; the sums are reduced.
     let evaluate = |step: usize, secs: f64, hooks: &mut dyn Hooks| -> Result<EvalLog> {
         let local = [
-            estimate_loss_sum(model, data.train, cfg, eval_seed, device, shard)?,
-            estimate_loss_sum(model, data.val, cfg, eval_seed + 1, device, shard)?,
+            estimate_loss_sum(model, data, Split::Train, cfg, eval_seed, device, shard)?,
+            estimate_loss_sum(model, data, Split::Val, cfg, eval_seed + 1, device, shard)?,
         ];
         let total = hooks.reduce_sum(&local)?;
         let n = cfg.eval_iters as f64;
@@ -541,77 +658,23 @@ pub fn train<M: LanguageModel + ?Sized>(
         hooks.around_step(step, true)?;
         let t0 = Instant::now();
         let lr = schedule.lr(cfg.lr, step);
-        opt.set_lr(lr);
-        let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
         if cfg.cuda_graph {
-            zero_grads_in_place(&named);
+            zero_grads_in_place(&st.named);
             if graphed.is_none() && step > first_step {
-                graphed = Some(GraphedMicroBatch::capture(model, cfg, scaler.scale_tensor(), device)?);
+                graphed = Some(GraphedMicroBatch::capture(model, cfg, st.scaler.scale_tensor(), device)?);
                 // The warm-up and capture runs added gradients of their own.
-                zero_grads_in_place(&named);
+                zero_grads_in_place(&st.named);
             }
         }
-        for _ in 0..cfg.grad_accum {
-            let (x, y) = shard_batch(data.train, cfg, &mut rng, device, shard)?;
-            if let Some(g) = graphed.as_mut() {
-                loss_sum += g.run(&x, &y)?;
-                continue;
+        let r =
+            train_step(model, data, &mut st, cfg, step, lr, &mut rng, hooks, opts.inject.as_ref(), graphed.as_mut())
+                .inspect_err(|_| bar.finish_and_clear())?;
+        let (loss, norm, scale_used) = (r.loss, r.grad_norm, r.scale);
+        if let Some(sk) = r.skipped {
+            if sk.reason == "nonfinite" {
+                say(&bar, format!("skipping the update of {}", sk.detail));
             }
-            let loss = {
-                let _ac = cfg.precision.autocast(device)?;
-                model.loss(&x, &y, true, cfg.fused_loss) / cfg.grad_accum as f64
-            };
-            scaler.scale(&loss).backward();
-            loss_sum += loss.detach().to_kind(Kind::Double);
-        }
-        hooks.after_backward(step, &named)?;
-        if let Some(inj) = opts.inject.as_ref().filter(|i| i.step == step) {
-            let _g = tch::no_grad_guard();
-            let (_, t) = named.iter().find(|(n, _)| *n == inj.param).expect("checked above");
-            let mut g = t.grad();
-            if g.defined() {
-                let _ = g.fill_(inj.value);
-            }
-        }
-        let found_inf = scaler.unscale(&named.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>())?;
-        let norm = clip_grad_norm(&named, cfg.grad_clip);
-        // The logged loss is the mean over processes (the loss of the whole global batch).
-        let loss = loss_sum.double_value(&[]);
-        let loss = if world > 1 { hooks.reduce_sum(&[loss])?[0] / world as f64 } else { loss };
-        let scale_used = scaler.scale_value();
-        if found_inf && loss.is_finite() {
-            // fp16 overflow: the scaler's business. Skip, back off, go on.
-            scaler.update()?;
-            p.skipped.push(SkippedStep {
-                step,
-                reason: "scaler".into(),
-                detail: format!("inf/NaN gradients at scale {scale_used}; scale now {}", scaler.scale_value()),
-            });
-        } else if !loss.is_finite() || !norm.is_finite() {
-            let culprit = first_nonfinite(&named)
-                .map(|(n, what)| format!("first non-finite gradient in '{n}' ({what})"))
-                .unwrap_or_else(|| "all gradients finite: the loss itself overflowed".into());
-            let detail = format!("step {step}: loss {loss}, grad norm {norm}; {culprit}");
-            match cfg.on_nonfinite {
-                OnNonFinite::Stop => {
-                    bar.finish_and_clear();
-                    bail!("non-finite values at {detail} (lr {lr:.3e}); lower --lr, keep --grad-clip, or pass --on-nonfinite skip");
-                }
-                OnNonFinite::Skip => {
-                    say(&bar, format!("skipping the update of {detail}"));
-                    if scaler.enabled() {
-                        scaler.update()?;
-                    }
-                    p.skipped.push(SkippedStep { step, reason: "nonfinite".into(), detail });
-                }
-            }
-        } else {
-            opt.step()?;
-            scaler.update()?;
-        }
-        if !cfg.cuda_graph {
-            // (With --cuda-graph the next step zeroes the gradients in place instead.)
-            opt.zero_grad();
+            p.skipped.push(sk);
         }
         last_loss = loss;
         let dt = t0.elapsed().as_secs_f64();
@@ -634,7 +697,7 @@ pub fn train<M: LanguageModel + ?Sized>(
                 tb.add_scalar("train/lr", lr, step as i64)?;
                 tb.add_scalar("train/grad_norm", norm, step as i64)?;
                 tb.add_scalar("train/tokens_per_s", log.tokens_per_s, step as i64)?;
-                if scaler.enabled() {
+                if st.scaler.enabled() {
                     tb.add_scalar("train/loss_scale", scale_used, step as i64)?;
                 }
             }
@@ -644,18 +707,18 @@ pub fn train<M: LanguageModel + ?Sized>(
         bar.set_message(format!("loss {loss:.4}"));
         if cfg.checkpoint_interval > 0 && p.step % cfg.checkpoint_interval == 0 && p.step < end {
             p.rng = rng.state();
-            p.scaler = scaler.state();
+            p.scaler = st.scaler.state();
             // Rank 0 writes; the barriers keep the others from racing ahead or reading it early.
             hooks.barrier()?;
             if main {
-                save(vs, &opt, &p, cfg, opts)?;
+                save(vs, &st.opt, &p, cfg, opts)?;
             }
             hooks.barrier()?;
         }
     }
     bar.finish_and_clear();
     p.rng = rng.state();
-    p.scaler = scaler.state();
+    p.scaler = st.scaler.state();
     let interrupted = opts.stop_after.is_some_and(|s| p.step >= s && p.step < cfg.steps);
     let (final_train_loss, final_val_loss) = if interrupted {
         (last_loss, f64::NAN)
@@ -673,7 +736,7 @@ pub fn train<M: LanguageModel + ?Sized>(
     };
     hooks.barrier()?;
     if main {
-        save(vs, &opt, &p, cfg, opts)?;
+        save(vs, &st.opt, &p, cfg, opts)?;
     }
     hooks.barrier()?;
     let secs = p.train_seconds - run_start_secs;
