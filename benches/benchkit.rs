@@ -132,6 +132,11 @@ impl BenchArgs {
         b
     }
 
+    /// Whether the bare flag `flag` was given.
+    pub fn flag(&self, flag: &str) -> bool {
+        self.args.iter().any(|a| a == flag)
+    }
+
     /// The number after `flag`, if given and valid.
     pub fn get(&self, flag: &str) -> Option<usize> {
         let i = self.args.iter().position(|a| a == flag)?;

@@ -12,7 +12,7 @@
 //! allocated at once ("step alloc"): activations kept for backward, gradients, temporaries.
 //! And as the OS sees it: peak RSS is a process-wide high-water mark, so each mode runs in its
 //! own child process (this
-//! binary again, with `--child plain|checkpoint`), which reports its RSS after building the
+//! binary again, with `--child plain|recompute`), which reports its RSS after building the
 //! model and data (the baseline) and its peak over the steps. The difference is what the
 //! training steps held at their peak: activations, gradients and temporaries. Like a training
 //! run (`Run::start`), the children keep freed memory for reuse (see
@@ -26,7 +26,7 @@
 //! per block, about a third more compute per step.
 
 use course::sys::profile::{format_table, memory_peaks, top_ops, Profiler, ProfilerOptions};
-use course::sys::recompute::checkpoint_local;
+use course::sys::recompute::recompute_local;
 use course::sys::rng::Rng;
 use course::sys::runtime;
 use std::process::Command;
@@ -131,14 +131,14 @@ fn child(a: &Args, mode: &str) {
     let mut rng = Rng::new(1);
     let x = rng.normal_tensor(&[a.tokens, a.embd]).set_requires_grad(true);
     let w = rng.normal_tensor(&[a.tokens, a.embd]);
-    let ckpt = mode == "checkpoint";
+    let ckpt = mode == "recompute";
 
     let step = || {
         let mut h = x.shallow_clone();
         for (b, ps) in blocks.iter().zip(&block_params) {
             h = if ckpt {
                 let b = Rc::clone(b);
-                checkpoint_local(move |x| Ok(b.forward(x)), &h, ps).expect("checkpointed block")
+                recompute_local(move |x| Ok(b.forward(x)), &h, ps).expect("checkpointed block")
             } else {
                 b.forward(&h)
             };
@@ -218,7 +218,7 @@ fn main() {
         "mode", "step alloc MiB", "baseline MiB", "peak MiB", "peak-baseline MiB", "step ms (med)", "step ms (min)"
     );
     let mut rows = vec![];
-    for mode in ["plain", "checkpoint"] {
+    for mode in ["plain", "recompute"] {
         let out = Command::new(&exe)
             .args([
                 "--child",

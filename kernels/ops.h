@@ -147,7 +147,7 @@ char* course_error_new(const char* msg, size_t len);
 // backward; gradients flow to input and params[0..n_params). Takes ownership of ctx in every
 // case: drop_ctx(ctx) runs once, on error before returning, else when the autograd node that
 // holds it is freed (possibly on another thread).
-char* course_checkpoint(course_fn f, void* ctx, void (*drop_ctx)(void*), course_tensor input, course_tensor* params,
+char* course_recompute(course_fn f, void* ctx, void (*drop_ctx)(void*), course_tensor input, course_tensor* params,
                         int n_params, course_tensor* out);
 
 // Fused softmax cross-entropy (mean over the rows whose target is not -1) as an autograd

@@ -128,11 +128,20 @@ fn save_and_load_give_the_same_logits() {
     std::fs::create_dir_all(&dir).unwrap();
     let vs = VarStore::new(Device::Cpu);
     let m = Gpt::new(&vs.root(), &tiny(20)).unwrap();
-    course::train::checkpoint::save_best(&dir, &vs, &serde_json::to_value(&m.cfg).unwrap()).unwrap();
-    let cfg = GptConfig::from_file(&dir.join("best/config.json")).unwrap();
+    let files = course::train::checkpoint::ModelFiles {
+        config: course::io::hf::tagged_config(GptConfig::MODEL_TYPE, &m.cfg).unwrap(),
+        generation: None,
+        extra: None,
+    };
+    course::train::checkpoint::save_best(&dir, &vs, &files, None).unwrap();
+    // The Hugging Face shape: model_type and GPT-2's name for the context length.
+    let md = course::io::hf::ModelDir::open(&dir.join("best")).unwrap();
+    assert_eq!((md.model_type(), md.config["n_positions"].as_i64()), ("nanogpt", Some(m.cfg.block_size)));
+    let cfg: GptConfig = md.config_as().unwrap();
+    assert_eq!(cfg, m.cfg);
     let vs2 = VarStore::new(Device::Cpu);
     let m2 = Gpt::new(&vs2.root(), &cfg).unwrap();
-    course::io::safetensors::load_into(&vs2, &dir.join("best/model.safetensors")).unwrap();
+    course::io::safetensors::load_into(&vs2, &md.weights()).unwrap();
     let x = Tensor::from_slice(&[1i64, 5, 7, 19, 0, 3]).unsqueeze(0);
     assert!(m.forward(&x, false).equal(&m2.forward(&x, false)));
     std::fs::remove_dir_all(&dir).unwrap();

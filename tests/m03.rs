@@ -137,6 +137,25 @@ fn predict_reads_a_saved_model_directory() {
         assert!((chunk.iter().sum::<f64>() - 1.0).abs() < 1e-3, "{text}");
     }
     assert!(["business", "entertainment", "politics", "sports", "tech"].iter().all(|c| text.contains(c)));
+    // The Hugging Face shape: the bare config with its model_type, what made it best beside it.
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(best.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "course_encoder", "{cfg}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(best.join("trainer_state.json")).unwrap()).unwrap();
+    assert!(state["val_acc"].as_f64().is_some_and(|a| (0.0..=1.0).contains(&a)), "{state}");
+    // A directory in the earlier shape (config under "model") is refused with the way out.
+    let old = out.join("old_shape");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::copy(best.join("model.safetensors"), old.join("model.safetensors")).unwrap();
+    std::fs::write(old.join("config.json"), serde_json::json!({"model": cfg, "epoch": 1}).to_string()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_m03_transformer"))
+        .args(["predict", "--model"])
+        .arg(&old)
+        .arg("x")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("re-run the module"), "{e}");
 
     // Not a model directory: the error names config.json.
     let o = Command::new(env!("CARGO_BIN_EXE_m03_transformer"))

@@ -46,8 +46,13 @@ fn a_quick_run_writes_its_model_samples_and_charts() {
     {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
-    let cfg = course::models::gpt::GptConfig::from_file(&dir.join("run/best/config.json")).unwrap();
+    let md = course::io::hf::ModelDir::open(&dir.join("run/best")).unwrap();
+    assert_eq!(md.model_type(), "nanogpt");
+    let cfg: course::models::gpt::GptConfig = md.config_as().unwrap();
     assert_eq!(cfg.vocab_size, 84, "the Shakespeare texts have 84 distinct characters");
+    // The sampling the run used, as Hugging Face's generation_config.json.
+    let g = course::infer::Sampling::from_generation_config(&md.generation_config().unwrap().unwrap()).unwrap();
+    assert_eq!(g, course::infer::Sampling { temperature: 0.8, top_k: Some(200), top_p: 1.0 });
     assert!(text.contains("tokens/s"));
     // `sample` rebuilds the model from the directory alone; a seed gives the same text.
     let sample = |seed: &str| {

@@ -1,6 +1,6 @@
 //! Gradient checkpointing against the plain block: identical outputs and gradients of the input
 //! and every parameter with dropout active (so the saved RNG state is exercised), under CPU bf16
-//! autocast, with the block used twice in one graph, and through `checkpoint_local`; errors from
+//! autocast, with the block used twice in one graph, and through `recompute_local`; errors from
 //! the closure, unlisted parameters and in-place changes surface as `Err`; the closure lives as
 //! long as the graph.
 //!
@@ -8,7 +8,7 @@
 //! process, so every test here takes the `TORCH_RNG` lock (tests run in parallel threads).
 
 use anyhow::anyhow;
-use course::sys::recompute::{checkpoint, checkpoint_local, try_checkpoint};
+use course::sys::recompute::{recompute, recompute_local, try_recompute};
 use course::sys::rng::Rng;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -121,7 +121,7 @@ fn gradients_equal_the_plain_block_with_dropout() {
 
     tch::manual_seed(7);
     let m = s.mlp.shallow();
-    let y_ck = checkpoint(move |x| m.forward(x), &s.x, &params(&s.vs)).unwrap();
+    let y_ck = recompute(move |x| m.forward(x), &s.x, &params(&s.vs)).unwrap();
     assert!(y_ck.requires_grad());
     assert!(y_ck.equal(&y_plain), "checkpointed forward differs");
     (&y_ck * &s.w).sum(Kind::Float).backward();
@@ -146,7 +146,7 @@ fn gradients_equal_the_plain_block_under_cpu_bf16_autocast() {
             let _ac = course::sys::runtime::autocast(Device::Cpu, Kind::BFloat16, true).unwrap();
             if ckpt {
                 let m = s.mlp.shallow();
-                checkpoint(move |x| m.forward(x), &s.x, &params(&s.vs)).unwrap()
+                recompute(move |x| m.forward(x), &s.x, &params(&s.vs)).unwrap()
             } else {
                 s.mlp.forward(&s.x)
             }
@@ -180,8 +180,8 @@ fn block_used_twice_in_one_graph() {
 
     tch::manual_seed(5);
     let (m1, m2) = (s.mlp.shallow(), s.mlp.shallow());
-    let h = checkpoint(move |x| m1.forward(x), &s.x, &params(&s.vs)).unwrap() + &s.x;
-    let y2 = checkpoint(move |x| m2.forward(x), &h, &params(&s.vs)).unwrap();
+    let h = recompute(move |x| m1.forward(x), &s.x, &params(&s.vs)).unwrap() + &s.x;
+    let y2 = recompute(move |x| m2.forward(x), &h, &params(&s.vs)).unwrap();
     assert!(y2.equal(&y));
     (&y2 * &s.w).sum(Kind::Float).backward();
     let ck = take_grads(&s);
@@ -198,7 +198,7 @@ fn checkpoint_local_takes_a_shared_block() {
 
     tch::manual_seed(9);
     let shared = Rc::new(s.mlp.shallow()); // not Send
-    let y = checkpoint_local(move |x| Ok(shared.forward(x)), &s.x, &params(&s.vs)).unwrap();
+    let y = recompute_local(move |x| Ok(shared.forward(x)), &s.x, &params(&s.vs)).unwrap();
     (y * &s.w).sum(Kind::Float).backward();
     assert_same("local", &plain, &take_grads(&s));
 }
@@ -215,7 +215,7 @@ fn parameters_get_gradients_when_the_input_needs_none() {
 
     tch::manual_seed(3);
     let m = s.mlp.shallow();
-    let y = checkpoint(move |x| m.forward(x), &x, &params(&s.vs)).unwrap();
+    let y = recompute(move |x| m.forward(x), &x, &params(&s.vs)).unwrap();
     assert!(y.requires_grad(), "parameters require grad, so the output must");
     (y * &s.w).sum(Kind::Float).backward();
     for (p, g) in params(&s.vs).iter().zip(&plain) {
@@ -230,7 +230,7 @@ fn errors_and_panics_in_the_recompute_surface_at_backward() {
     // Fine in the forward, fails when backward recomputes.
     let calls = Arc::new(AtomicUsize::new(0));
     let (m, c) = (s.mlp.shallow(), calls.clone());
-    let y = try_checkpoint(
+    let y = try_recompute(
         move |x| {
             if c.fetch_add(1, Ordering::SeqCst) == 0 {
                 Ok(m.forward(x))
@@ -248,7 +248,7 @@ fn errors_and_panics_in_the_recompute_surface_at_backward() {
 
     // A panic (a shape error in a tch op) becomes an error too, with its message.
     let (m, c) = (s.mlp.shallow(), Arc::new(AtomicUsize::new(0)));
-    let y = checkpoint(
+    let y = recompute(
         move |x| {
             if c.fetch_add(1, Ordering::SeqCst) == 0 {
                 m.forward(x)
@@ -264,7 +264,7 @@ fn errors_and_panics_in_the_recompute_surface_at_backward() {
     assert!(err.contains("panicked") && err.contains("mat1 and mat2"), "{err}");
 
     // In the forward, the error is checkpoint's own.
-    let err = try_checkpoint(|_| Err(anyhow!("bad block")), &s.x, &params(&s.vs)).unwrap_err();
+    let err = try_recompute(|_| Err(anyhow!("bad block")), &s.x, &params(&s.vs)).unwrap_err();
     assert!(format!("{err:#}").contains("bad block"), "{err:#}");
 }
 
@@ -275,7 +275,7 @@ fn a_parameter_missing_from_params_is_refused() {
     let m = s.mlp.shallow();
     let mut ps = params(&s.vs);
     let dropped = ps.remove(0); // c_fc.bias, shape (4C)
-    let y = checkpoint(move |x| m.forward(x), &s.x, &ps).unwrap();
+    let y = recompute(move |x| m.forward(x), &s.x, &ps).unwrap();
     let err = (y * &s.w).sum(Kind::Float).f_backward().unwrap_err().to_string();
     assert!(
         err.contains("neither its input nor in `params`") && err.contains(&format!("{:?}", dropped.size())),
@@ -284,7 +284,7 @@ fn a_parameter_missing_from_params_is_refused() {
 
     let twice = [ps[0].shallow_clone(), ps[0].shallow_clone()];
     let m = s.mlp.shallow();
-    let err = checkpoint(move |x| m.forward(x), &s.x, &twice).unwrap_err();
+    let err = recompute(move |x| m.forward(x), &s.x, &twice).unwrap_err();
     assert!(format!("{err:#}").contains("listed twice"), "{err:#}");
 }
 
@@ -293,7 +293,7 @@ fn changing_a_parameter_before_backward_is_an_error() {
     let _g = lock();
     let s = setup(8);
     let m = s.mlp.shallow();
-    let y = checkpoint(move |x| m.forward(x), &s.x, &params(&s.vs)).unwrap();
+    let y = recompute(move |x| m.forward(x), &s.x, &params(&s.vs)).unwrap();
     let mut p = params(&s.vs).remove(1);
     tch::no_grad(|| {
         let _ = p.g_add_scalar_(1.0); // an "optimizer step" before backward
@@ -316,7 +316,7 @@ fn the_closure_lives_as_long_as_the_graph() {
     let s = setup(9);
     let dropped = Arc::new(AtomicBool::new(false));
     let (m, flag) = (s.mlp.shallow(), DropFlag(dropped.clone()));
-    let y = checkpoint(
+    let y = recompute(
         move |x| {
             let _keep = &flag;
             m.forward(x)
@@ -337,7 +337,7 @@ fn the_closure_lives_as_long_as_the_graph() {
     let dropped = Arc::new(AtomicBool::new(false));
     let (m, flag) = (s.mlp.shallow(), DropFlag(dropped.clone()));
     let y = tch::no_grad(|| {
-        checkpoint(
+        recompute(
             move |x| {
                 let _keep = &flag;
                 m.forward(x)

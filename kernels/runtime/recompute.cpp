@@ -13,7 +13,7 @@
 // accumulation all see them) and the output requires grad even when the input does not.
 //
 // The closure lives in the autograd node (an intrusive_ptr in ctx->saved_data) and is freed
-// when the node is, not when course_checkpoint returns: backward may run much later.
+// when the node is, not when course_recompute returns: backward may run much later.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -167,12 +167,12 @@ struct Block : torch::CustomClassHolder {
       std::string msg(err);
       course_free_error(err);
       if (out != nullptr) delete static_cast<at::Tensor*>(out);
-      throw std::runtime_error("checkpoint: the block failed: " + msg);
+      throw std::runtime_error("recompute: the block failed: " + msg);
     }
-    TORCH_CHECK(out != nullptr, "checkpoint: the block returned no tensor");
+    TORCH_CHECK(out != nullptr, "recompute: the block returned no tensor");
     at::Tensor y = *static_cast<at::Tensor*>(out);
     delete static_cast<at::Tensor*>(out);
-    TORCH_CHECK(y.defined(), "checkpoint: the block returned an undefined tensor");
+    TORCH_CHECK(y.defined(), "recompute: the block returned an undefined tensor");
     return y;
   }
 };
@@ -184,7 +184,7 @@ void check_all_leaves_listed(const at::Tensor& out, const std::vector<at::Tensor
   std::unordered_set<const c10::TensorImpl*> ok;
   for (const auto& t : listed) ok.insert(t.unsafeGetTensorImpl());
   auto fail = [](const at::Tensor& t) {
-    TORCH_CHECK(false, "checkpoint: the block reads a tensor that requires grad (shape ", t.sizes(), ", ",
+    TORCH_CHECK(false, "recompute: the block reads a tensor that requires grad (shape ", t.sizes(), ", ",
                 t.scalar_type(),
                 ") but is neither its input nor in `params`, so its gradient would be lost; pass every "
                 "parameter the block uses in `params`");
@@ -231,7 +231,7 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(), "checkpoint: double backward (create_graph=true) is not supported");
+    TORCH_CHECK(!at::GradMode::is_enabled(), "recompute: double backward (create_graph=true) is not supported");
     auto block = c10::static_intrusive_pointer_cast<Block>(ctx->saved_data.at("block").toCapsule());
     auto saved = ctx->get_saved_variables();
     auto x = saved[0];
@@ -252,7 +252,7 @@ struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction>
       AutocastScope autocast(block->autocast);
       y = block->call(x_leaf);
     }
-    TORCH_CHECK(y.sizes() == grads[0].sizes(), "checkpoint: the recomputed output has shape ", y.sizes(),
+    TORCH_CHECK(y.sizes() == grads[0].sizes(), "recompute: the recomputed output has shape ", y.sizes(),
                 " but the forward's had ", grads[0].sizes(), "; the block must be deterministic in shape");
 
     std::vector<at::Tensor> listed{x_leaf};
@@ -294,7 +294,7 @@ char* course_error_new(const char* msg, size_t len) {
   return out;
 }
 
-char* course_checkpoint(course_fn f, void* ctx, void (*drop_ctx)(void*), course_tensor input, course_tensor* params,
+char* course_recompute(course_fn f, void* ctx, void (*drop_ctx)(void*), course_tensor input, course_tensor* params,
                         int n_params, course_tensor* out) {
   // Own the closure first, so every path below (errors included) frees it exactly once.
   c10::intrusive_ptr<course::Block> block;
@@ -302,20 +302,20 @@ char* course_checkpoint(course_fn f, void* ctx, void (*drop_ctx)(void*), course_
     block = c10::make_intrusive<course::Block>(f, ctx, drop_ctx);
   } catch (...) {
     if (drop_ctx) drop_ctx(ctx);
-    return course::dup_error("checkpoint: out of memory");
+    return course::dup_error("recompute: out of memory");
   }
   COURSE_TRY({
-    TORCH_CHECK(f != nullptr, "checkpoint: null callback");
-    TORCH_CHECK(n_params >= 0, "checkpoint: negative parameter count ", n_params);
+    TORCH_CHECK(f != nullptr, "recompute: null callback");
+    TORCH_CHECK(n_params >= 0, "recompute: negative parameter count ", n_params);
     const auto& x = *static_cast<at::Tensor*>(input);
-    TORCH_CHECK(x.defined(), "checkpoint: the input is an undefined tensor");
+    TORCH_CHECK(x.defined(), "recompute: the input is an undefined tensor");
     std::vector<at::Tensor> ps;
     std::unordered_set<const c10::TensorImpl*> seen{x.unsafeGetTensorImpl()};
     for (int i = 0; i < n_params; ++i) {
       const auto& p = *static_cast<at::Tensor*>(params[i]);
-      TORCH_CHECK(p.defined(), "checkpoint: params[", i, "] is an undefined tensor");
+      TORCH_CHECK(p.defined(), "recompute: params[", i, "] is an undefined tensor");
       // A tensor listed twice would get its gradient twice.
-      TORCH_CHECK(seen.insert(p.unsafeGetTensorImpl()).second, "checkpoint: params[", i, "] (shape ", p.sizes(),
+      TORCH_CHECK(seen.insert(p.unsafeGetTensorImpl()).second, "recompute: params[", i, "] (shape ", p.sizes(),
                   ") is listed twice or is the input itself");
       ps.push_back(p);
     }

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use course::data::loader::DataLoader;
 use course::data::text::{collate_tokens, split_path, Corpus, Document, Split, TextBatch, TextTask, TokenDataset};
 use course::data::tokenize::{self, TokenizerKind};
+use course::io::hf::ModelDir;
 use course::models::bert::{self, BertClassifier, BertConfig, Pretrained};
 use course::models::encoder::{EncoderClassifier, EncoderConfig};
 use course::models::Classifier;
@@ -147,12 +148,24 @@ Try: m03_transformer --task bbc --model scratch --positions rope
      m03_transformer --task spam --model minilm --freeze-encoder --epochs 3
      m03_transformer predict --model outputs/m03_transformer/bbc_minilm/best \"Shares fell sharply\"";
 
-/// What a model directory's config.json holds under \"model\": enough to rebuild it.
+/// What a model directory's config.json holds: enough to rebuild the model. The fine-tuned
+/// MiniLM is a Hugging Face BERT config (model_type "bert", its fields at the top level) with
+/// the classes and the course's mean-pool head; the scratch encoder is "course_encoder".
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "model_type")]
 enum Saved {
+    #[serde(rename = "course_encoder")]
     Scratch { encoder: EncoderConfig, classes: Vec<String>, max_len: usize, task: TextTask },
-    Minilm { bert: BertConfig, classes: Vec<String>, max_len: usize, task: TextTask },
+    #[serde(rename = "bert")]
+    Minilm {
+        #[serde(flatten)]
+        bert: BertConfig,
+        /// Hugging Face's `architectures`: the encoder alone is a BertModel.
+        architectures: Vec<String>,
+        classes: Vec<String>,
+        max_len: usize,
+        task: TextTask,
+    },
 }
 
 impl Saved {
@@ -201,20 +214,15 @@ impl Classifier<TextBatch> for Model {
     }
 }
 
-/// Loads a model directory: config.json, tokenizer.json, model.safetensors.
+/// Loads a model directory (`io::hf`): config.json, tokenizer.json, model.safetensors.
 fn load_model_dir(dir: &Path, device: Device) -> Result<(Saved, Tokenizer, VarStore, Model)> {
-    let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
-        format!("reading {} (is {} a model directory written by m03_transformer?)", cfg_path.display(), dir.display())
-    })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", cfg_path.display()))?;
-    let saved: Saved = serde_json::from_value(v["model"].clone())
-        .with_context(|| format!("{}: field 'model' is not an m03 model description", cfg_path.display()))?;
-    let tok = tokenize::load(&dir.join("tokenizer.json"))?;
+    let md = ModelDir::open(dir)?;
+    md.expect_type(&["course_encoder", "bert"])?;
+    let saved: Saved = md.config_as()?;
+    let tok = tokenize::load(&md.require("tokenizer.json")?)?;
     let vs = VarStore::new(device);
     let model = Model::build(&vs, &saved)?;
-    course::io::safetensors::load_into(&vs, &dir.join("model.safetensors"))?;
+    course::io::safetensors::load_into(&vs, &md.weights())?;
     Ok((saved, tok, vs, model))
 }
 
@@ -358,7 +366,13 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
         (tok, Saved::Scratch { encoder, classes: classes.clone(), max_len, task }, None)
     } else {
         let p = Pretrained::at(&course::data::registry::require("minilm", "")?)?;
-        let saved = Saved::Minilm { bert: p.cfg.clone(), classes: classes.clone(), max_len, task };
+        let saved = Saved::Minilm {
+            bert: p.cfg.clone(),
+            architectures: vec!["BertModel".into()],
+            classes: classes.clone(),
+            max_len,
+            task,
+        };
         (tokenize::load(&p.tokenizer)?, saved, Some(p))
     };
     let pad = tok.token_to_id("[PAD]").map_or(0, i64::from);

@@ -7,7 +7,8 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use course::data::lm::{self as lmdata, TokenData, TokenizerChoice};
 use course::infer::{generate, Sampling};
-use course::models::gpt::{AttentionImpl, Gpt, Kernels, Preset};
+use course::io::hf::ModelDir;
+use course::models::gpt::{AttentionImpl, Gpt, GptConfig, Kernels, Preset};
 use course::run::charts::{self, LineChart, Series};
 use course::run::{relaunch, CommonArgs, Op, Run};
 use course::sys::rng::Rng;
@@ -126,9 +127,10 @@ struct Args {
     /// The loss through the fused softmax-cross-entropy kernel from kernels/
     #[arg(long)]
     fused_loss: bool,
-    /// Recompute each block's activations in backward (gradient checkpointing)
+    /// Recompute each block's activations in backward instead of keeping them (known as gradient
+    /// checkpointing)
     #[arg(long)]
-    checkpoint_activations: bool,
+    recompute_activations: bool,
     /// Capture forward+backward of a training step as a CUDA graph and replay it (CUDA only; the
     /// stand-in for torch.compile's reduce-overhead mode)
     #[arg(long)]
@@ -201,7 +203,10 @@ enum Command {
 fn sample_from_dir(cmd: &Command) -> Result<()> {
     let Command::Sample { model, prompt, tokens, sampling, seed, device } = cmd;
     let device = device.parse::<course::DeviceChoice>().map_err(|e| anyhow::anyhow!("--device: {e}"))?.resolve()?;
-    let cfg = course::models::gpt::GptConfig::from_file(&model.join("config.json"))?;
+    let dir = ModelDir::open(model)?;
+    dir.expect_type(&[GptConfig::MODEL_TYPE])?;
+    let cfg: GptConfig = dir.config_as()?;
+    cfg.check().with_context(|| dir.path.join("config.json").display().to_string())?;
     let tok = lmdata::LmTokenizer::load_from(model)?;
     if tok.vocab_size() != cfg.vocab_size {
         bail!(
@@ -213,7 +218,7 @@ fn sample_from_dir(cmd: &Command) -> Result<()> {
     }
     let vs = VarStore::new(device);
     let gpt = Gpt::new(&vs.root(), &cfg)?;
-    course::io::safetensors::load_into(&vs, &model.join("model.safetensors"))?;
+    course::io::safetensors::load_into(&vs, &dir.weights())?;
     let ids = tok.encode(prompt).with_context(|| format!("--prompt {prompt:?}"))?;
     let out = generate(&gpt, &ids, *tokens, &sampling.sampling(), &mut Rng::new(*seed))?;
     println!("{}", tok.decode(&out));
@@ -341,14 +346,14 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
     if !run.device.is_cuda() && tc.precision == Precision::Fp16 && !course::run::report::cpu_has_native_fp16() {
         println!("note: this CPU has no native fp16 arithmetic (no AVX512-FP16/AMX-FP16): libtorch emulates fp16 matmuls at well under 1 GFLOP/s, hundreds of times slower than bf16. fp16 is a GPU format; on CPUs use bf16");
     }
-    if args.cuda_graph && args.checkpoint_activations {
-        bail!("--cuda-graph cannot capture --checkpoint-activations: the recompute saves the CUDA generator's state, which capture forbids");
+    if args.cuda_graph && args.recompute_activations {
+        bail!("--cuda-graph cannot capture --recompute-activations: the recompute saves the CUDA generator's state, which capture forbids");
     }
     let vs = VarStore::new(run.device);
     let mut model = Gpt::new(&vs.root(), &cfg)?;
-    model.kernels = Kernels { fused_bias_gelu: args.fused_gelu, checkpoint: args.checkpoint_activations };
+    model.kernels = Kernels { fused_bias_gelu: args.fused_gelu, recompute: args.recompute_activations };
     let dir = run.path("run");
-    let model_config = serde_json::to_value(&cfg)?;
+    let model_config = course::io::hf::tagged_config(GptConfig::MODEL_TYPE, &cfg)?;
     let opts = TrainOptions {
         dir: dir.clone(),
         resume: args.resume,
@@ -389,7 +394,12 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
         println!("skipped step {} ({}): {}", s.step, s.reason, s.detail);
     }
     // best/: the final weights with config.json and the vocabulary, ready for generation.
-    course::train::checkpoint::save_best_with(&dir, &vs, &model_config, Some(&|d: &Path| data.tokenizer.save_to(d)))?;
+    let files = course::train::checkpoint::ModelFiles {
+        config: model_config,
+        generation: Some(args.sampling.sampling().generation_config(args.sample_tokens)),
+        extra: Some(&|d: &Path| data.tokenizer.save_to(d)),
+    };
+    course::train::checkpoint::save_best(&dir, &vs, &files, None)?;
 
     if args.profile.is_some() {
         let trace = run.path("trace.json");

@@ -13,7 +13,7 @@ use course::dist::c10d::{ProcessGroup, ReduceOp};
 use course::dist::ddp::{self, Ddp, DdpConfig, DistributedSampler};
 use course::dist::launch::{self, DistEnv, LaunchArgs, LaunchSpec};
 use course::models::gpt::{Gpt, Preset};
-use course::models::{CnnConfig, LeNet};
+use course::models::{CnnConfig, LeNet, ModelConfig};
 use course::run::charts::{self, LineChart, Series};
 use course::run::{relaunch, CommonArgs, Op, Run, Setup};
 use course::train::classify::{self, OptKind, TrainConfig};
@@ -383,7 +383,11 @@ fn train_cnn(
         max_batches: args.steps.or(quick.then_some(30)),
         ..recipe
     };
-    let info = classify::ModelInfo { name: "cnn", config: serde_json::to_value(&cfg_m)?, extra_files: None };
+    let info = classify::ModelInfo {
+        name: "cnn",
+        config: serde_json::to_value(ModelConfig::Cnn(cfg_m.clone()))?,
+        extra_files: None,
+    };
     let mut hooks = job_hooks(args, &mut ddp, dir);
     let t0 = Instant::now();
     let out = classify::fit_with(dir, &info, &vs, &model, &train_l, &val_l, &cfg, false, None, &mut hooks)?;
@@ -478,7 +482,7 @@ fn train_gpt(
     let opts = TrainOptions {
         dir: dir.join("run"),
         resume: false,
-        model_config: serde_json::to_value(&gcfg)?,
+        model_config: course::io::hf::tagged_config(course::models::gpt::GptConfig::MODEL_TYPE, &gcfg)?,
         name: "gpt",
         inject: None,
         stop_after: None,

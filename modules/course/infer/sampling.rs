@@ -25,6 +25,39 @@ impl Default for Sampling {
 }
 
 impl Sampling {
+    /// As Hugging Face's `generation_config.json` (greedy is `do_sample: false`; no top-k is 0).
+    pub fn generation_config(&self, max_new_tokens: usize) -> serde_json::Value {
+        serde_json::json!({
+            "do_sample": self.temperature > 0.0,
+            "temperature": self.temperature,
+            "top_k": self.top_k.unwrap_or(0),
+            "top_p": self.top_p,
+            "max_new_tokens": max_new_tokens,
+        })
+    }
+
+    /// The sampler a `generation_config.json` describes; missing fields take Hugging Face's
+    /// defaults (temperature 1, top-k 50, top-p 1; greedy unless `do_sample`).
+    pub fn from_generation_config(v: &serde_json::Value) -> Result<Sampling> {
+        let num = |k: &str, d: f64| -> Result<f64> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(d),
+                Some(x) => {
+                    x.as_f64().ok_or_else(|| anyhow::anyhow!("generation config: \"{k}\" must be a number, got {x}"))
+                }
+            }
+        };
+        let greedy = !v.get("do_sample").and_then(|d| d.as_bool()).unwrap_or(false);
+        let top_k = num("top_k", 50.0)?;
+        let s = Sampling {
+            temperature: if greedy { 0.0 } else { num("temperature", 1.0)? },
+            top_k: (top_k >= 1.0).then_some(top_k as usize),
+            top_p: num("top_p", 1.0)?,
+        };
+        s.check()?;
+        Ok(s)
+    }
+
     pub fn check(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             bail!("sampling: temperature must be >= 0, got {}", self.temperature);
@@ -90,4 +123,21 @@ fn argmax(v: &[f64]) -> i64 {
         }
     }
     best as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_configs_round_trip() {
+        let s = Sampling { temperature: 0.7, top_k: Some(40), top_p: 0.9 };
+        let g = s.generation_config(100);
+        assert_eq!((g["do_sample"].as_bool(), g["max_new_tokens"].as_u64()), (Some(true), Some(100)));
+        assert_eq!(Sampling::from_generation_config(&g).unwrap(), s);
+        let greedy = Sampling::from_generation_config(&serde_json::json!({"temperature": 0.5})).unwrap();
+        assert_eq!(greedy, Sampling { temperature: 0.0, top_k: Some(50), top_p: 1.0 });
+        let e = Sampling::from_generation_config(&serde_json::json!({"do_sample": true, "top_p": "x"})).unwrap_err();
+        assert!(e.to_string().contains("\"top_p\" must be a number"), "{e}");
+    }
 }

@@ -31,7 +31,9 @@ pub enum AttentionImpl {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GptConfig {
     pub vocab_size: i64,
-    /// Context length: the most tokens the model sees at once.
+    /// Context length: the most tokens the model sees at once (`n_positions` in Hugging Face's
+    /// GPT-2 config, the name config.json uses).
+    #[serde(rename = "n_positions", alias = "block_size")]
     pub block_size: i64,
     pub n_layer: i64,
     pub n_head: i64,
@@ -78,7 +80,19 @@ impl Preset {
     }
 }
 
+impl Kernels {
+    /// What m04 runs by default: the fused bias + GELU (measured faster on the CPUs the course
+    /// met; notes/m04_amp.md), activations kept.
+    pub fn lesson_default() -> Self {
+        Kernels { fused_bias_gelu: true, recompute: false }
+    }
+}
+
 impl GptConfig {
+    /// The `model_type` of a saved GPT directory. Not Hugging Face's "gpt2": the weights are
+    /// nanoGPT's `nn.Linear` layout (GPT-2's `Conv1D` stores them transposed).
+    pub const MODEL_TYPE: &'static str = "nanogpt";
+
     pub fn check(&self) -> Result<()> {
         let c = self;
         if c.vocab_size < 1 || c.block_size < 1 || c.n_layer < 1 || c.n_head < 1 || c.n_embd < 1 {
@@ -131,8 +145,8 @@ pub struct Kernels {
     /// The MLP's bias + GELU through the fused kernel in kernels/ (course::ops::bias_gelu).
     pub fused_bias_gelu: bool,
     /// Recompute each block's activations in backward instead of keeping them
-    /// (course::recompute::checkpoint): less memory, one more forward per block.
-    pub checkpoint: bool,
+    /// (`sys::recompute::recompute`): less memory, one more forward per block.
+    pub recompute: bool,
 }
 
 fn linear(vs: nn::Path, i: i64, o: i64, bias: bool, std: f64) -> nn::Linear {
@@ -321,10 +335,10 @@ impl Gpt {
         let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
         let mut x = (self.wte.forward(idx) + self.wpe.forward(&pos)).dropout(self.cfg.dropout, train); // (B, T, C)
         for b in &self.h {
-            x = if self.kernels.checkpoint && train && x.requires_grad() {
+            x = if self.kernels.recompute && train && x.requires_grad() {
                 let (blk, k) = (SharedBlock(Arc::clone(b)), self.kernels);
-                crate::sys::recompute::checkpoint(move |x: &Tensor| blk.forward(x, k), &x, &b.parameters())
-                    .expect("a checkpointed block runs as the plain one does")
+                crate::sys::recompute::recompute(move |x: &Tensor| blk.forward(x, k), &x, &b.parameters())
+                    .expect("a recomputed block runs as the plain one does")
             } else {
                 b.forward(&x, train, self.kernels)
             };

@@ -47,9 +47,11 @@ pub trait CausalLm {
 
 /// Either model, built from its config (which is what config.json holds).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "model", rename_all = "snake_case")]
+#[serde(tag = "model_type")]
 pub enum ModelConfig {
+    #[serde(rename = "course_mlp")]
     Mlp(MlpConfig),
+    #[serde(rename = "course_lenet")]
     Cnn(CnnConfig),
 }
 

@@ -78,7 +78,7 @@ extern "C" {
 
     // recompute.cpp
     pub fn course_error_new(msg: *const c_char, len: usize) -> *mut c_char;
-    pub fn course_checkpoint(
+    pub fn course_recompute(
         f: CourseFn,
         ctx: *mut c_void,
         drop_ctx: unsafe extern "C" fn(*mut c_void),

@@ -8,9 +8,9 @@
 //! the block per step (roughly +1/3 of the step's compute). `kernels/runtime/recompute.cpp` holds the
 //! autograd function; here are the closure plumbing and the safe API:
 //!
-//! - [`checkpoint`]: the block as a closure returning a `Tensor` (tch's panicking ops).
-//! - [`try_checkpoint`]: the same with a closure returning `Result<Tensor>`.
-//! - [`checkpoint_local`]: for closures that are not `Send` (an `Rc`/`Arc` of a tch module),
+//! - [`recompute`]: the block as a closure returning a `Tensor` (tch's panicking ops).
+//! - [`try_recompute`]: the same with a closure returning `Result<Tensor>`.
+//! - [`recompute_local`]: for closures that are not `Send` (an `Rc`/`Arc` of a tch module),
 //!   CPU only.
 //!
 //! Dropout and other randomness repeat exactly: the forward saves the default CPU generator's
@@ -30,7 +30,7 @@
 //! `tch::Tensor` is `Send` but not `Sync`, so an `Arc<Block>` of tch modules is not `Send`.
 //! Either capture the block by value, with tensors from `Tensor::shallow_clone` (same storage
 //! and same autograd identity as the `VarStore`'s, so gradients land in the same `.grad`), or
-//! use [`checkpoint_local`], which checks at run time that the closure is used and freed only
+//! use [`recompute_local`], which checks at run time that the closure is used and freed only
 //! on the thread that made it (true for CPU training) instead of demanding `Send`.
 
 use crate::sys::ffi;
@@ -43,7 +43,7 @@ use tch::Tensor;
 /// A checkpointed block, as the C++ node stores it.
 type BlockFn = dyn Fn(&Tensor) -> Result<Tensor>;
 
-/// What the C++ node holds as `ctx`: the closure, and for [`checkpoint_local`] the thread it
+/// What the C++ node holds as `ctx`: the closure, and for [`recompute_local`] the thread it
 /// belongs to.
 struct Ctx {
     f: Box<BlockFn>,
@@ -59,14 +59,14 @@ fn current_thread() -> Option<ThreadId> {
 /// C++. Nothing may unwind into C++, so panics (tch's failing ops panic) become errors.
 unsafe extern "C" fn call_block(ctx: *mut c_void, input: ffi::CTensor, out: *mut ffi::CTensor) -> *mut c_char {
     let r = catch_unwind(AssertUnwindSafe(|| -> Result<*mut c_void, String> {
-        // SAFETY: ctx is the Box<Ctx> that course_checkpoint was given; input a new at::Tensor.
+        // SAFETY: ctx is the Box<Ctx> that course_recompute was given; input a new at::Tensor.
         let ctx = unsafe { &*(ctx as *const Ctx) };
         let x = ffi::take(input);
         if let Some(owner) = ctx.owner {
             if current_thread() != Some(owner) {
-                return Err("checkpoint_local: autograd ran the recompute on another thread than the one that \
+                return Err("recompute_local: autograd ran the recompute on another thread than the one that \
                             made the closure (CUDA backward runs on a device thread); use checkpoint or \
-                            try_checkpoint with a Send closure"
+                            try_recompute with a Send closure"
                     .into());
             }
         }
@@ -86,7 +86,7 @@ unsafe extern "C" fn call_block(ctx: *mut c_void, input: ffi::CTensor, out: *mut
     }
 }
 
-/// Frees the closure when the autograd node goes. A `checkpoint_local` closure freed on a
+/// Frees the closure when the autograd node goes. A `recompute_local` closure freed on a
 /// foreign thread is leaked instead: dropping it there could race with its owner thread.
 unsafe extern "C" fn drop_block(ctx: *mut c_void) {
     // SAFETY: the Box<Ctx> leaked by `run`, freed exactly once (the C++ side guarantees it).
@@ -102,14 +102,14 @@ unsafe extern "C" fn drop_block(ctx: *mut c_void) {
 }
 
 fn run(ctx: Ctx, input: &Tensor, params: &[Tensor]) -> Result<Tensor> {
-    let n = c_int::try_from(params.len()).context("checkpoint: too many parameters")?;
+    let n = c_int::try_from(params.len()).context("recompute: too many parameters")?;
     let ps: Vec<ffi::CTensor> = params.iter().map(ffi::ptr).collect();
     let ctx = Box::into_raw(Box::new(ctx)) as *mut c_void;
     let mut out = std::ptr::null_mut();
-    // SAFETY: live tensors for the call's duration; course_checkpoint owns ctx from here on and
+    // SAFETY: live tensors for the call's duration; course_recompute owns ctx from here on and
     // frees it through drop_block exactly once, on every path.
     ffi::check(unsafe {
-        ffi::course_checkpoint(call_block, ctx, drop_block, ffi::ptr(input), ps.as_ptr(), n, &mut out)
+        ffi::course_recompute(call_block, ctx, drop_block, ffi::ptr(input), ps.as_ptr(), n, &mut out)
     })?;
     Ok(ffi::take(out))
 }
@@ -132,30 +132,30 @@ fn run(ctx: Ctx, input: &Tensor, params: &[Tensor]) -> Result<Tensor> {
 /// # Shapes
 /// - `input`: any; `f` must return a tensor of the same shape every time it runs on it
 /// - returns: what `f` returns
-pub fn checkpoint<F>(f: F, input: &Tensor, params: &[Tensor]) -> Result<Tensor>
+pub fn recompute<F>(f: F, input: &Tensor, params: &[Tensor]) -> Result<Tensor>
 where
     F: Fn(&Tensor) -> Tensor + Send + 'static,
 {
-    try_checkpoint(move |x| Ok(f(x)), input, params)
+    try_recompute(move |x| Ok(f(x)), input, params)
 }
 
-/// [`checkpoint`] for a closure that returns its own errors.
-pub fn try_checkpoint<F>(f: F, input: &Tensor, params: &[Tensor]) -> Result<Tensor>
+/// [`recompute`] for a closure that returns its own errors.
+pub fn try_recompute<F>(f: F, input: &Tensor, params: &[Tensor]) -> Result<Tensor>
 where
     F: Fn(&Tensor) -> Result<Tensor> + Send + 'static,
 {
     run(Ctx { f: Box::new(f), owner: None }, input, params)
 }
 
-/// [`try_checkpoint`] for a closure that is not `Send`, such as one holding an `Rc` or `Arc`
+/// [`try_recompute`] for a closure that is not `Send`, such as one holding an `Rc` or `Arc`
 /// of a tch module. It is only ever called and freed on the calling thread: a recompute on
 /// another thread (the autograd engine runs CUDA graphs on a device thread) fails with an
 /// error, and if the graph is freed on another thread the closure is leaked, not dropped. Use it
-/// for CPU training; use [`checkpoint`] on GPUs.
-pub fn checkpoint_local<F>(f: F, input: &Tensor, params: &[Tensor]) -> Result<Tensor>
+/// for CPU training; use [`recompute`] on GPUs.
+pub fn recompute_local<F>(f: F, input: &Tensor, params: &[Tensor]) -> Result<Tensor>
 where
     F: Fn(&Tensor) -> Result<Tensor> + 'static,
 {
-    let owner = current_thread().context("checkpoint_local: the current thread is shutting down")?;
+    let owner = current_thread().context("recompute_local: the current thread is shutting down")?;
     run(Ctx { f: Box::new(f), owner: Some(owner) }, input, params)
 }

@@ -1,7 +1,8 @@
 //! Checkpoints as directories of safetensors + JSON, replaced atomically as a whole:
 //!
-//! - `best/`: `model.safetensors` (parameters and buffers) and `config.json` (the model config
-//!   and what made it best) — enough to rebuild the model for inference;
+//! - `best/`: a model directory in the Hugging Face shape (`io::hf`: `config.json` with its
+//!   `model_type`, `model.safetensors`, the tokenizer) plus `trainer_state.json` (what made it
+//!   best) — enough to rebuild the model for inference;
 //! - `last/`: the model, `optimizer.safetensors` (moment buffers), `rng.safetensors` (torch's
 //!   generator), and `state.json` (epoch, step, optimizer scalars, scheduler, early stopping,
 //!   the data order's seed, history) — enough to resume exactly.
@@ -11,6 +12,7 @@
 //! a loadable checkpoint: the new one, or the previous one (found again under its
 //! moved-aside name by [`resolve`]).
 
+use crate::io::hf::{write_model_files, TRAINER_STATE};
 use crate::io::safetensors::{load_into, named_tensors, read_tensors, write_tensors};
 use crate::train::optim::OptimizerState;
 use anyhow::{bail, Context, Result};
@@ -89,22 +91,31 @@ pub fn resolve(target: &Path) -> Option<PathBuf> {
     aside.is_dir().then_some(aside)
 }
 
-/// Writes `<dir>/best/`: weights and config.json.
-pub fn save_best(dir: &Path, vs: &VarStore, config: &serde_json::Value) -> Result<()> {
-    save_best_with(dir, vs, config, None)
+/// What a saved model directory holds besides its weights (see `io::hf`).
+pub struct ModelFiles<'a> {
+    /// `config.json`: the bare model config tagged with its `model_type` (`io::hf::tagged_config`).
+    pub config: serde_json::Value,
+    /// `generation_config.json` (language models).
+    pub generation: Option<serde_json::Value>,
+    /// Writes whatever else the model needs into the new directory (its tokenizer).
+    pub extra: Option<&'a dyn Fn(&Path) -> Result<()>>,
 }
 
-/// [`save_best`] plus whatever files `extra` writes into the new directory.
-pub fn save_best_with(
+/// Writes `<dir>/best/`, a model directory in the Hugging Face shape (`io::hf`): config.json,
+/// model.safetensors, the generation config and extra files, and `trainer_state` (what made it
+/// best) as trainer_state.json. Replaced as a whole, like every checkpoint.
+pub fn save_best(
     dir: &Path,
     vs: &VarStore,
-    config: &serde_json::Value,
-    extra: Option<&dyn Fn(&Path) -> Result<()>>,
+    files: &ModelFiles,
+    trainer_state: Option<&serde_json::Value>,
 ) -> Result<()> {
     write_dir(&dir.join("best"), |tmp| {
-        write_tensors(&tmp.join("model.safetensors"), &named_tensors(vs))?;
-        crate::sys::fsutil::write_json_atomic(&tmp.join("config.json"), config)?;
-        match extra {
+        write_model_files(tmp, &files.config, vs, files.generation.as_ref())?;
+        if let Some(t) = trainer_state {
+            crate::sys::fsutil::write_json_atomic(&tmp.join(TRAINER_STATE), t)?;
+        }
+        match files.extra {
             Some(f) => f(tmp),
             None => Ok(()),
         }

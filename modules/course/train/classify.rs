@@ -142,8 +142,8 @@ struct Progress {
 }
 
 /// What the trainer records about the model: a short name for logs, the config that rebuilds
-/// it (saved in `best/config.json` and checked on resume), and any extra files `best/` needs
-/// (m03 puts its `tokenizer.json` there).
+/// it (tagged with its `model_type`, `io::hf::tagged_config`; saved as `best/config.json` and
+/// checked on resume), and any extra files `best/` needs (m03 puts its `tokenizer.json` there).
 pub struct ModelInfo<'a> {
     pub name: &'a str,
     pub config: serde_json::Value,
@@ -378,12 +378,10 @@ pub fn fit_with<D: Dataset, B: Batch, M: Classifier<B> + ?Sized>(
         // Rank 0 writes; the barriers keep the others from racing ahead or reading it early.
         hooks.barrier()?;
         if main && (verdict == Verdict::Improved || (p.early.is_none() && val_acc >= best_so_far)) {
-            checkpoint::save_best_with(
-                dir,
-                vs,
-                &serde_json::json!({"model": info.config, "epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss}),
-                info.extra_files,
-            )?;
+            let files =
+                checkpoint::ModelFiles { config: info.config.clone(), generation: None, extra: info.extra_files };
+            let state = serde_json::json!({"epoch": epoch + 1, "val_acc": val_acc, "val_loss": val_loss});
+            checkpoint::save_best(dir, vs, &files, Some(&state))?;
         }
         let state = TrainingState {
             optimizer: opt.state(),
