@@ -42,6 +42,7 @@ const CPU_VARIANTS: &[(&str, &str, &[&str])] = &[
 /// Sources compiled once with the default flags.
 const CPP_SOURCES: &[&str] = &[
     "kernels/ops/bias_gelu.cpp",
+    "kernels/ops/adamw.cpp",
     "kernels/runtime/shim.cpp",
     "kernels/runtime/profiler.cpp",
     "kernels/runtime/recompute.cpp",

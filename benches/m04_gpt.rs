@@ -7,7 +7,7 @@
 //! count ("matched"); `-- --compile` swaps the matched twin for `torch.compile`. Tokens/s per
 //! step, then the validation loss each side reaches after the same steps.
 //!
-//! `cargo bench --bench m04_gpt [-- --rounds N] [-- --steps N] [-- --threads N] [-- --release-freed-memory] [-- --compile] [-- --unfused]`
+//! `cargo bench --bench m04_gpt [-- --rounds N] [-- --steps N] [-- --threads N] [-- --release-freed-memory] [-- --compile] [-- --unfused] [-- --fused-loss]`
 //!
 //! The sides take turns round by round. Needs data/lm/shakespeare-char: run m04_amp once (even --quick).
 
@@ -93,7 +93,7 @@ fn main() -> Result<()> {
     let recipe = LmTrainConfig::shakespeare_char();
     let batch = recipe.batch_size;
     let kernels = if b.flag("--unfused") { Kernels::default() } else { Kernels::lesson_default() };
-    let fused_loss = !b.flag("--unfused") && LmTrainConfig::shakespeare_char().fused_loss;
+    let fused_loss = b.flag("--fused-loss") || (!b.flag("--unfused") && recipe.fused_loss);
     let compile = b.flag("--compile");
     let init = format!("{} {} {} {} {batch}", cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size);
     println!(

@@ -110,6 +110,11 @@ char* course_accel_reset_peak(int device_index);
 char* course_generator_get_state(int device_type, int index, course_tensor* out);
 char* course_generator_set_state(int device_type, int index, course_tensor state);
 // Resets a tensor's gradient to undefined (zero_grad(set_to_none=True)).
+// AdamW over n parameters in one call through ATen's fused kernel (kernels/ops/adamw.cpp);
+// steps[i] is parameter i's step count after this step's increment.
+char* course_fused_adamw(course_tensor* params, course_tensor* grads, course_tensor* exp_avgs,
+                         course_tensor* exp_avg_sqs, const double* steps, int n, double lr, double beta1,
+                         double beta2, double weight_decay, double eps);
 void course_clear_grad(course_tensor t);
 // c10::InferenceMode as a guard object: exit on the thread that entered, in LIFO order.
 void* course_inference_mode_enter(void);

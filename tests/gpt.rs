@@ -272,3 +272,28 @@ fn masked_targets_give_the_same_loss_and_gradients_fused_and_unfused() {
         assert!(d < 1e-12, "{n}: fused and unfused gradients differ by {d}");
     }
 }
+
+#[test]
+fn fp32_attention_under_cpu_autocast_matches_bf16_attention_and_trains() {
+    use course::models::gpt::Kernels;
+    tch::manual_seed(5);
+    let vs = VarStore::new(Device::Cpu);
+    let mut m = Gpt::new(&vs.root(), &tiny(13)).unwrap();
+    let x = Tensor::randint(13, [2, 16], (Kind::Int64, Device::Cpu));
+    let y = Tensor::randint(13, [2, 16], (Kind::Int64, Device::Cpu));
+    let full = tch::no_grad(|| m.loss(&x, &y, false, false).double_value(&[]));
+    let mut losses = vec![];
+    for fp32 in [false, true] {
+        m.kernels = Kernels { fp32_cpu_attention: fp32, ..Kernels::default() };
+        let _ac = course::sys::runtime::autocast(Device::Cpu, Kind::BFloat16, true).unwrap();
+        let loss = m.loss(&x, &y, true, false);
+        loss.backward();
+        // Autocast is still on after the fp32 attention call.
+        assert!(course::sys::runtime::autocast_state(Device::Cpu).unwrap().0);
+        let g = vs.variables()["transformer.h.0.attn.c_attn.weight"].grad();
+        assert!(g.defined() && g.isfinite().all().int64_value(&[]) == 1, "fp32 {fp32}: no finite gradient");
+        losses.push(loss.double_value(&[]));
+    }
+    // Both within bf16 rounding of the fp32 model; fp32 attention at least as close.
+    assert!((losses[0] - full).abs() < 2e-2 && (losses[1] - full).abs() < 2e-2, "{losses:?} vs {full}");
+}

@@ -105,3 +105,61 @@ fn wrong_state_is_refused_with_a_reason() {
     assert!(err.contains("momentum_buffer") && err.contains("[2, 2]") && err.contains("W"), "{err}");
     assert!(Sgd::new(vec![], vec![], 0.1, 0.0, true).is_err(), "nesterov without momentum");
 }
+
+#[test]
+fn fused_adamw_equals_the_per_parameter_reference() {
+    use course::ops::adamw::{adamw_reference, fused_adamw, AdamWHyper};
+    let h = AdamWHyper { lr: 3e-3, beta1: 0.9, beta2: 0.99, weight_decay: 0.1, eps: 1e-8 };
+    for (kind, tol) in [(Kind::Double, 1e-14), (Kind::Float, 2e-6)] {
+        tch::manual_seed(11);
+        let f = (kind, tch::Device::Cpu);
+        let shapes: [&[i64]; 3] = [&[257, 33], &[1000], &[3]];
+        let p: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, f)).collect();
+        let (m, v): (Vec<Tensor>, Vec<Tensor>) = p.iter().map(|t| (t.zeros_like(), t.zeros_like())).unzip();
+        let (pr, mr, vr): (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>) = (
+            p.iter().map(|t| t.copy()).collect(),
+            m.iter().map(|t| t.copy()).collect(),
+            v.iter().map(|t| t.copy()).collect(),
+        );
+        for step in 1..=5 {
+            let g: Vec<Tensor> = p.iter().map(|t| t.randn_like()).collect();
+            let steps = vec![step as f64; p.len()];
+            fused_adamw(&p, &g, &m, &v, &steps, h).unwrap();
+            for k in 0..p.len() {
+                adamw_reference(&pr[k], &g[k], &mr[k], &vr[k], step as f64, h).unwrap();
+            }
+        }
+        for k in 0..p.len() {
+            for (a, b, what) in [(&p[k], &pr[k], "param"), (&m[k], &mr[k], "exp_avg"), (&v[k], &vr[k], "exp_avg_sq")] {
+                let d = (a - b).abs().max().double_value(&[]);
+                assert!(d <= tol * (1.0 + b.abs().max().double_value(&[])), "{kind:?} {what} {k}: max |Δ| {d}");
+            }
+        }
+    }
+    // Bad input is named, not a crash.
+    let a = Tensor::zeros([2, 3], (Kind::Float, tch::Device::Cpu));
+    let b = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
+    let e = fused_adamw(&[a.copy()], &[b], &[a.copy()], &[a.copy()], &[1.0], h).unwrap_err().to_string();
+    assert!(e.contains("parameter 0 has shape [2, 3]"), "{e}");
+    let e = fused_adamw(&[a.copy()], &[], &[], &[], &[], h).unwrap_err().to_string();
+    assert!(e.contains("1 parameters but 0 gradients"), "{e}");
+}
+
+#[test]
+fn adamw_fused_and_unfused_train_alike() {
+    // The optimizer's two paths over the fixture's problem: equal to f64 rounding.
+    let run = |fused: bool| {
+        let (w, b, x, y) = problem();
+        let (p, g) = params(&w, &b);
+        let mut opt = AdamW::new(p, g, 0.05, (0.9, 0.99), 1e-8).unwrap();
+        opt.fused = fused;
+        for _ in 0..10 {
+            step(&mut opt, &w, &b, &x, &y);
+        }
+        (values(&w), values(&b))
+    };
+    let (a, b) = (run(true), run(false));
+    for (x, y) in a.0.iter().chain(&a.1).zip(b.0.iter().chain(&b.1)) {
+        assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+    }
+}

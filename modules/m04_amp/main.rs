@@ -121,12 +121,18 @@ struct Args {
     /// Attention: sdpa (libtorch's fused kernel) or scratch (course::nn::attention by hand)
     #[arg(long, value_enum, default_value_t = AttentionImpl::Sdpa)]
     attention: AttentionImpl,
-    /// The MLP's bias + GELU through the fused kernel from kernels/
-    #[arg(long)]
+    /// The MLP's bias + GELU through the fused kernel from kernels/ (default on: faster on the
+    /// CPUs measured; `--fused-gelu false` runs the two tch ops)
+    #[arg(long, default_value_t = Kernels::lesson_default().fused_bias_gelu, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     fused_gelu: bool,
-    /// The loss through the fused softmax-cross-entropy kernel from kernels/
-    #[arg(long)]
+    /// The loss through the fused softmax-cross-entropy kernel from kernels/ (`--fused-loss` or
+    /// `--fused-loss true`; the default is the recipe's)
+    #[arg(long, default_value_t = LmTrainConfig::shakespeare_char().fused_loss, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     fused_loss: bool,
+    /// Under bf16/fp16 autocast on the CPU, run attention in fp32 (default: on unless the CPU has
+    /// AMX-BF16; libtorch's CPU flash attention is slower in bf16 than in fp32 without it)
+    #[arg(long, default_value_t = Kernels::lesson_default().fp32_cpu_attention, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    fp32_attention: bool,
     /// Recompute each block's activations in backward instead of keeping them (known as gradient
     /// checkpointing)
     #[arg(long)]
@@ -351,7 +357,11 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
     }
     let vs = VarStore::new(run.device);
     let mut model = Gpt::new(&vs.root(), &cfg)?;
-    model.kernels = Kernels { fused_bias_gelu: args.fused_gelu, recompute: args.recompute_activations };
+    model.kernels = Kernels {
+        fused_bias_gelu: args.fused_gelu,
+        recompute: args.recompute_activations,
+        fp32_cpu_attention: args.fp32_attention,
+    };
     let dir = run.path("run");
     let model_config = course::io::hf::tagged_config(GptConfig::MODEL_TYPE, &cfg)?;
     let opts = TrainOptions {

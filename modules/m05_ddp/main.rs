@@ -477,7 +477,8 @@ fn train_gpt(
     };
     let vs = VarStore::new(device);
     course::sys::rng::seed_everything(args.common.seed);
-    let model = Gpt::new(&vs.root(), &gcfg)?;
+    let mut model = Gpt::new(&vs.root(), &gcfg)?;
+    model.kernels = course::models::gpt::Kernels::lesson_default(); // as m04 trains it
     let mut ddp = Ddp::new(pg.clone(), &vs, ddp_cfg)?;
     let opts = TrainOptions {
         dir: dir.join("run"),

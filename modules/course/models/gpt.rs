@@ -82,9 +82,10 @@ impl Preset {
 
 impl Kernels {
     /// What m04 runs by default: the fused bias + GELU (measured faster on the CPUs the course
-    /// met; notes/m04_amp.md), activations kept.
+    /// met; notes/m04_amp.md), activations kept, and fp32 attention under CPU autocast unless the
+    /// CPU has AMX-BF16 (where oneDNN's bf16 kernels are fast; not measured here).
     pub fn lesson_default() -> Self {
-        Kernels { fused_bias_gelu: true, recompute: false }
+        Kernels { fused_bias_gelu: true, recompute: false, fp32_cpu_attention: !crate::sys::device::cpu_has("amx_bf16") }
     }
 }
 
@@ -147,6 +148,13 @@ pub struct Kernels {
     /// Recompute each block's activations in backward instead of keeping them
     /// (`sys::recompute::recompute`): less memory, one more forward per block.
     pub recompute: bool,
+    /// Under bf16/fp16 autocast on the CPU, run the attention kernel in fp32 (q, k, v cast up,
+    /// the output cast back). libtorch's CPU flash attention is slower in bf16 than in fp32
+    /// without AMX: on a 2-core Zen 4 its bf16 backward took 6.6 ms against 1.5 ms in fp32 (m04's
+    /// `cpu` preset, `--profile`), a fifth of the whole bf16 step. fp32 attention is also the
+    /// more accurate one.
+    #[serde(default)]
+    pub fp32_cpu_attention: bool,
 }
 
 fn linear(vs: nn::Path, i: i64, o: i64, bias: bool, std: f64) -> nn::Linear {
@@ -168,6 +176,11 @@ pub struct CausalSelfAttention {
     imp: AttentionImpl,
 }
 
+/// Whether this attention call runs in fp32: asked for, on the CPU, with bf16/fp16 inputs.
+fn k_fp32(k: Kernels, q: &Tensor) -> bool {
+    k.fp32_cpu_attention && q.device() == Device::Cpu && matches!(q.kind(), Kind::BFloat16 | Kind::Half)
+}
+
 impl CausalSelfAttention {
     fn new(vs: &nn::Path, c: &GptConfig) -> Self {
         Self {
@@ -181,7 +194,7 @@ impl CausalSelfAttention {
 
     /// # Shapes
     /// `x`: `(B, T, C)` -> `(B, T, C)`
-    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    pub fn forward(&self, x: &Tensor, train: bool, kernels: Kernels) -> Tensor {
         let qkv = self.c_attn.forward(x).chunk(3, -1);
         // (B, T, C) -> (B, H, T, C/H) each
         let (q, k, v) =
@@ -189,6 +202,15 @@ impl CausalSelfAttention {
         let p = if train { self.dropout } else { 0.0 };
         let y = match self.imp {
             // is_causal: the kernel skips the masked upper triangle instead of reading a mask.
+            AttentionImpl::Sdpa if k_fp32(kernels, &q) => {
+                // Autocast would cast fp32 inputs straight back down: leave it for this one call.
+                let low = q.kind();
+                let _off = crate::sys::runtime::autocast(Device::Cpu, low, false)
+                    .unwrap_or_else(|e| panic!("leaving CPU autocast around attention: {e:#}"));
+                let f = |t: &Tensor| t.to_kind(Kind::Float);
+                Tensor::scaled_dot_product_attention(&f(&q), &f(&k), &f(&v), None::<&Tensor>, p, true, None, false)
+                    .to_kind(low)
+            }
             AttentionImpl::Sdpa => {
                 Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, p, true, None, false)
             }
@@ -262,7 +284,7 @@ impl Block {
     /// # Shapes
     /// `x`: `(B, T, C)` -> `(B, T, C)`
     pub fn forward(&self, x: &Tensor, train: bool, k: Kernels) -> Tensor {
-        let x = x + self.attn.forward(&self.ln_1.forward(x), train);
+        let x = x + self.attn.forward(&self.ln_1.forward(x), train, k);
         &x + self.mlp.forward(&self.ln_2.forward(&x), train, k)
     }
 

@@ -1,6 +1,7 @@
 //! Custom ops from `kernels/`, one file per op, each beside a `*_reference` written in plain tch
 //! ops that the tests and the benchmark compare against.
 
+pub mod adamw;
 pub mod bias_gelu;
 pub mod cross_entropy;
 

@@ -140,10 +140,22 @@ impl LineChart {
             .y_label_area_size(80)
             .build_cartesian_2d(x, y)
             .map_err(err)?;
+        // Axes that count things (epochs, steps) get whole-number ticks; so does a y axis whose
+        // values run into the tens or more (samples/s, tokens/s).
+        let all = || self.series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite());
+        let (x_lo, x_hi) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| (a.min(x), b.max(x)));
+        let x_counts = all().all(|(x, _)| x.fract() == 0.0) && x_hi > x_lo;
+        let (y_lo, y_hi) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (_, y)| (a.min(y), b.max(y)));
+        let y_whole = !self.log_y && y_hi - y_lo >= 20.0;
+        let x_fmt = |x: &f64| if x_counts { whole_tick(*x) } else { format!("{x}") };
+        let y_fmt = |y: &f64| if y_whole { whole_tick(*y) } else { short_tick(*y) };
         chart
             .configure_mesh()
             .x_desc(&self.x_label)
             .y_desc(&self.y_label)
+            .x_labels(if x_counts { ((x_hi - x_lo) as usize + 1).min(11) } else { 10 })
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&y_fmt)
             .label_style(("sans-serif", 17))
             .axis_desc_style(("sans-serif", 20))
             .light_line_style(RGBColor(235, 235, 235))
@@ -186,6 +198,33 @@ impl LineChart {
     }
 }
 
+/// A tick on an axis that counts: the whole number, or nothing between whole numbers.
+fn whole_tick(v: f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round() as i64)
+    } else {
+        String::new()
+    }
+}
+
+/// A tick on a continuous axis: at most 4 significant digits, no trailing zeros.
+fn short_tick(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let a = v.abs();
+    if !(1e-3..1e6).contains(&a) {
+        return format!("{v:.1e}");
+    }
+    let decimals = (3 - a.log10().floor() as i32).clamp(0, 6) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 /// The range of `v` widened by `frac` on both sides (and made non-empty).
 fn padded(v: impl Iterator<Item = f64>, frac: f64) -> Range<f64> {
     let (lo, hi) = v.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
@@ -206,6 +245,7 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]
     let hi = bars.iter().map(|b| b.1).fold(0.0, f64::max);
     let lo = bars.iter().map(|b| b.1).fold(0.0, f64::min);
     let n = bars.len();
+    let y_whole = hi - lo >= 20.0;
     write_via_temp(path, |tmp| {
         let root = BitMapBackend::new(tmp, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
@@ -231,6 +271,7 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[(String, f64)]
                 }
             })
             .y_desc(y_label)
+            .y_label_formatter(&|y: &f64| if y_whole { whole_tick(*y) } else { short_tick(*y) })
             .label_style(("sans-serif", 17))
             .axis_desc_style(("sans-serif", 20))
             .draw()
@@ -379,14 +420,15 @@ impl Heatmap {
             let mut cb = ChartBuilder::on(&bar)
                 .margin_top(60)
                 .margin_bottom(88)
-                .margin_right(10)
-                .y_label_area_size(70)
+                .margin_right(14)
+                .y_label_area_size(96)
                 .build_cartesian_2d(0f64..1f64, lo..(lo + span))
                 .map_err(err)?;
             cb.configure_mesh()
                 .disable_mesh()
                 .disable_x_axis()
                 .y_labels(6)
+                .y_label_formatter(&|v: &f64| short_tick(*v))
                 .label_style(("sans-serif", 15))
                 .draw()
                 .map_err(err)?;
@@ -452,5 +494,14 @@ mod tests {
         assert_eq!(viridis(0.0), RGBColor(68, 1, 84));
         assert_eq!(viridis(1.0), RGBColor(253, 231, 37));
         assert_eq!(viridis(f64::NAN), RGBColor(68, 1, 84));
+    }
+
+    #[test]
+    fn ticks_are_whole_on_counting_axes_and_short_elsewhere() {
+        assert_eq!((whole_tick(3.0), whole_tick(2.5), whole_tick(-0.0)), ("3".into(), String::new(), "0".into()));
+        assert_eq!(short_tick(1.66254), "1.663");
+        assert_eq!(short_tick(2500.0), "2500");
+        assert_eq!(short_tick(0.25), "0.25");
+        assert_eq!(short_tick(1.5e-5), "1.5e-5");
     }
 }

@@ -64,6 +64,20 @@ extern "C" {
     pub fn course_generator_get_state(device_type: c_int, index: c_int, out: *mut CTensor) -> *mut c_char;
     pub fn course_generator_set_state(device_type: c_int, index: c_int, state: CTensor) -> *mut c_char;
     pub fn course_clear_grad(t: CTensor);
+    #[allow(clippy::too_many_arguments)]
+    pub fn course_fused_adamw(
+        params: *const CTensor,
+        grads: *const CTensor,
+        exp_avgs: *const CTensor,
+        exp_avg_sqs: *const CTensor,
+        steps: *const f64,
+        n: c_int,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut c_char;
     pub fn course_inference_mode_enter() -> *mut c_void;
     pub fn course_inference_mode_exit(guard: *mut c_void);
     pub fn course_is_inference(t: CTensor) -> c_int;

@@ -3,6 +3,7 @@
 //! decay, and AdamW, each following PyTorch's update formulas step for step
 //! (torch/optim/sgd.py, torch/optim/adamw.py, single-tensor path), with parameter groups.
 
+use crate::ops::adamw::{adamw_reference, fused_adamw, AdamWHyper};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use tch::{nn::VarStore, Tensor};
@@ -192,11 +193,15 @@ impl Optimizer for Sgd {
 }
 
 /// AdamW as torch.optim.AdamW (amsgrad off): decoupled decay p *= 1 - lr wd, then Adam with
-/// bias corrections, denom = sqrt(v) / sqrt(1 - b2^t) + eps.
+/// bias corrections, denom = sqrt(v) / sqrt(1 - b2^t) + eps. By default each parameter group
+/// steps in one call of ATen's fused kernel (`ops::adamw::fused_adamw`, as
+/// `torch.optim.AdamW(fused=True)`); `fused = false` runs the per-parameter tch ops instead.
 pub struct AdamW {
     core: Core,
     pub betas: (f64, f64),
     pub eps: f64,
+    /// One fused call per group (the default) or the per-parameter reference ops.
+    pub fused: bool,
     steps: Vec<i64>,
     m: Vec<Option<Tensor>>,
     v: Vec<Option<Tensor>>,
@@ -217,6 +222,7 @@ impl AdamW {
             core: Core::new(params, groups, lr)?,
             betas,
             eps,
+            fused: true,
             steps: vec![0; n],
             m: (0..n).map(|_| None).collect(),
             v: (0..n).map(|_| None).collect(),
@@ -227,28 +233,37 @@ impl AdamW {
 impl Optimizer for AdamW {
     fn step(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let (b1, b2) = self.betas;
+        let (beta1, beta2) = self.betas;
+        // Per group: the parameters that have a gradient this step, their moments and steps.
+        let mut by_group: Vec<(Vec<Tensor>, Vec<Tensor>, Vec<Tensor>, Vec<Tensor>, Vec<f64>)> =
+            (0..self.core.groups.len()).map(|_| Default::default()).collect();
         for (i, p) in self.core.params.iter().enumerate() {
             let g = p.tensor.grad();
             if !g.defined() {
                 continue;
             }
-            let grp = &self.core.groups[p.group];
-            let lr = self.core.lr * grp.lr_scale;
             self.steps[i] += 1;
-            let t = self.steps[i] as f64;
-            let mut pt = p.tensor.shallow_clone();
-            if grp.weight_decay != 0.0 {
-                let _ = pt.f_mul_scalar_(1.0 - lr * grp.weight_decay)?;
+            let m = self.m[i].get_or_insert_with(|| p.tensor.zeros_like()).shallow_clone();
+            let v = self.v[i].get_or_insert_with(|| p.tensor.zeros_like()).shallow_clone();
+            let b = &mut by_group[p.group];
+            b.0.push(p.tensor.shallow_clone());
+            b.1.push(g);
+            b.2.push(m);
+            b.3.push(v);
+            b.4.push(self.steps[i] as f64);
+        }
+        for (grp, (ps, gs, ms, vs, steps)) in self.core.groups.iter().zip(by_group) {
+            if ps.is_empty() {
+                continue;
             }
-            let m = self.m[i].get_or_insert_with(|| p.tensor.zeros_like());
-            let _ = m.f_lerp_(&g, 1.0 - b1)?;
-            let v = self.v[i].get_or_insert_with(|| p.tensor.zeros_like());
-            let _ = v.f_mul_scalar_(b2)?.f_addcmul_(&(&g * (1.0 - b2)), &g)?;
-            let bc1 = 1.0 - b1.powf(t);
-            let bc2_sqrt = (1.0 - b2.powf(t)).sqrt();
-            let denom = v.sqrt() / bc2_sqrt + self.eps;
-            let _ = pt.f_addcdiv_(&(&*m * (-lr / bc1)), &denom)?;
+            let h = AdamWHyper { lr: self.core.lr * grp.lr_scale, beta1, beta2, weight_decay: grp.weight_decay, eps: self.eps };
+            if self.fused {
+                fused_adamw(&ps, &gs, &ms, &vs, &steps, h)?;
+            } else {
+                for k in 0..ps.len() {
+                    adamw_reference(&ps[k], &gs[k], &ms[k], &vs[k], steps[k], h)?;
+                }
+            }
         }
         Ok(())
     }
