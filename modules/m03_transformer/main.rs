@@ -2,26 +2,25 @@
 //! scratch and all-MiniLM-L6-v2 fine-tuned, on BBC News topics and SpamAssassin spam. The lesson
 //! is notes/m03_transformer.md.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use clap::{Parser, Subcommand};
 use course::data::loader::DataLoader;
 use course::data::text::{collate_tokens, split_path, Corpus, Document, Split, TextBatch, TextTask, TokenDataset};
 use course::data::tokenize::{self, TokenizerKind};
-use course::io::hf::ModelDir;
-use course::models::bert::{self, BertClassifier, BertConfig, Pretrained};
-use course::models::encoder::{EncoderClassifier, EncoderConfig};
-use course::models::Classifier;
+use course::models::bert::{self, Pretrained};
+use course::models::encoder::EncoderConfig;
+use course::models::text::{TextClassifier, TextClassifierConfig};
 use course::nn::pool::Pooling;
 use course::nn::positions::{sinusoidal, Positions};
 use course::run::charts::{Heatmap, LineChart};
 use course::run::{CommonArgs, Op, Run};
 use course::train::classify::{self, SchedKind, TrainConfig};
 use course::train::metrics::Confusion;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 use tokenizers::Tokenizer;
 
 /// Module 3: attention and Transformers. Trains a Transformer encoder from scratch (with its
@@ -148,92 +147,10 @@ Try: m03_transformer --task bbc --model scratch --positions rope
      m03_transformer --task spam --model minilm --freeze-encoder --epochs 3
      m03_transformer predict --model outputs/m03_transformer/bbc_minilm/best \"Shares fell sharply\"";
 
-/// What a model directory's config.json holds: enough to rebuild the model. The fine-tuned
-/// MiniLM is a Hugging Face BERT config (model_type "bert", its fields at the top level) with
-/// the classes and the course's mean-pool head; the scratch encoder is "course_encoder".
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "model_type")]
-enum Saved {
-    #[serde(rename = "course_encoder")]
-    Scratch { encoder: EncoderConfig, classes: Vec<String>, max_len: usize, task: TextTask },
-    #[serde(rename = "bert")]
-    Minilm {
-        #[serde(flatten)]
-        bert: BertConfig,
-        /// Hugging Face's `architectures`: the encoder alone is a BertModel.
-        architectures: Vec<String>,
-        classes: Vec<String>,
-        max_len: usize,
-        task: TextTask,
-    },
-}
-
-impl Saved {
-    fn classes(&self) -> &[String] {
-        match self {
-            Saved::Scratch { classes, .. } | Saved::Minilm { classes, .. } => classes,
-        }
-    }
-    fn max_len(&self) -> usize {
-        match self {
-            Saved::Scratch { max_len, .. } | Saved::Minilm { max_len, .. } => *max_len,
-        }
-    }
-}
-
-/// Either model, behind one interface.
-enum Model {
-    Scratch(EncoderClassifier),
-    Minilm(BertClassifier),
-}
-
-impl Model {
-    fn build(vs: &VarStore, saved: &Saved) -> Result<Self> {
-        Ok(match saved {
-            Saved::Scratch { encoder, .. } => Model::Scratch(EncoderClassifier::new(&vs.root(), encoder)?),
-            Saved::Minilm { bert, classes, .. } => {
-                Model::Minilm(BertClassifier::new(&vs.root(), bert, classes.len() as i64)?)
-            }
-        })
-    }
-    /// Last layer's attention `(B, H, T, T)` for one batch, in eval mode.
-    fn last_attention(&self, ids: &Tensor, mask: &Tensor) -> Option<Tensor> {
-        tch::no_grad(|| match self {
-            Model::Scratch(m) => m.encode(ids, mask, false, true).1.pop(),
-            Model::Minilm(m) => m.bert.forward_with_attention(ids, mask, false).1.pop(),
-        })
-    }
-}
-
-impl Classifier<TextBatch> for Model {
-    fn logits(&self, b: &TextBatch, device: Device, train: bool) -> Tensor {
-        match self {
-            Model::Scratch(m) => Classifier::logits(m, b, device, train),
-            Model::Minilm(m) => Classifier::logits(m, b, device, train),
-        }
-    }
-}
-
-/// Loads a model directory (`io::hf`): config.json, tokenizer.json, model.safetensors.
-fn load_model_dir(dir: &Path, device: Device) -> Result<(Saved, Tokenizer, VarStore, Model)> {
-    let md = ModelDir::open(dir)?;
-    md.expect_type(&["course_encoder", "bert"])?;
-    let saved: Saved = md.config_as()?;
-    let tok = tokenize::load(&md.require("tokenizer.json")?)?;
-    let vs = VarStore::new(device);
-    let model = Model::build(&vs, &saved)?;
-    course::io::safetensors::load_into(&vs, &md.weights())?;
-    Ok((saved, tok, vs, model))
-}
-
 fn predict(model_dir: &Path, texts: &[String], device: Device) -> Result<()> {
-    let (saved, tok, _vs, model) = load_model_dir(model_dir, device)?;
-    let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
-    let ids = tokenize::encode_all(&tok, &refs, saved.max_len())?;
-    let pad = tok.token_to_id("[PAD]").unwrap_or(0) as i64;
-    let batch = collate_tokens(pad)(ids.into_iter().map(|s| (s, 0)).collect())?;
-    let probs = tch::no_grad(|| model.logits(&batch, device, false).softmax(-1, Kind::Float)).to_device(Device::Cpu);
-    let classes = saved.classes();
+    let clf = TextClassifier::load(model_dir, device)?;
+    let probs = clf.probabilities(&texts.iter().map(|s| s.as_str()).collect::<Vec<_>>())?;
+    let classes = clf.config.classes();
     for (i, t) in texts.iter().enumerate() {
         let p: Vec<f32> = Vec::try_from(probs.get(i as i64))?;
         let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(k, _)| k);
@@ -321,12 +238,8 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
         (false, TextTask::Spam) => 64,
     };
     let max_len = args.max_len.unwrap_or(if quick { 64 } else { default_len });
-    let t0 = std::time::Instant::now();
     let (tok, saved, pretrained) = if scratch {
-        // Trained once per (task, kind, size) and kept beside the split: the tokenizers crate
-        // breaks ties between equally frequent merges by ids that follow its randomly seeded
-        // hash maps, so two trainings can differ in their last few tokens. Reusing the file
-        // makes every later run bit-reproducible.
+        // Trained once per (task, kind, size) and kept beside the split (see load_or_train).
         let vocab_size = if quick { 1000 } else { args.vocab_size };
         let kind = format!("{:?}", args.tokenizer).to_lowercase();
         let cache = course::data::registry::data_root().join("tokenizers").join(format!(
@@ -334,22 +247,8 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
             task.name(),
             if quick { "-quick" } else { "" }
         ));
-        let tok = if cache.is_file() {
-            let t = tokenize::load(&cache)?;
-            println!("reusing the {kind} tokenizer trained on the training split: {}", cache.display());
-            t
-        } else {
-            let t = tokenize::train(args.tokenizer, train_docs.iter().map(|d| d.text.as_str()), vocab_size, 2)?;
-            std::fs::create_dir_all(cache.parent().unwrap_or(Path::new(".")))
-                .with_context(|| format!("creating {}", cache.display()))?;
-            tokenize::save(&t, &cache)?;
-            println!(
-                "trained a {kind} tokenizer on the training split in {:.1} s, saved to {}",
-                t0.elapsed().as_secs_f64(),
-                cache.display()
-            );
-            t
-        };
+        let tok =
+            tokenize::load_or_train(&cache, args.tokenizer, train_docs.iter().map(|d| d.text.as_str()), vocab_size, 2)?;
         let encoder = EncoderConfig {
             vocab: tok.get_vocab_size(true) as i64,
             d_model: args.d_model,
@@ -363,10 +262,10 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
             classes: classes.len() as i64,
         };
         println!("vocabulary: {} tokens", tok.get_vocab_size(true));
-        (tok, Saved::Scratch { encoder, classes: classes.clone(), max_len, task }, None)
+        (tok, TextClassifierConfig::Scratch { encoder, classes: classes.clone(), max_len, task }, None)
     } else {
         let p = Pretrained::at(&course::data::registry::require("minilm", "")?)?;
-        let saved = Saved::Minilm {
+        let saved = TextClassifierConfig::Minilm {
             bert: p.cfg.clone(),
             architectures: vec!["BertModel".into()],
             classes: classes.clone(),
@@ -391,7 +290,7 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
 
     course::sys::rng::seed_everything(seed);
     let vs = VarStore::new(run.device);
-    let model = Model::build(&vs, &saved)?;
+    let model = TextClassifier::build(&vs, &saved)?;
     if let Some(p) = &pretrained {
         bert::load_hf(&vs, &p.weights, &p.cfg, &[bert::HEAD])?;
         if args.freeze_encoder {
@@ -454,23 +353,10 @@ fn train_one(run: &mut Run, args: &Args, task: TextTask, scratch: bool) -> Resul
     let ids = tokenize::encode_all(&tok, &[sentence], 24)?;
     let (x, m) = tokenize::pad_batch(&[ids[0].as_slice()], pad);
     if let Some(w) = model.last_attention(&x.to_device(run.device), &m.to_device(run.device)) {
-        let w = w.get(0).mean_dim(0, false, Kind::Float).to_device(Device::Cpu); // (T, T)
-        let t = w.size()[0];
-        let values: Vec<Vec<f64>> =
-            (0..t).map(|i| Vec::<f64>::try_from(w.get(i).to_kind(Kind::Double)).unwrap_or_default()).collect();
         let tokens: Vec<String> =
             ids[0].iter().map(|&i| tok.id_to_token(i as u32).unwrap_or_default().replace('Ġ', "_")).collect();
         let p = run.path(&format!("attention_{name}.png"));
-        Heatmap {
-            title: format!("{name}: last-layer attention (mean of heads)"),
-            x_label: "key token".into(),
-            y_label: "query token".into(),
-            values,
-            x_ticks: tokens.clone(),
-            y_ticks: tokens,
-            annotate: false,
-        }
-        .save(&p)?;
+        Heatmap::attention(&format!("{name}: last-layer attention (mean of heads)"), &w.get(0), tokens)?.save(&p)?;
         run.artifact(&p);
     }
     Ok(Trained { name, task, out, confusion })

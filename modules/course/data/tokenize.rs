@@ -163,3 +163,32 @@ pub fn pad_batch(seqs: &[&[i64]], pad_id: i64) -> (Tensor, Tensor) {
     let shape = [b as i64, t as i64];
     (Tensor::from_slice(&ids).view(shape), Tensor::from_slice(&mask).view(shape))
 }
+/// The tokenizer at `cache` if it is there, else one trained on `texts` and saved there; says
+/// which it did. Training once and reusing the file makes every later run bit-reproducible: the
+/// tokenizers crate breaks ties between equally frequent merges by ids that follow its randomly
+/// seeded hash maps, so two trainings can differ in their last few tokens.
+pub fn load_or_train<S: AsRef<str> + Send>(
+    cache: &std::path::Path,
+    kind: TokenizerKind,
+    texts: impl Iterator<Item = S> + Send,
+    vocab_size: usize,
+    min_frequency: u64,
+) -> Result<Tokenizer> {
+    if cache.is_file() {
+        let t = load(cache)?;
+        println!("reusing the {kind:?} tokenizer trained on the training split: {}", cache.display());
+        return Ok(t);
+    }
+    let t0 = std::time::Instant::now();
+    let t = train(kind, texts, vocab_size, min_frequency)?;
+    if let Some(dir) = cache.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    save(&t, cache)?;
+    println!(
+        "trained a {kind:?} tokenizer on the training split in {:.1} s, saved to {}",
+        t0.elapsed().as_secs_f64(),
+        cache.display()
+    );
+    Ok(t)
+}

@@ -85,7 +85,11 @@ impl Kernels {
     /// met; notes/m04_amp.md), activations kept, and fp32 attention under CPU autocast unless the
     /// CPU has AMX-BF16 (where oneDNN's bf16 kernels are fast; not measured here).
     pub fn lesson_default() -> Self {
-        Kernels { fused_bias_gelu: true, recompute: false, fp32_cpu_attention: !crate::sys::device::cpu_has("amx_bf16") }
+        Kernels {
+            fused_bias_gelu: true,
+            recompute: false,
+            fp32_cpu_attention: !crate::sys::device::cpu_has("amx_bf16"),
+        }
     }
 }
 

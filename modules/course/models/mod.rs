@@ -8,6 +8,7 @@ pub mod encoder;
 pub mod gpt;
 pub mod lenet;
 pub mod mlp;
+pub mod text;
 
 use crate::data::vision::ImageBatch;
 pub use lenet::{CnnConfig, LeNet};

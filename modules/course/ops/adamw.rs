@@ -63,7 +63,14 @@ pub fn fused_adamw(
 }
 
 /// Reference: the same step for one parameter in plain tch ops (PyTorch's `_single_tensor_adamw`).
-pub fn adamw_reference(param: &Tensor, grad: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, step: f64, h: AdamWHyper) -> Result<()> {
+pub fn adamw_reference(
+    param: &Tensor,
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    step: f64,
+    h: AdamWHyper,
+) -> Result<()> {
     let _g = tch::no_grad_guard();
     let mut p = param.shallow_clone();
     if h.weight_decay != 0.0 {

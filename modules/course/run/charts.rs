@@ -142,7 +142,9 @@ impl LineChart {
             .map_err(err)?;
         // Axes that count things (epochs, steps) get whole-number ticks; so does a y axis whose
         // values run into the tens or more (samples/s, tokens/s).
-        let all = || self.series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite());
+        let all = || {
+            self.series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite())
+        };
         let (x_lo, x_hi) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| (a.min(x), b.max(x)));
         let x_counts = all().all(|(x, _)| x.fract() == 0.0) && x_hi > x_lo;
         let (y_lo, y_hi) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (_, y)| (a.min(y), b.max(y)));
@@ -332,6 +334,33 @@ pub struct Heatmap {
     pub y_ticks: Vec<String>,
     /// Print each value in its cell (small matrices such as confusion matrices).
     pub annotate: bool,
+}
+
+impl Heatmap {
+    /// One sequence's attention weights `(H, T, T)` (or `(T, T)`) averaged over heads, queries as
+    /// rows and keys as columns, each axis labelled with the tokens.
+    pub fn attention(title: &str, weights: &tch::Tensor, tokens: Vec<String>) -> Result<Heatmap> {
+        let w = if weights.dim() == 3 {
+            weights.mean_dim(0, false, tch::Kind::Double)
+        } else {
+            weights.to_kind(tch::Kind::Double)
+        };
+        let w = w.to_device(tch::Device::Cpu);
+        let t = w.size()[0];
+        if w.size() != [t, t] || t as usize != tokens.len() {
+            bail!("attention heatmap '{title}': weights of shape {:?} for {} tokens", weights.size(), tokens.len());
+        }
+        let values = (0..t).map(|i| Vec::<f64>::try_from(w.get(i))).collect::<Result<Vec<_>, _>>()?;
+        Ok(Heatmap {
+            title: title.into(),
+            x_label: "key token".into(),
+            y_label: "query token".into(),
+            values,
+            x_ticks: tokens.clone(),
+            y_ticks: tokens,
+            annotate: false,
+        })
+    }
 }
 
 impl Heatmap {

@@ -256,7 +256,13 @@ impl Optimizer for AdamW {
             if ps.is_empty() {
                 continue;
             }
-            let h = AdamWHyper { lr: self.core.lr * grp.lr_scale, beta1, beta2, weight_decay: grp.weight_decay, eps: self.eps };
+            let h = AdamWHyper {
+                lr: self.core.lr * grp.lr_scale,
+                beta1,
+                beta2,
+                weight_decay: grp.weight_decay,
+                eps: self.eps,
+            };
             if self.fused {
                 fused_adamw(&ps, &gs, &ms, &vs, &steps, h)?;
             } else {
