@@ -199,16 +199,16 @@ enum Command {
         /// Seed of the sampler
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Where to run: cpu, cuda or cuda:N (default: auto)
-        #[arg(long, default_value = "auto")]
-        device: String,
+        /// Where to run: auto, cpu, cuda or cuda:N
+        #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<course::DeviceChoice>())]
+        device: course::DeviceChoice,
     },
 }
 
 /// Rebuilds a model from a directory written by a run and continues `prompt`.
 fn sample_from_dir(cmd: &Command) -> Result<()> {
     let Command::Sample { model, prompt, tokens, sampling, seed, device } = cmd;
-    let device = device.parse::<course::DeviceChoice>().map_err(|e| anyhow::anyhow!("--device: {e}"))?.resolve()?;
+    let device = device.resolve()?;
     let dir = ModelDir::open(model)?;
     dir.expect_type(&[GptConfig::MODEL_TYPE])?;
     let cfg: GptConfig = dir.config_as()?;
@@ -473,16 +473,8 @@ fn loss_chart(run: &mut Run, legs: &[Leg], file: &str, title: &str) -> Result<()
     for l in legs {
         let name = if legs.len() > 1 { format!("{} ", l.precision.name()) } else { String::new() };
         // The per-step training loss is noisy; a 20-step moving mean reads better.
-        let smooth: Vec<(f64, f64)> = l
-            .losses
-            .iter()
-            .enumerate()
-            .map(|(j, &(s, _))| {
-                let lo = j.saturating_sub(19);
-                let w = &l.losses[lo..=j];
-                (s as f64, w.iter().map(|x| x.1).sum::<f64>() / w.len() as f64)
-            })
-            .collect();
+        let raw: Vec<(f64, f64)> = l.losses.iter().map(|&(s, v)| (s as f64, v)).collect();
+        let smooth = charts::moving_mean(&raw, 20);
         chart = chart.series(Series::line(&format!("{name}train (mean of 20 steps)"), smooth));
         chart = chart.series(Series::dashed(
             &format!("{name}validation"),

@@ -200,6 +200,24 @@ impl LineChart {
     }
 }
 
+/// The moving mean of `points`' y over the last `window` points (fewer at the start): what a
+/// noisy per-step training loss is drawn as.
+pub fn moving_mean(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
+    let w = window.max(1);
+    let mut sum = 0.0;
+    points
+        .iter()
+        .enumerate()
+        .map(|(j, &(x, y))| {
+            sum += y;
+            if j >= w {
+                sum -= points[j - w].1;
+            }
+            (x, sum / (j + 1).min(w) as f64)
+        })
+        .collect()
+}
+
 /// A tick on an axis that counts: the whole number, or nothing between whole numbers.
 fn whole_tick(v: f64) -> String {
     if (v - v.round()).abs() < 1e-9 {
@@ -523,6 +541,13 @@ mod tests {
         assert_eq!(viridis(0.0), RGBColor(68, 1, 84));
         assert_eq!(viridis(1.0), RGBColor(253, 231, 37));
         assert_eq!(viridis(f64::NAN), RGBColor(68, 1, 84));
+    }
+
+    #[test]
+    fn moving_mean_averages_the_last_window() {
+        let p: Vec<(f64, f64)> = (0..5).map(|i| (i as f64, (i * i) as f64)).collect();
+        let m = moving_mean(&p, 2);
+        assert_eq!(m, vec![(0.0, 0.0), (1.0, 0.5), (2.0, 2.5), (3.0, 6.5), (4.0, 12.5)]);
     }
 
     #[test]
