@@ -64,6 +64,25 @@ pub fn device_name(d: Device) -> String {
     }
 }
 
+/// The CPU's feature flags as Linux reports them (`flags` in /proc/cpuinfo, `Features` on Arm);
+/// empty where there is no /proc/cpuinfo. Read once.
+pub fn cpu_flags() -> &'static [String] {
+    static FLAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    FLAGS.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("flags").or_else(|| l.strip_prefix("Features")))
+            .map(|r| r.trim_start_matches([' ', '\t', ':']).split_whitespace().map(String::from).collect())
+            .unwrap_or_default()
+    })
+}
+
+/// Whether the CPU reports feature `flag` (e.g. "avx512_bf16", "amx_bf16").
+pub fn cpu_has(flag: &str) -> bool {
+    cpu_flags().iter().any(|f| f == flag)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,23 +105,4 @@ mod tests {
         assert!(err.contains(&format!("cuda:{}", n + 1)) && err.contains("visible"), "{err}");
         assert_eq!(DeviceChoice::Cpu.resolve().unwrap(), Device::Cpu);
     }
-}
-
-/// The CPU's feature flags as Linux reports them (`flags` in /proc/cpuinfo, `Features` on Arm);
-/// empty where there is no /proc/cpuinfo. Read once.
-pub fn cpu_flags() -> &'static [String] {
-    static FLAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    FLAGS.get_or_init(|| {
-        std::fs::read_to_string("/proc/cpuinfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("flags").or_else(|| l.strip_prefix("Features")))
-            .map(|r| r.trim_start_matches([' ', '\t', ':']).split_whitespace().map(String::from).collect())
-            .unwrap_or_default()
-    })
-}
-
-/// Whether the CPU reports feature `flag` (e.g. "avx512_bf16", "amx_bf16").
-pub fn cpu_has(flag: &str) -> bool {
-    cpu_flags().iter().any(|f| f == flag)
 }

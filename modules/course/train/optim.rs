@@ -230,13 +230,22 @@ impl AdamW {
     }
 }
 
+/// One parameter group's share of an AdamW step: what the fused kernel takes in one call.
+#[derive(Default)]
+struct GroupStep {
+    params: Vec<Tensor>,
+    grads: Vec<Tensor>,
+    exp_avgs: Vec<Tensor>,
+    exp_avg_sqs: Vec<Tensor>,
+    steps: Vec<f64>,
+}
+
 impl Optimizer for AdamW {
     fn step(&mut self) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let (beta1, beta2) = self.betas;
         // Per group: the parameters that have a gradient this step, their moments and steps.
-        let mut by_group: Vec<(Vec<Tensor>, Vec<Tensor>, Vec<Tensor>, Vec<Tensor>, Vec<f64>)> =
-            (0..self.core.groups.len()).map(|_| Default::default()).collect();
+        let mut by_group: Vec<GroupStep> = (0..self.core.groups.len()).map(|_| GroupStep::default()).collect();
         for (i, p) in self.core.params.iter().enumerate() {
             let g = p.tensor.grad();
             if !g.defined() {
@@ -246,13 +255,14 @@ impl Optimizer for AdamW {
             let m = self.m[i].get_or_insert_with(|| p.tensor.zeros_like()).shallow_clone();
             let v = self.v[i].get_or_insert_with(|| p.tensor.zeros_like()).shallow_clone();
             let b = &mut by_group[p.group];
-            b.0.push(p.tensor.shallow_clone());
-            b.1.push(g);
-            b.2.push(m);
-            b.3.push(v);
-            b.4.push(self.steps[i] as f64);
+            b.params.push(p.tensor.shallow_clone());
+            b.grads.push(g);
+            b.exp_avgs.push(m);
+            b.exp_avg_sqs.push(v);
+            b.steps.push(self.steps[i] as f64);
         }
-        for (grp, (ps, gs, ms, vs, steps)) in self.core.groups.iter().zip(by_group) {
+        for (grp, b) in self.core.groups.iter().zip(by_group) {
+            let GroupStep { params: ps, grads: gs, exp_avgs: ms, exp_avg_sqs: vs, steps } = b;
             if ps.is_empty() {
                 continue;
             }
