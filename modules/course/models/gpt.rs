@@ -181,7 +181,7 @@ pub struct CausalSelfAttention {
 }
 
 /// Whether this attention call runs in fp32: asked for, on the CPU, with bf16/fp16 inputs.
-fn k_fp32(k: Kernels, q: &Tensor) -> bool {
+fn attention_in_fp32(k: Kernels, q: &Tensor) -> bool {
     k.fp32_cpu_attention && q.device() == Device::Cpu && matches!(q.kind(), Kind::BFloat16 | Kind::Half)
 }
 
@@ -206,7 +206,7 @@ impl CausalSelfAttention {
         let p = if train { self.dropout } else { 0.0 };
         let y = match self.imp {
             // is_causal: the kernel skips the masked upper triangle instead of reading a mask.
-            AttentionImpl::Sdpa if k_fp32(kernels, &q) => {
+            AttentionImpl::Sdpa if attention_in_fp32(kernels, &q) => {
                 // Autocast would cast fp32 inputs straight back down: leave it for this one call.
                 let low = q.kind();
                 let _off = crate::sys::runtime::autocast(Device::Cpu, low, false)

@@ -379,9 +379,7 @@ impl Heatmap {
             annotate: false,
         })
     }
-}
 
-impl Heatmap {
     pub fn save(&self, path: &Path) -> Result<()> {
         ensure_fonts();
         let rows = self.values.len();

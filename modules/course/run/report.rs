@@ -1,6 +1,7 @@
 //! The environment report: what libtorch, which CPU features, how many threads, which GPUs.
 //! Printed by `course doctor` and at the top of m01.
 
+use crate::sys::device::cpu_has;
 use crate::sys::runtime;
 use serde::Serialize;
 
@@ -45,20 +46,14 @@ fn cpuinfo() -> (String, Vec<String>) {
         .lines()
         .find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string()))
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    let flags: Vec<&str> = text
-        .lines()
-        .find_map(|l| l.strip_prefix("flags").or_else(|| l.strip_prefix("Features")))
-        .map(|r| r.trim_start_matches([' ', '\t', ':']).split_whitespace().collect())
-        .unwrap_or_default();
-    let feats = INTERESTING.iter().filter(|f| flags.contains(f)).map(|s| s.to_string()).collect();
+    let feats = INTERESTING.iter().filter(|f| cpu_has(f)).map(|s| s.to_string()).collect();
     (model, feats)
 }
 
 /// Whether the CPU does fp16 arithmetic natively (AVX512-FP16 or AMX-FP16). Without it libtorch
 /// emulates fp16 matmuls at well under 1 GFLOP/s.
 pub fn cpu_has_native_fp16() -> bool {
-    let (_, feats) = cpuinfo();
-    feats.iter().any(|f| f == "avx512_fp16" || f == "amx_fp16")
+    cpu_has("avx512_fp16") || cpu_has("amx_fp16")
 }
 
 fn version_string(v: i64, div: i64) -> String {
