@@ -43,6 +43,7 @@ const CPU_VARIANTS: &[(&str, &str, &[&str])] = &[
 const CPP_SOURCES: &[&str] = &[
     "kernels/ops/bias_gelu.cpp",
     "kernels/ops/adamw.cpp",
+    "kernels/ops/linear.cpp",
     "kernels/runtime/shim.cpp",
     "kernels/runtime/profiler.cpp",
     "kernels/runtime/recompute.cpp",

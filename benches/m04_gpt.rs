@@ -97,12 +97,13 @@ fn main() -> Result<()> {
     let compile = b.flag("--compile");
     let init = format!("{} {} {} {} {batch}", cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size);
     println!(
-        "GPT {} layers x {} wide, {} heads, {}-token context, batch {batch}; ours: fused bias+GELU {}, fused loss {}, glibc {}\n",
+        "GPT {} layers x {} wide, {} heads, {}-token context, batch {batch}; ours: fused bias+GELU {}, oneDNN linear {}, fused loss {}, glibc {}\n",
         cfg.n_layer,
         cfg.n_embd,
         cfg.n_head,
         cfg.block_size,
         kernels.fused_bias_gelu,
+        kernels.onednn_linear,
         fused_loss,
         b.allocator_note()
     );

@@ -123,6 +123,12 @@ int course_is_inference(course_tensor t);
 int64_t course_peak_rss_bytes(void);
 int64_t course_current_rss_bytes(void);
 
+// y = input @ weight^T + bias (bias may be NULL) as an autograd function (kernels/ops/linear.cpp):
+// oneDNN for the forward and input-gradient GEMMs on the CPU in fp32, at::linear elsewhere.
+char* course_linear(course_tensor input, course_tensor weight, course_tensor bias, course_tensor* out);
+// 1 when course_linear would run oneDNN for this input, 0 when it runs at::linear.
+int course_linear_uses_onednn(course_tensor input);
+
 // Fused bias + GELU as an autograd function: gradients flow to input and bias.
 char* course_bias_gelu(course_tensor input, course_tensor bias, course_tensor* out);
 // The raw kernels, without autograd (for benchmarks and direct tests).

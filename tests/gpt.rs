@@ -71,6 +71,41 @@ fn logits_loss_and_gradients_equal_pytorch_nanogpt() {
 }
 
 #[test]
+fn fp32_with_the_lesson_kernels_matches_pytorch_nanogpt() {
+    // m04's default kernels (oneDNN linear, fused bias + GELU) on the fixture's weights in fp32:
+    // logits, loss and every gradient within fp32 rounding of PyTorch's f64 values.
+    use course::models::gpt::Kernels;
+    let fx = fixture();
+    let cfg: GptConfig = serde_json::from_value(fx["config"].clone()).unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let mut model = Gpt::new(&vs.root(), &cfg).unwrap();
+    model.kernels = Kernels { onednn_linear: true, fused_bias_gelu: true, ..Kernels::default() };
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (name, w) in fx["weights"].as_object().unwrap() {
+            let shape: Vec<i64> = fx["shapes"][name].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect();
+            vars[name].shallow_clone().copy_(&tensor(w, &shape).to_kind(Kind::Float));
+        }
+    });
+    let (x, y) = (ids(&fx["idx"]), ids(&fx["targets"]));
+    assert!(course::ops::linear_uses_onednn(&Tensor::zeros([1, 1], (Kind::Float, Device::Cpu))));
+    let close = |what: &str, got: &Tensor, want: &Tensor| {
+        let d = (got.to_kind(Kind::Double) - want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]).max(1e-3);
+        assert!(d <= 1e-5 * scale + 1e-7, "{what}: fp32 differs from PyTorch's f64 by {d:e} (scale {scale:e})");
+    };
+    let logits = model.forward(&x, false);
+    close("logits", &logits, &tensor(&fx["logits"], &logits.size()));
+    let loss = model.loss(&x, &y, true, false);
+    close("loss", &loss, &Tensor::from(fx["loss"].as_f64().unwrap()));
+    loss.backward();
+    for (name, g) in fx["grads"].as_object().unwrap() {
+        let got = vars[name].grad();
+        close(&format!("gradient of {name}"), &got, &tensor(g, &got.size()));
+    }
+}
+
+#[test]
 fn a_token_never_sees_the_future() {
     let vs = VarStore::new(Device::Cpu);
     let model = Gpt::new(&vs.root(), &tiny(13)).unwrap();

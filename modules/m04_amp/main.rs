@@ -133,6 +133,11 @@ struct Args {
     /// AMX-BF16; libtorch's CPU flash attention is slower in bf16 than in fp32 without it)
     #[arg(long, default_value_t = Kernels::lesson_default().fp32_cpu_attention, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     fp32_attention: bool,
+    /// The linear layers through course::ops::linear: oneDNN's GEMM for the forward and the
+    /// input gradient on the CPU in fp32 (default: on where the CPU has AVX-512, where it beat
+    /// MKL's; `--onednn-linear false` keeps tch's linear)
+    #[arg(long, default_value_t = Kernels::lesson_default().onednn_linear, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    onednn_linear: bool,
     /// Recompute each block's activations in backward instead of keeping them (known as gradient
     /// checkpointing)
     #[arg(long)]
@@ -361,6 +366,7 @@ fn train_run(run: &mut Run, args: &Args) -> Result<Leg> {
         fused_bias_gelu: args.fused_gelu,
         recompute: args.recompute_activations,
         fp32_cpu_attention: args.fp32_attention,
+        onednn_linear: args.onednn_linear,
     };
     let dir = run.path("run");
     let model_config = course::io::hf::tagged_config(GptConfig::MODEL_TYPE, &cfg)?;

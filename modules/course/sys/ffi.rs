@@ -64,6 +64,8 @@ extern "C" {
     pub fn course_generator_get_state(device_type: c_int, index: c_int, out: *mut CTensor) -> *mut c_char;
     pub fn course_generator_set_state(device_type: c_int, index: c_int, state: CTensor) -> *mut c_char;
     pub fn course_clear_grad(t: CTensor);
+    pub fn course_linear(input: CTensor, weight: CTensor, bias: CTensor, out: *mut CTensor) -> *mut c_char;
+    pub fn course_linear_uses_onednn(input: CTensor) -> c_int;
     #[allow(clippy::too_many_arguments)]
     pub fn course_fused_adamw(
         params: *const CTensor,
