@@ -1,5 +1,8 @@
 //! Formats people already use, with no training knowledge: safetensors (named tensors, strict
-//! loading) and Hugging Face model directories (`config.json` + weights + tokenizer).
+//! loading), Hugging Face model directories (`config.json` + weights + tokenizer), and GGUF
+//! (llama.cpp's single-file format: reader, dequantization, writer, and its tokenizer rebuilt).
 
+pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod hf;
 pub mod safetensors;

@@ -1,4 +1,5 @@
-//! The models: m02's MLP and LeNet, m03's Transformer encoder and BERT, m04's GPT. Each is a
+//! The models: m02's MLP and LeNet, m03's Transformer encoder and BERT, m04's GPT, and the Llama
+//! decoder (SmolLM2) of m06-m08. Each is a
 //! struct built on a tch `nn::Path` from its config, with parameter names matching PyTorch / Hugging
 //! Face; none knows how it is trained or distributed. The two traits the training loops take live
 //! here, and each model implements them in its own file.
@@ -7,6 +8,7 @@ pub mod bert;
 pub mod encoder;
 pub mod gpt;
 pub mod lenet;
+pub mod llama;
 pub mod mlp;
 pub mod text;
 

@@ -29,3 +29,29 @@ pub fn layer_norm(vs: nn::Path, c: i64, bias: bool) -> LayerNorm {
         dim: c,
     }
 }
+
+/// RMSNorm (Zhang & Sennrich 2019), Llama's norm: `x / sqrt(mean(x²) + eps) · weight`, no mean
+/// subtracted and no bias. As Hugging Face's `LlamaRMSNorm`, the statistics run in fp32 and the
+/// normalised value is cast back to the input's dtype before the weight multiplies it.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub ws: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    /// # Shapes
+    /// `x`: `(..., C)` -> `(..., C)`
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(tch::Kind::Float);
+        let var = xf.square().mean_dim(-1, true, tch::Kind::Float);
+        let normed = (xf * (var + self.eps).rsqrt()).to_kind(kind);
+        &self.ws * normed
+    }
+}
+
+/// An RMSNorm over `c` features at `vs` (`weight`, initialised to ones).
+pub fn rms_norm(vs: nn::Path, c: i64, eps: f64) -> RmsNorm {
+    RmsNorm { ws: vs.var("weight", &[c], nn::Init::Const(1.0)), eps }
+}

@@ -1,0 +1,520 @@
+//! The Llama decoder (Touvron et al. 2023) as Hugging Face's `LlamaForCausalLM` computes it, with
+//! its parameter names: RMSNorm, rotary position embeddings in the half-split layout, grouped-query
+//! attention through libtorch's SDPA, the SwiGLU MLP, and (for SmolLM2) the head tied to the
+//! token embeddings. Loads from a GGUF (dequantized to f32 or bf16, Q and K un-permuted from
+//! llama.cpp's interleaved RoPE layout) or from a model directory, and saves to one.
+//!
+//! Shapes, for SmolLM2-135M: hidden C = 576, 9 query heads and 3 key/value heads of 64, MLP
+//! 576 -> 1536 -> 576, 30 blocks, vocabulary 49152. A block is
+//! `x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))`, then `x + down(silu(gate(n2 x)) · up(n2 x))`.
+
+use crate::io::gguf::GgufFile;
+use crate::io::hf::{self, ModelDir};
+use crate::nn::norm::{rms_norm, RmsNorm};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::nn::{self, VarStore};
+use tch::{Device, Kind, Tensor};
+
+fn yes() -> bool {
+    true
+}
+fn silu() -> String {
+    "silu".into()
+}
+
+/// The model's shape, with Hugging Face's `LlamaConfig` field names (what `config.json` holds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    /// Per-head width; Hugging Face's default is `hidden_size / num_attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<i64>,
+    pub max_position_embeddings: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    #[serde(default = "yes")]
+    pub tie_word_embeddings: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<i64>,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+}
+
+impl LlamaConfig {
+    pub const MODEL_TYPE: &'static str = "llama";
+
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    pub fn check(&self) -> Result<()> {
+        let c = self;
+        let dims = [c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads];
+        if dims.iter().any(|&d| d < 1) || c.num_key_value_heads < 1 || c.max_position_embeddings < 1 {
+            bail!("Llama config: every size must be positive: {c:?}");
+        }
+        if c.num_attention_heads % c.num_key_value_heads != 0 {
+            bail!(
+                "Llama config: num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                c.num_attention_heads,
+                c.num_key_value_heads
+            );
+        }
+        if c.head_dim() % 2 != 0 || c.head_dim() < 2 {
+            bail!("Llama config: head_dim {} must be even for rotary embeddings", c.head_dim());
+        }
+        if c.hidden_act != "silu" || c.attention_bias || c.mlp_bias {
+            bail!("Llama config: only hidden_act \"silu\" without attention/MLP biases is built here, got {c:?}");
+        }
+        if !(c.rms_norm_eps > 0.0 && c.rope_theta > 0.0) {
+            bail!("Llama config: rms_norm_eps and rope_theta must be positive");
+        }
+        Ok(())
+    }
+
+    /// The config a llama-architecture GGUF describes (`llama.*` keys).
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let arch = f.require_str("general.architecture")?;
+        if arch != "llama" {
+            bail!("{}: general.architecture is {arch:?}; this loader builds \"llama\"", f.path().display());
+        }
+        let n = |k: &str| f.require_u64(&format!("llama.{k}")).map(|v| v as i64);
+        let hidden = n("embedding_length")?;
+        let heads = n("attention.head_count")?;
+        let vocab = match f.get("llama.vocab_size").and_then(|v| v.as_u64()) {
+            Some(v) => v as i64,
+            None => f.require_strings("tokenizer.ggml.tokens")?.len() as i64,
+        };
+        let id = |k: &str| f.get(&format!("tokenizer.ggml.{k}_token_id")).and_then(|v| v.as_u64()).map(|v| v as i64);
+        let c = LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: n("feed_forward_length")?,
+            num_hidden_layers: n("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: f
+                .get("llama.attention.head_count_kv")
+                .and_then(|v| v.as_u64())
+                .map_or(heads, |v| v as i64),
+            head_dim: f.get("llama.rope.dimension_count").and_then(|v| v.as_u64()).map(|v| v as i64),
+            max_position_embeddings: n("context_length")?,
+            rms_norm_eps: f.require_f64("llama.attention.layer_norm_rms_epsilon")?,
+            rope_theta: f.get("llama.rope.freq_base").and_then(|v| v.as_f64()).unwrap_or(10_000.0),
+            tie_word_embeddings: f.tensor("output.weight").is_none(),
+            bos_token_id: id("bos"),
+            eos_token_id: id("eos"),
+            pad_token_id: id("padding"),
+            hidden_act: silu(),
+            attention_bias: false,
+            mlp_bias: false,
+            architectures: vec!["LlamaForCausalLM".into()],
+        };
+        // Round f32 metadata the way Python prints it (9.999999747378752e-06 -> 1e-05), as
+        // transformers' GGUF loader does, so config.json reads like the original.
+        let c = LlamaConfig {
+            rms_norm_eps: format!("{}", c.rms_norm_eps as f32).parse().unwrap_or(c.rms_norm_eps),
+            rope_theta: format!("{}", c.rope_theta as f32).parse().unwrap_or(c.rope_theta),
+            ..c
+        };
+        c.check().with_context(|| f.path().display().to_string())?;
+        Ok(c)
+    }
+
+    /// Parameters, the tied head once.
+    pub fn num_params(&self) -> i64 {
+        let (c, f, l, v) = (self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size);
+        let (hd, h, kv) = (self.head_dim(), self.num_attention_heads, self.num_key_value_heads);
+        let attn = c * h * hd * 2 + c * kv * hd * 2;
+        let head = if self.tie_word_embeddings { 0 } else { v * c };
+        v * c + l * (attn + 3 * c * f + 2 * c) + c + head
+    }
+}
+
+/// Rotary tables `cos`, `sin` of shape `(positions, head_dim)` in fp32, Hugging Face's layout:
+/// frequency `i` at columns `i` and `i + head_dim/2`.
+#[derive(Debug)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(c: &LlamaConfig, device: Device) -> Self {
+        let hd = c.head_dim();
+        let inv = Tensor::arange_start_step(0, hd, 2, (Kind::Int64, device)).to_kind(Kind::Float) / hd as f64;
+        let inv_freq = Tensor::from(c.rope_theta).to_kind(Kind::Float).to_device(device).pow(&inv).reciprocal();
+        let pos = Tensor::arange(c.max_position_embeddings, (Kind::Float, device));
+        let freqs = pos.outer(&inv_freq); // (P, hd/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        Rope { cos: emb.cos(), sin: emb.sin() }
+    }
+
+    /// `x` `(B, H, T, hd)` rotated to positions `start..start+T`.
+    fn apply(&self, x: &Tensor, start: i64) -> Tensor {
+        let t = x.size()[2];
+        let (cos, sin) =
+            (self.cos.narrow(0, start, t).to_kind(x.kind()), self.sin.narrow(0, start, t).to_kind(x.kind()));
+        let half = x.size()[3] / 2;
+        let (x1, x2) = (x.narrow(-1, 0, half), x.narrow(-1, half, half));
+        let rotated = Tensor::cat(&[&(-&x2), &x1], -1);
+        x * cos + rotated * sin
+    }
+}
+
+/// Keys and values of every layer for the positions seen so far, preallocated to `capacity`.
+#[derive(Debug)]
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: i64,
+    capacity: i64,
+}
+
+impl KvCache {
+    /// Number of positions held.
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+
+    /// Forgets every position (the memory stays allocated).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Bytes held by the keys and values.
+    pub fn bytes(&self) -> i64 {
+        self.k.iter().chain(&self.v).map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64).sum()
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_layernorm: RmsNorm,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    post_attention_layernorm: RmsNorm,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+fn weight(vs: nn::Path, out: i64, inp: i64) -> Tensor {
+    vs.var("weight", &[out, inp], nn::Init::Randn { mean: 0.0, stdev: 0.02 })
+}
+
+impl Layer {
+    fn new(vs: &nn::Path, c: &LlamaConfig) -> Self {
+        let (h, hd, kv, d, f) =
+            (c.num_attention_heads, c.head_dim(), c.num_key_value_heads, c.hidden_size, c.intermediate_size);
+        let a = vs / "self_attn";
+        let m = vs / "mlp";
+        Layer {
+            input_layernorm: rms_norm(vs / "input_layernorm", d, c.rms_norm_eps),
+            q: weight(&a / "q_proj", h * hd, d),
+            k: weight(&a / "k_proj", kv * hd, d),
+            v: weight(&a / "v_proj", kv * hd, d),
+            o: weight(&a / "o_proj", d, h * hd),
+            post_attention_layernorm: rms_norm(vs / "post_attention_layernorm", d, c.rms_norm_eps),
+            gate: weight(&m / "gate_proj", f, d),
+            up: weight(&m / "up_proj", f, d),
+            down: weight(&m / "down_proj", d, f),
+        }
+    }
+}
+
+/// The Llama causal LM.
+#[derive(Debug)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Option<Tensor>,
+    rope: Rope,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model under `vs` (randomly initialised, std 0.02).
+    pub fn new(vs: &nn::Path, cfg: &LlamaConfig) -> Result<Self> {
+        cfg.check()?;
+        let m = vs / "model";
+        Ok(Llama {
+            embed: (&m / "embed_tokens").var(
+                "weight",
+                &[cfg.vocab_size, cfg.hidden_size],
+                nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+            ),
+            layers: (0..cfg.num_hidden_layers).map(|i| Layer::new(&(&m / "layers" / i), cfg)).collect(),
+            norm: rms_norm(&m / "norm", cfg.hidden_size, cfg.rms_norm_eps),
+            lm_head: (!cfg.tie_word_embeddings).then(|| weight(vs / "lm_head", cfg.vocab_size, cfg.hidden_size)),
+            rope: Rope::new(cfg, vs.device()),
+            device: vs.device(),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The dtype of the weights.
+    pub fn kind(&self) -> Kind {
+        self.embed.kind()
+    }
+
+    /// An empty cache for `batch` sequences of up to `capacity` positions, in the weights' dtype.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        let c = &self.cfg;
+        let capacity = capacity.min(c.max_position_embeddings);
+        let shape = [batch, c.num_key_value_heads, capacity, c.head_dim()];
+        let z = || Tensor::zeros(shape, (self.kind(), self.device));
+        KvCache {
+            k: (0..c.num_hidden_layers).map(|_| z()).collect(),
+            v: (0..c.num_hidden_layers).map(|_| z()).collect(),
+            len: 0,
+            capacity,
+        }
+    }
+
+    fn attention(&self, l: usize, x: &Tensor, start: i64, cache: Option<&mut KvCache>) -> Tensor {
+        let c = &self.cfg;
+        let layer = &self.layers[l];
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let hd = c.head_dim();
+        let heads = |w: &Tensor, n: i64| x.linear::<Tensor>(w, None).view([b, t, n, hd]).transpose(1, 2);
+        let q = self.rope.apply(&heads(&layer.q, c.num_attention_heads), start);
+        let k = self.rope.apply(&heads(&layer.k, c.num_key_value_heads), start);
+        let v = heads(&layer.v, c.num_key_value_heads);
+        let (k, v) = match cache {
+            Some(cache) => {
+                cache.k[l].narrow(2, start, t).copy_(&k);
+                cache.v[l].narrow(2, start, t).copy_(&v);
+                (cache.k[l].narrow(2, 0, start + t), cache.v[l].narrow(2, 0, start + t))
+            }
+            None => (k, v),
+        };
+        // Causal: a query at position start+i sees keys 0..=start+i. With no earlier positions
+        // that is SDPA's is_causal; one new token sees everything; a chunk after a prefix needs
+        // the mask spelled out.
+        let y = if start == 0 && t > 1 {
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, true, None, true)
+        } else if t == 1 {
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, None, true)
+        } else {
+            let rows = Tensor::arange_start(start, start + t, (Kind::Int64, self.device)).unsqueeze(1);
+            let cols = Tensor::arange(start + t, (Kind::Int64, self.device)).unsqueeze(0);
+            let mask = cols.le_tensor(&rows);
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, true)
+        };
+        y.transpose(1, 2).contiguous().view([b, t, c.num_attention_heads * hd]).linear::<Tensor>(&layer.o, None)
+    }
+
+    /// Final hidden states `(B, T, C)` for `ids` `(B, T)`. With a cache the tokens continue the
+    /// cached positions and their keys and values are added to it.
+    pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let t = ids.size()[1];
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        let limit = cache.as_ref().map_or(self.cfg.max_position_embeddings, |c| c.capacity);
+        if start + t > limit {
+            bail!(
+                "Llama: {} positions ({start} cached + {t} new) exceed the {} the {} holds",
+                start + t,
+                limit,
+                if cache.is_some() { "KV cache" } else { "model" }
+            );
+        }
+        let mut x = Tensor::embedding(&self.embed, ids, -1, false, false); // (B, T, C), the weights' dtype
+        for l in 0..self.layers.len() {
+            let layer = &self.layers[l];
+            let a = self.attention(l, &layer.input_layernorm.forward(&x), start, cache.as_deref_mut());
+            x = x + a;
+            let h = layer.post_attention_layernorm.forward(&x);
+            let g = h.linear::<Tensor>(&layer.gate, None).silu() * h.linear::<Tensor>(&layer.up, None);
+            x = &x + g.linear::<Tensor>(&layer.down, None);
+        }
+        if let Some(c) = cache {
+            c.len = start + t;
+        }
+        Ok(self.norm.forward(&x))
+    }
+
+    /// Logits `(..., V)` of hidden states `(..., C)`.
+    pub fn head(&self, h: &Tensor) -> Tensor {
+        h.linear::<Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed), None)
+    }
+
+    /// Logits `(B, T, V)` of every position, without a cache.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.head(&self.hidden(ids, None)?))
+    }
+
+    /// Runs `ids` `(B, T)` through the model on top of `cache` and returns the logits of the
+    /// last position, `(B, V)`: prefill (the prompt) and decode (one token) alike.
+    pub fn step(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.hidden(ids, Some(cache))?;
+        Ok(self.head(&h.select(1, -1)))
+    }
+
+    /// Loads a model from a GGUF into `vs` (on its device), in `kind` (Float or BFloat16).
+    pub fn from_gguf(vs: &mut VarStore, f: &GgufFile, kind: Kind) -> Result<Self> {
+        let cfg = LlamaConfig::from_gguf(f)?;
+        let model = Llama::new(&vs.root(), &cfg)?;
+        let vars = vs.variables();
+        let load = |hf: &str, gguf: &str, permute_heads: Option<i64>| -> Result<()> {
+            let mut w = f.dequantize(gguf, Kind::Float)?;
+            if let Some(h) = permute_heads {
+                w = unpermute_rope_rows(&w, h).with_context(|| format!("{}: tensor {gguf:?}", f.path().display()))?;
+            }
+            let mut var = vars.get(hf).with_context(|| format!("the model has no variable {hf}"))?.shallow_clone();
+            if var.size() != w.size() {
+                bail!(
+                    "{}: tensor {gguf:?} has shape {:?}, {hf} expects {:?}",
+                    f.path().display(),
+                    w.size(),
+                    var.size()
+                );
+            }
+            tch::no_grad(|| var.copy_(&w.to_device(var.device())));
+            Ok(())
+        };
+        load("model.embed_tokens.weight", "token_embd.weight", None)?;
+        load("model.norm.weight", "output_norm.weight", None)?;
+        if !cfg.tie_word_embeddings {
+            load("lm_head.weight", "output.weight", None)?;
+        }
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let g = |s: &str| format!("blk.{i}.{s}.weight");
+            load(&format!("{p}.input_layernorm.weight"), &g("attn_norm"), None)?;
+            load(&format!("{p}.self_attn.q_proj.weight"), &g("attn_q"), Some(cfg.num_attention_heads))?;
+            load(&format!("{p}.self_attn.k_proj.weight"), &g("attn_k"), Some(cfg.num_key_value_heads))?;
+            load(&format!("{p}.self_attn.v_proj.weight"), &g("attn_v"), None)?;
+            load(&format!("{p}.self_attn.o_proj.weight"), &g("attn_output"), None)?;
+            load(&format!("{p}.post_attention_layernorm.weight"), &g("ffn_norm"), None)?;
+            load(&format!("{p}.mlp.gate_proj.weight"), &g("ffn_gate"), None)?;
+            load(&format!("{p}.mlp.up_proj.weight"), &g("ffn_up"), None)?;
+            load(&format!("{p}.mlp.down_proj.weight"), &g("ffn_down"), None)?;
+        }
+        set_kind(vs, kind)?;
+        Ok(model)
+    }
+
+    /// Loads a model directory written by [`Llama::save`] (or any Hugging Face Llama folder with
+    /// `model.safetensors`) into `vs`, in `kind`.
+    pub fn from_dir(vs: &mut VarStore, dir: &Path, kind: Kind) -> Result<Self> {
+        let d = ModelDir::open(dir)?;
+        d.expect_type(&[LlamaConfig::MODEL_TYPE])?;
+        let cfg: LlamaConfig = d.config_as()?;
+        let model = Llama::new(&vs.root(), &cfg)?;
+        crate::io::safetensors::load_into(vs, &d.weights())?;
+        set_kind(vs, kind)?;
+        Ok(model)
+    }
+
+    /// The model's `config.json` (tagged `"model_type": "llama"`).
+    pub fn config_json(&self, kind: Kind) -> Result<serde_json::Value> {
+        let mut v = hf::tagged_config(LlamaConfig::MODEL_TYPE, &self.cfg)?;
+        let dtype = match kind {
+            Kind::BFloat16 => "bfloat16",
+            Kind::Half => "float16",
+            _ => "float32",
+        };
+        v["torch_dtype"] = dtype.into();
+        Ok(v)
+    }
+}
+
+fn set_kind(vs: &mut VarStore, kind: Kind) -> Result<()> {
+    match kind {
+        Kind::Float => vs.float(),
+        Kind::BFloat16 => vs.bfloat16(),
+        Kind::Half => vs.half(),
+        Kind::Double => vs.double(),
+        other => bail!("Llama weights in {other:?}: use Float, BFloat16, Half or Double"),
+    }
+    Ok(())
+}
+
+/// Q and K rows from llama.cpp's interleaved RoPE order back to Hugging Face's half-split
+/// order: within each head of `d` rows, GGUF row `2j + t` is HF row `j + t·d/2`
+/// (`reshape(heads, d/2, 2, in).transpose(1, 2)`). Whole rows move; nothing is recomputed.
+pub fn unpermute_rope_rows(w: &Tensor, heads: i64) -> Result<Tensor> {
+    let (rows, cols, d) = head_rows(w, heads)?;
+    Ok(w.reshape([heads, d / 2, 2, cols]).transpose(1, 2).reshape([rows, cols]))
+}
+
+/// (rows, columns, rows per head) of a Q/K projection split into `heads` heads of even width.
+fn head_rows(w: &Tensor, heads: i64) -> Result<(i64, i64, i64)> {
+    let (rows, cols) = match w.size()[..] {
+        [r, c] => (r, c),
+        ref s => bail!("a Q/K projection must be 2-D, got shape {s:?}"),
+    };
+    if heads < 1 || rows % (2 * heads) != 0 {
+        bail!("{rows} rows do not split into {heads} heads of an even width");
+    }
+    Ok((rows, cols, rows / heads))
+}
+
+/// The inverse of [`unpermute_rope_rows`]: Hugging Face's order to llama.cpp's (for writing a
+/// GGUF that llama.cpp reads).
+pub fn permute_rope_rows(w: &Tensor, heads: i64) -> Result<Tensor> {
+    let (rows, cols, d) = head_rows(w, heads)?;
+    Ok(w.reshape([heads, 2, d / 2, cols]).transpose(1, 2).reshape([rows, cols]))
+}
+
+impl super::CausalLm for Llama {
+    fn vocab_size(&self) -> i64 {
+        self.cfg.vocab_size
+    }
+    fn context_len(&self) -> i64 {
+        self.cfg.max_position_embeddings
+    }
+    fn device(&self) -> Device {
+        self.device
+    }
+    fn logits(&self, ids: &Tensor) -> Tensor {
+        self.forward(ids).unwrap_or_else(|e| panic!("Llama forward: {e:#}"))
+    }
+}
+
+impl super::LanguageModel for Llama {
+    /// Mean next-token cross-entropy in fp32; targets of -100 leave the mean (the prompt in
+    /// instruction tuning). `train` is unused (no dropout); `fused` selects the fused loss kernel.
+    fn loss(&self, x: &Tensor, y: &Tensor, _train: bool, fused: bool) -> Tensor {
+        let logits = self.forward(x).unwrap_or_else(|e| panic!("Llama forward: {e:#}"));
+        let v = self.cfg.vocab_size;
+        let (flat, t) = (logits.view([-1, v]), y.reshape([-1]));
+        if fused {
+            return crate::ops::cross_entropy(&flat, &t).unwrap_or_else(|e| panic!("fused cross-entropy: {e:#}"));
+        }
+        crate::nn::loss::cross_entropy(&flat.to_kind(Kind::Float), &t, 0.0)
+    }
+}
