@@ -1,5 +1,5 @@
 // Run-time choice among the CPU kernels compiled once per instruction set (build.rs compiles
-// bias_gelu_cpu.cpp and cross_entropy_cpu.cpp with CPU_CAPABILITY = DEFAULT, AVX2 and AVX512), following ATen's own
+// bias_gelu_cpu.cpp, cross_entropy_cpu.cpp and gemv_cpu.cpp with CPU_CAPABILITY = DEFAULT, AVX2 and AVX512), following ATen's own
 // dispatch: at::get_cpu_capability() reads the CPU and honours ATEN_CPU_CAPABILITY.
 #pragma once
 #include <ATen/Version.h>
@@ -37,6 +37,9 @@ inline Isa cpu_isa() {
   void cross_entropy_fwd(const T* x, const int64_t* t, A* lse, A* loss, int64_t N, int64_t V);            \
   template <typename T, typename A>                                                                    \
   void cross_entropy_bwd(const T* x, const int64_t* t, const A* lse, A scale, T* gx, int64_t N, int64_t V); \
+  /* gemv_cpu.cpp: y (M, N) = x (M, K) w (N, K)^T for a few rows of x, fp32 accumulation */            \
+  template <typename T>                                                                                \
+  void skinny_matmul(const T* x, const T* w, T* y, int64_t M, int64_t N, int64_t K);                   \
   }
 
 COURSE_DECLARE_CPU_KERNELS(DEFAULT)

@@ -126,6 +126,8 @@ int64_t course_current_rss_bytes(void);
 // y = input @ weight^T + bias (bias may be NULL) as an autograd function (kernels/ops/linear.cpp):
 // oneDNN for the forward and input-gradient GEMMs on the CPU in fp32, at::linear elsewhere.
 char* course_linear(course_tensor input, course_tensor weight, course_tensor bias, course_tensor* out);
+// input (..., K) @ weight (N, K)^T through the skinny (few-row) kernel, CPU fp32 or bf16, no autograd.
+char* course_skinny_matmul(course_tensor input, course_tensor weight, course_tensor* out);
 // 1 when course_linear would run oneDNN for this input, 0 when it runs at::linear.
 int course_linear_uses_onednn(course_tensor input);
 

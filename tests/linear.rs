@@ -137,3 +137,31 @@ fn bad_arguments_name_what_is_wrong() {
         assert!(err.contains(want), "expected {want:?} in {err:?}");
     }
 }
+
+#[test]
+fn the_few_row_kernel_matches_tch_in_fp32_and_bf16() {
+    use course::ops::skinny_matmul;
+    // Widths with and without a tail past whole 32-column steps; 1 to 4 rows, and 5 (two passes).
+    for (i, &(m, k, n)) in [(1, 576, 960), (1, 33, 7), (3, 100, 65), (4, 1536, 576), (5, 64, 13)].iter().enumerate() {
+        let x = randn(&[m, k], 60 + i as i64);
+        let w = randn(&[n, k], 70 + i as i64);
+        let got = skinny_matmul(&x, &w).unwrap();
+        let want = x.to_kind(Kind::Double).matmul(&w.to_kind(Kind::Double).tr());
+        let scale = want.abs().max().double_value(&[]).max(1.0);
+        assert!(max_abs(&got, &want) <= 1e-5 * scale * (k as f64).sqrt(), "fp32 {m}x{k} -> {n}");
+        // bf16 in, fp32 accumulation, one rounding on store: within bf16's half-ulp of the exact
+        // product of the bf16 inputs.
+        let (xb, wb) = (x.to_kind(Kind::BFloat16), w.to_kind(Kind::BFloat16));
+        let got = skinny_matmul(&xb, &wb).unwrap();
+        assert_eq!(got.kind(), Kind::BFloat16);
+        let exact = xb.to_kind(Kind::Double).matmul(&wb.to_kind(Kind::Double).tr());
+        let excess = ((got.to_kind(Kind::Double) - &exact).abs() - exact.abs() * (1.0 / 256.0) - 1e-3 * scale).max();
+        assert!(excess.double_value(&[]) <= 0.0, "bf16 {m}x{k} -> {n}");
+    }
+    // ops::linear takes the kernel for no-grad calls of up to 4 rows: same values, bias added.
+    let (x, w, b) = (randn(&[1, 1, 48], 80), randn(&[20, 48], 81), randn(&[20], 82));
+    let y = tch::no_grad(|| linear(&x, &w, Some(&b)).unwrap());
+    assert!(max_abs(&y, &linear_reference(&x, &w, Some(&b))) < 1e-5);
+    let e = skinny_matmul(&x, &w.to_kind(Kind::Double)).unwrap_err().to_string();
+    assert!(e.contains("must both be float32 or both bfloat16"), "{e}");
+}

@@ -141,6 +141,8 @@ impl ChatModel {
                     .with_context(|| tc.display().to_string())?,
             )
         };
+        // Inference: frozen weights (no gradients, and the model's stacked q/k/v path).
+        vs.freeze();
         let mut stop_ids: Vec<i64> = model.cfg.eos_token_id.into_iter().collect();
         for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
             if let Some(id) = tokenizer.token_to_id(t) {

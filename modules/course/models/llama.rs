@@ -166,6 +166,12 @@ impl Rope {
         Rope { cos: emb.cos(), sin: emb.sin() }
     }
 
+    /// The tables in the model's dtype, once (Hugging Face casts them at every call).
+    fn cast(&mut self, kind: Kind) {
+        self.cos = self.cos.to_kind(kind);
+        self.sin = self.sin.to_kind(kind);
+    }
+
     /// `x` `(B, H, T, hd)` rotated to positions `start..start+T`.
     fn apply(&self, x: &Tensor, start: i64) -> Tensor {
         let t = x.size()[2];
@@ -223,10 +229,42 @@ struct Layer {
     gate: Tensor,
     up: Tensor,
     down: Tensor,
+    /// q, k and v stacked (rows q, then k, then v) and gate over up, once [`Llama::pack`] ran:
+    /// the named weights are views into these.
+    qkv: Option<Tensor>,
+    gate_up: Option<Tensor>,
+}
+
+/// `x @ w.T` through `ops::linear`: oneDNN for fp32 GEMMs, the few-row kernel when decoding,
+/// tch's linear elsewhere. Shapes are right by construction, so an error is a bug.
+fn lin(x: &Tensor, w: &Tensor) -> Tensor {
+    crate::ops::linear(x, w, None).unwrap_or_else(|e| panic!("Llama linear: {e:#}"))
 }
 
 fn weight(vs: nn::Path, out: i64, inp: i64) -> Tensor {
-    vs.var("weight", &[out, inp], nn::Init::Randn { mean: 0.0, stdev: 0.02 })
+    vs.var("weight", &[out, inp], init())
+}
+
+thread_local! {
+    /// Set while a loader builds the model: its weights are overwritten at once, so they start as
+    /// zeros instead of drawing 135M normal samples.
+    static LOADING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn init() -> nn::Init {
+    if LOADING.with(|l| l.get()) {
+        nn::Init::Const(0.0)
+    } else {
+        nn::Init::Randn { mean: 0.0, stdev: 0.02 }
+    }
+}
+
+/// `Llama::new` with zero-initialised weights, for loaders that overwrite them.
+fn new_for_loading(vs: &nn::Path, cfg: &LlamaConfig) -> Result<Llama> {
+    LOADING.with(|l| l.set(true));
+    let m = Llama::new(vs, cfg);
+    LOADING.with(|l| l.set(false));
+    m
 }
 
 impl Layer {
@@ -245,6 +283,8 @@ impl Layer {
             gate: weight(&m / "gate_proj", f, d),
             up: weight(&m / "up_proj", f, d),
             down: weight(&m / "down_proj", d, f),
+            qkv: None,
+            gate_up: None,
         }
     }
 }
@@ -267,11 +307,7 @@ impl Llama {
         cfg.check()?;
         let m = vs / "model";
         Ok(Llama {
-            embed: (&m / "embed_tokens").var(
-                "weight",
-                &[cfg.vocab_size, cfg.hidden_size],
-                nn::Init::Randn { mean: 0.0, stdev: 0.02 },
-            ),
+            embed: (&m / "embed_tokens").var("weight", &[cfg.vocab_size, cfg.hidden_size], init()),
             layers: (0..cfg.num_hidden_layers).map(|i| Layer::new(&(&m / "layers" / i), cfg)).collect(),
             norm: rms_norm(&m / "norm", cfg.hidden_size, cfg.rms_norm_eps),
             lm_head: (!cfg.tie_word_embeddings).then(|| weight(vs / "lm_head", cfg.vocab_size, cfg.hidden_size)),
@@ -309,10 +345,20 @@ impl Llama {
         let layer = &self.layers[l];
         let (b, t) = (x.size()[0], x.size()[1]);
         let hd = c.head_dim();
-        let heads = |w: &Tensor, n: i64| x.linear::<Tensor>(w, None).view([b, t, n, hd]).transpose(1, 2);
-        let q = self.rope.apply(&heads(&layer.q, c.num_attention_heads), start);
-        let k = self.rope.apply(&heads(&layer.k, c.num_key_value_heads), start);
-        let v = heads(&layer.v, c.num_key_value_heads);
+        let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
+        let (q, k, v) = match &layer.qkv {
+            // One product for q, k and v, and one rotation for q and k together.
+            Some(qkv) if !layer.q.requires_grad() => {
+                let all = lin(x, qkv).view([b, t, h + 2 * kv, hd]).transpose(1, 2);
+                let qk = self.rope.apply(&all.narrow(1, 0, h + kv), start);
+                (qk.narrow(1, 0, h), qk.narrow(1, h, kv), all.narrow(1, h + kv, kv))
+            }
+            _ => {
+                let heads = |w: &Tensor, n: i64| lin(x, w).view([b, t, n, hd]).transpose(1, 2);
+                let q = self.rope.apply(&heads(&layer.q, h), start);
+                (q, self.rope.apply(&heads(&layer.k, kv), start), heads(&layer.v, kv))
+            }
+        };
         let (k, v) = match cache {
             Some(cache) => {
                 cache.k[l].narrow(2, start, t).copy_(&k);
@@ -334,7 +380,7 @@ impl Llama {
             let mask = cols.le_tensor(&rows);
             Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, true)
         };
-        y.transpose(1, 2).contiguous().view([b, t, c.num_attention_heads * hd]).linear::<Tensor>(&layer.o, None)
+        lin(&y.transpose(1, 2).contiguous().view([b, t, c.num_attention_heads * hd]), &layer.o)
     }
 
     /// Final hidden states `(B, T, C)` for `ids` `(B, T)`. With a cache the tokens continue the
@@ -357,8 +403,15 @@ impl Llama {
             let a = self.attention(l, &layer.input_layernorm.forward(&x), start, cache.as_deref_mut());
             x = x + a;
             let h = layer.post_attention_layernorm.forward(&x);
-            let g = h.linear::<Tensor>(&layer.gate, None).silu() * h.linear::<Tensor>(&layer.up, None);
-            x = &x + g.linear::<Tensor>(&layer.down, None);
+            let g = match &layer.gate_up {
+                Some(gu) if !layer.gate.requires_grad() => {
+                    let f = self.cfg.intermediate_size;
+                    let gu = lin(&h, gu);
+                    gu.narrow(-1, 0, f).silu() * gu.narrow(-1, f, f)
+                }
+                _ => lin(&h, &layer.gate).silu() * lin(&h, &layer.up),
+            };
+            x = &x + lin(&g, &layer.down);
         }
         if let Some(c) = cache {
             c.len = start + t;
@@ -368,7 +421,7 @@ impl Llama {
 
     /// Logits `(..., V)` of hidden states `(..., C)`.
     pub fn head(&self, h: &Tensor) -> Tensor {
-        h.linear::<Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed), None)
+        lin(h, self.lm_head.as_ref().unwrap_or(&self.embed))
     }
 
     /// Logits `(B, T, V)` of every position, without a cache.
@@ -386,7 +439,7 @@ impl Llama {
     /// Loads a model from a GGUF into `vs` (on its device), in `kind` (Float or BFloat16).
     pub fn from_gguf(vs: &mut VarStore, f: &GgufFile, kind: Kind) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(f)?;
-        let model = Llama::new(&vs.root(), &cfg)?;
+        let mut model = new_for_loading(&vs.root(), &cfg)?;
         let vars = vs.variables();
         let load = |hf: &str, gguf: &str, permute_heads: Option<i64>| -> Result<()> {
             let mut w = f.dequantize(gguf, Kind::Float)?;
@@ -424,7 +477,30 @@ impl Llama {
             load(&format!("{p}.mlp.down_proj.weight"), &g("ffn_down"), None)?;
         }
         set_kind(vs, kind)?;
+        model.rope.cast(kind);
+        model.pack();
         Ok(model)
+    }
+
+    /// Stacks each layer's q, k, v weights into one tensor and gate, up into another, and turns
+    /// the named variables into views of them (no extra memory): decoding a token then runs two
+    /// matrix products per layer fewer. The stacked path is taken when the weights are frozen
+    /// (inference, or LoRA on a frozen base); trained weights go through the named ones.
+    pub fn pack(&mut self) {
+        let _g = tch::no_grad_guard();
+        for l in &mut self.layers {
+            let qkv = Tensor::cat(&[&l.q, &l.k, &l.v], 0);
+            let (nq, nk) = (l.q.size()[0], l.k.size()[0]);
+            l.q.set_data(&qkv.narrow(0, 0, nq));
+            l.k.set_data(&qkv.narrow(0, nq, nk));
+            l.v.set_data(&qkv.narrow(0, nq + nk, nk));
+            let gu = Tensor::cat(&[&l.gate, &l.up], 0);
+            let f = l.gate.size()[0];
+            l.gate.set_data(&gu.narrow(0, 0, f));
+            l.up.set_data(&gu.narrow(0, f, f));
+            l.qkv = Some(qkv);
+            l.gate_up = Some(gu);
+        }
     }
 
     /// Loads a model directory written by [`Llama::save`] (or any Hugging Face Llama folder with
@@ -433,9 +509,11 @@ impl Llama {
         let d = ModelDir::open(dir)?;
         d.expect_type(&[LlamaConfig::MODEL_TYPE])?;
         let cfg: LlamaConfig = d.config_as()?;
-        let model = Llama::new(&vs.root(), &cfg)?;
+        let mut model = new_for_loading(&vs.root(), &cfg)?;
         crate::io::safetensors::load_into(vs, &d.weights())?;
         set_kind(vs, kind)?;
+        model.rope.cast(kind);
+        model.pack();
         Ok(model)
     }
 

@@ -44,6 +44,10 @@ impl RmsNorm {
     /// `x`: `(..., C)` -> `(..., C)`
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
+        if kind == tch::Kind::Float && self.ws.kind() == kind {
+            // ATen's rms_norm: one op, and in fp32 the same arithmetic as the steps below.
+            return x.rms_norm([self.ws.size()[0]], Some(&self.ws), self.eps);
+        }
         let xf = x.to_kind(tch::Kind::Float);
         let var = xf.square().mean_dim(-1, true, tch::Kind::Float);
         let normed = (xf * (var + self.eps).rsqrt()).to_kind(kind);

@@ -35,6 +35,16 @@ pub fn linear_uses_onednn(input: &Tensor) -> bool {
     unsafe { ffi::course_linear_uses_onednn(ffi::ptr(input)) == 1 }
 }
 
+/// `input @ weight.T` by the few-row kernel (`kernels/ops/gemv_cpu.cpp`): what [`linear`] runs
+/// for no-grad calls of at most 4 rows on the CPU in fp32 or bf16 (decoding one token). No
+/// autograd; fp32 accumulation.
+pub fn skinny_matmul(input: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let mut out = std::ptr::null_mut();
+    // SAFETY: live tch tensors for the duration of the call.
+    ffi::check(unsafe { ffi::course_skinny_matmul(ffi::ptr(input), ffi::ptr(weight), &mut out) })?;
+    Ok(ffi::take(out))
+}
+
 /// Reference: tch's `linear` (ATen's `addmm`/`mm` through MKL on the CPU).
 pub fn linear_reference(input: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     input.linear(weight, bias)

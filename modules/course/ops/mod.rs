@@ -10,4 +10,4 @@ pub use bias_gelu::{bias_gelu, bias_gelu_backward, bias_gelu_forward, bias_gelu_
 pub use cross_entropy::{
     cross_entropy, cross_entropy_backward, cross_entropy_forward, cross_entropy_reference, IGNORE_INDEX,
 };
-pub use linear::{linear, linear_reference, linear_uses_onednn};
+pub use linear::{linear, linear_reference, linear_uses_onednn, skinny_matmul};

@@ -66,6 +66,7 @@ extern "C" {
     pub fn course_clear_grad(t: CTensor);
     pub fn course_linear(input: CTensor, weight: CTensor, bias: CTensor, out: *mut CTensor) -> *mut c_char;
     pub fn course_linear_uses_onednn(input: CTensor) -> c_int;
+    pub fn course_skinny_matmul(input: CTensor, weight: CTensor, out: *mut CTensor) -> *mut c_char;
     #[allow(clippy::too_many_arguments)]
     pub fn course_fused_adamw(
         params: *const CTensor,
