@@ -218,6 +218,20 @@ fn the_model_directory_round_trips() {
     assert_eq!(back.encode("Straße 1234").unwrap(), m.encode("Straße 1234").unwrap());
     let msgs = [Message::system("s"), Message::user("u")];
     assert_eq!(back.template.render(&msgs, true).unwrap(), m.template.render(&msgs, true).unwrap());
+    // transformers loads the folder as a Hugging Face model and answers as we do.
+    let q = "What is the capital of France?";
+    let out = std::process::Command::new(".venv/bin/python")
+        .args(["tests/fixtures/hf_generate.py", &dir.display().to_string(), q, "12"])
+        .output()
+        .expect("running .venv/bin/python");
+    assert!(out.status.success(), "hf_generate.py: {}", String::from_utf8_lossy(&out.stderr));
+    let hf: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let prompt = m.encode(&m.template.render(&[Message::user(q)], true).unwrap()).unwrap();
+    assert_eq!(ids(&hf["prompt_ids"]), prompt, "transformers renders and tokenizes the folder's template as we do");
+    let cfg = GenerateConfig { max_new_tokens: 12, stop_ids: m.stop_ids.clone(), ..Default::default() };
+    let ours = generate_cached(&back.model, &back.tokenizer, &prompt, &cfg, &mut |_| Ok(())).unwrap();
+    let theirs: Vec<i64> = ids(&hf["new_ids"]).into_iter().take_while(|t| !m.stop_ids.contains(t)).collect();
+    assert_eq!(ours.tokens, theirs);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
