@@ -220,18 +220,59 @@ fn the_model_directory_round_trips() {
     assert_eq!(back.template.render(&msgs, true).unwrap(), m.template.render(&msgs, true).unwrap());
     // transformers loads the folder as a Hugging Face model and answers as we do.
     let q = "What is the capital of France?";
-    let out = std::process::Command::new(".venv/bin/python")
-        .args(["tests/fixtures/hf_generate.py", &dir.display().to_string(), q, "12"])
-        .output()
-        .expect("running .venv/bin/python");
-    assert!(out.status.success(), "hf_generate.py: {}", String::from_utf8_lossy(&out.stderr));
-    let hf: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hf = hf_greedy(&dir, q, 12);
     let prompt = m.encode(&m.template.render(&[Message::user(q)], true).unwrap()).unwrap();
     assert_eq!(ids(&hf["prompt_ids"]), prompt, "transformers renders and tokenizes the folder's template as we do");
     let cfg = GenerateConfig { max_new_tokens: 12, stop_ids: m.stop_ids.clone(), ..Default::default() };
     let ours = generate_cached(&back.model, &back.tokenizer, &prompt, &cfg, &mut |_| Ok(())).unwrap();
     let theirs: Vec<i64> = ids(&hf["new_ids"]).into_iter().take_while(|t| !m.stop_ids.contains(t)).collect();
     assert_eq!(ours.tokens, theirs);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// transformers' greedy new tokens (and prompt ids) for `q` from a model folder or GGUF file.
+fn hf_greedy(path: &Path, q: &str, n: usize) -> serde_json::Value {
+    let out = std::process::Command::new(".venv/bin/python")
+        .args(["tests/fixtures/hf_generate.py", &path.display().to_string(), q, &n.to_string()])
+        .output()
+        .expect("running .venv/bin/python");
+    assert!(out.status.success(), "hf_generate.py: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_gguf_we_write_is_read_back_by_us_and_by_transformers() {
+    use course::io::gguf::{GgmlType, GgufFile};
+    let m = model(Kind::Float);
+    let dir = std::env::temp_dir().join(format!("course-smollm2-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // F32: lossless, so our reload gives the same logits bit for bit.
+    let path = dir.join("smollm2-f32.gguf");
+    m.save_gguf(&path, GgmlType::F32).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.require_str("general.architecture").unwrap(), "llama");
+    assert_eq!(f.require_strings("tokenizer.ggml.tokens").unwrap().len(), 49152);
+    let back = ChatModel::load(&path, Kind::Float, Device::Cpu).unwrap();
+    let x = Tensor::from_slice(&m.encode("Written and read back").unwrap()).unsqueeze(0);
+    assert!(tch::no_grad(|| m.model.forward(&x).unwrap().equal(&back.model.forward(&x).unwrap())));
+    assert_eq!(back.encode("Straße 1234 🦀").unwrap(), m.encode("Straße 1234 🦀").unwrap());
+    // transformers reads the file as llama.cpp's converter writes them and answers as we do.
+    let q = "What is the capital of France?";
+    let hf = hf_greedy(&path, q, 10);
+    let prompt = m.encode(&m.template.render(&[Message::user(q)], true).unwrap()).unwrap();
+    assert_eq!(ids(&hf["prompt_ids"]), prompt);
+    let cfg = GenerateConfig { max_new_tokens: 10, stop_ids: m.stop_ids.clone(), ..Default::default() };
+    let ours = generate_cached(&m.model, &m.tokenizer, &prompt, &cfg, &mut |_| Ok(())).unwrap();
+    let theirs: Vec<i64> = ids(&hf["new_ids"]).into_iter().take_while(|t| !m.stop_ids.contains(t)).collect();
+    assert_eq!(ours.tokens, theirs);
+    // Q8_0: a quarter of the size, and the same answer.
+    let q8 = dir.join("smollm2-q8_0.gguf");
+    m.save_gguf(&q8, GgmlType::Q8_0).unwrap();
+    let (a, b) = (std::fs::metadata(&path).unwrap().len(), std::fs::metadata(&q8).unwrap().len());
+    assert!((b as f64) < 0.3 * a as f64, "Q8_0 {b} bytes vs F32 {a}");
+    let back = ChatModel::load(&q8, Kind::Float, Device::Cpu).unwrap();
+    let again = generate_cached(&back.model, &back.tokenizer, &prompt, &cfg, &mut |_| Ok(())).unwrap();
+    assert!(again.text.contains("Paris"), "{:?}", again.text);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -99,6 +99,18 @@ struct ExportArgs {
     /// The folder to write (created; files in it are replaced)
     #[arg(long, default_value = "outputs/m06_lora_quant/smollm2-hf")]
     out: PathBuf,
+    /// Write a GGUF file here instead of a folder (for llama.cpp, Ollama, transformers' gguf_file=)
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    /// The GGUF's weight type: F32, F16, BF16, Q8_0, Q4_0 or Q4_1 (norms stay F32)
+    #[arg(long, default_value = "Q8_0", value_parser = parse_ggml_type)]
+    gguf_type: course::io::gguf::GgmlType,
+}
+
+fn parse_ggml_type(s: &str) -> Result<course::io::gguf::GgmlType, String> {
+    course::io::gguf::GgmlType::from_name(s)
+        .filter(|t| t.is_supported())
+        .ok_or_else(|| format!("{s:?} is not one of F32, F16, BF16, Q8_0, Q4_0, Q4_1"))
 }
 
 const LESSON: &str = "\
@@ -107,7 +119,8 @@ What this module is, and will be (notes/m06_lora_quant.md):
                   rotary positions, grouped-query attention 9/3, SwiGLU), its byte-level BPE
                   tokenizer and Jinja chat template rebuilt from the file, a KV cache, greedy
                   or sampled decoding streamed token by token
-         export   the same model as a Hugging Face folder any tool can load
+         export   the same model as a Hugging Face folder, or (--gguf) as a GGUF file for
+                  llama.cpp and Ollama, in F32, F16, BF16, Q8_0, Q4_0 or Q4_1
   next   LoRA and QLoRA instruction tuning on the CPU, adapters saved the way peft saves
          them, and the int8 / 4-bit weight kernels, each against its plain-tch reference
 
@@ -115,7 +128,8 @@ Examples:
   m06_lora_quant chat \"What is the capital of France?\"
   m06_lora_quant chat \"Write a haiku about Rust.\" --temperature 0.7 --top-p 0.9 --seed 3
   m06_lora_quant chat \"Explain RoPE in one sentence.\" --dtype bf16
-  m06_lora_quant export --out /tmp/smollm2";
+  m06_lora_quant export --out /tmp/smollm2
+  m06_lora_quant export --gguf /tmp/smollm2-q8_0.gguf --gguf-type Q8_0";
 
 fn load(m: &ModelArgs, common: &CommonArgs) -> Result<(ChatModel, Setup, f64)> {
     let setup = Setup::apply(common)?;
@@ -174,6 +188,11 @@ fn chat(a: &ChatArgs, common: &CommonArgs) -> Result<()> {
 
 fn export(a: &ExportArgs, common: &CommonArgs) -> Result<()> {
     let (m, _, _) = load(&a.model, common)?;
+    if let Some(path) = &a.gguf {
+        m.save_gguf(path, a.gguf_type)?;
+        println!("wrote {} ({}, {:.0} MB)", path.display(), a.gguf_type, std::fs::metadata(path)?.len() as f64 / 1e6);
+        return Ok(());
+    }
     m.save(&a.out)?;
     println!(
         "wrote {} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json)",

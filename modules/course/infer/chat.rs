@@ -4,9 +4,9 @@
 //! `raise_exception`); and [`ChatModel`], a Llama with its tokenizer and template, loaded from a
 //! GGUF or a model directory.
 
-use crate::io::gguf::GgufFile;
+use crate::io::gguf::{GgmlType, GgufFile, GgufWriter, Value, ValueType};
 use crate::io::gguf_tokenizer::{tokenizer_from_gguf, SpecialTokens};
-use crate::models::llama::Llama;
+use crate::models::llama::{gguf_names, permute_rope_rows, Llama};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -194,5 +194,123 @@ impl ChatModel {
             "model_max_length": self.model.cfg.max_position_embeddings,
         });
         crate::sys::fsutil::write_json_atomic(&dir.join("tokenizer_config.json"), &tc)
+    }
+}
+
+impl ChatModel {
+    /// Writes the model as a llama-architecture GGUF that llama.cpp, Ollama and transformers
+    /// read: the `llama.*` shape keys, the tokenizer (tokens, merges, token types, special ids)
+    /// and the chat template, the norms in F32, the matrices in `ty` (F32, F16, BF16, Q8_0, Q4_0
+    /// or Q4_1), Q and K rows permuted back to llama.cpp's RoPE order.
+    pub fn save_gguf(&self, path: &Path, ty: GgmlType) -> Result<()> {
+        if !ty.is_supported() {
+            bail!("GGUF export: {ty} cannot be written here (F32, F16, BF16, Q8_0, Q4_0, Q4_1)");
+        }
+        let c = &self.model.cfg;
+        let mut w = GgufWriter::new();
+        let u32v = |x: i64| Value::U32(x as u32);
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        // llama.cpp's LLAMA_FTYPE codes for "all F32", "mostly F16", ...
+        let file_type = match ty {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q8_0 => 7,
+            _ => 32, // BF16
+        };
+        let meta = [
+            ("general.architecture", Value::Str("llama".into())),
+            ("general.name", Value::Str(name)),
+            ("general.file_type", Value::U32(file_type)),
+            ("general.quantization_version", Value::U32(2)),
+            ("llama.block_count", u32v(c.num_hidden_layers)),
+            ("llama.context_length", u32v(c.max_position_embeddings)),
+            ("llama.embedding_length", u32v(c.hidden_size)),
+            ("llama.feed_forward_length", u32v(c.intermediate_size)),
+            ("llama.attention.head_count", u32v(c.num_attention_heads)),
+            ("llama.attention.head_count_kv", u32v(c.num_key_value_heads)),
+            ("llama.rope.freq_base", Value::F32(c.rope_theta as f32)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(c.rms_norm_eps as f32)),
+            ("llama.rope.dimension_count", u32v(c.head_dim())),
+            ("llama.vocab_size", u32v(c.vocab_size)),
+        ];
+        for (k, v) in meta {
+            w.set(k, v)?;
+        }
+        self.tokenizer_metadata(&mut w)?;
+        let vars = self.vs.variables();
+        for (hf, gguf, heads) in gguf_names(c) {
+            let t = vars.get(&hf).with_context(|| format!("GGUF export: the model has no {hf}"))?;
+            let t = tch::no_grad(|| t.to_kind(Kind::Float).to_device(Device::Cpu));
+            let t = match heads {
+                Some(h) => permute_rope_rows(&t, h)?,
+                None => t,
+            };
+            // Norms stay F32 (as llama.cpp's converter keeps them); so does any row of a width
+            // the block type cannot hold.
+            let tt = if t.dim() == 1 || t.size()[1] % ty.block_elems() as i64 != 0 { GgmlType::F32 } else { ty };
+            w.add_tensor(&gguf, &t, tt)?;
+        }
+        w.write(path)
+    }
+
+    /// The `tokenizer.*` keys of a GGUF for this byte-level BPE tokenizer.
+    fn tokenizer_metadata(&self, w: &mut GgufWriter) -> Result<()> {
+        let json: serde_json::Value = serde_json::from_str(
+            &self.tokenizer.to_string(false).map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?,
+        )?;
+        let model = &json["model"];
+        if model["type"] != "BPE" {
+            bail!("GGUF export: only a BPE tokenizer can be written, this one is {}", model["type"]);
+        }
+        let n = self.tokenizer.get_vocab_size(true);
+        let mut tokens = vec![String::new(); n];
+        for (t, id) in self.tokenizer.get_vocab(true) {
+            *tokens.get_mut(id as usize).with_context(|| format!("token id {id} beyond the vocabulary of {n}"))? = t;
+        }
+        let special: std::collections::HashSet<u32> = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        let merges: Vec<Value> = model["merges"]
+            .as_array()
+            .context("GGUF export: the BPE model has no merges")?
+            .iter()
+            .map(|m| match m {
+                serde_json::Value::String(s) => Ok(Value::Str(s.clone())),
+                serde_json::Value::Array(p) if p.len() == 2 => {
+                    Ok(Value::Str(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or(""))))
+                }
+                other => bail!("GGUF export: a merge is {other}"),
+            })
+            .collect::<Result<_>>()?;
+        let pre = match json["pre_tokenizer"]["type"].as_str() {
+            Some("Sequence") => "smollm",
+            _ => "gpt-2",
+        };
+        let id = |t: Option<i64>| t.map(|x| Value::U32(x as u32));
+        let c = &self.model.cfg;
+        w.set("tokenizer.ggml.model", Value::Str("gpt2".into()))?;
+        w.set("tokenizer.ggml.pre", Value::Str(pre.into()))?;
+        let types = (0..n as u32).map(|i| Value::I32(if special.contains(&i) { 3 } else { 1 })).collect();
+        w.set("tokenizer.ggml.tokens", Value::Array(ValueType::Str, tokens.into_iter().map(Value::Str).collect()))?;
+        w.set("tokenizer.ggml.token_type", Value::Array(ValueType::I32, types))?;
+        w.set("tokenizer.ggml.merges", Value::Array(ValueType::Str, merges))?;
+        for (k, v) in [("bos", id(c.bos_token_id)), ("eos", id(c.eos_token_id)), ("padding", id(c.pad_token_id))] {
+            if let Some(v) = v {
+                w.set(&format!("tokenizer.ggml.{k}_token_id"), v)?;
+            }
+        }
+        if let Some(unk) = self.tokenizer.token_to_id("<|endoftext|>") {
+            w.set("tokenizer.ggml.unknown_token_id", Value::U32(unk))?;
+        }
+        w.set("tokenizer.ggml.add_bos_token", Value::Bool(false))?;
+        w.set("tokenizer.ggml.add_space_prefix", Value::Bool(false))?;
+        w.set("tokenizer.chat_template", Value::Str(self.template.source.clone()))?;
+        Ok(())
     }
 }

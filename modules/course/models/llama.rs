@@ -479,23 +479,8 @@ impl Llama {
             tch::no_grad(|| var.copy_(&w.to_device(var.device())));
             Ok(())
         };
-        load("model.embed_tokens.weight", "token_embd.weight", None)?;
-        load("model.norm.weight", "output_norm.weight", None)?;
-        if !cfg.tie_word_embeddings {
-            load("lm_head.weight", "output.weight", None)?;
-        }
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let g = |s: &str| format!("blk.{i}.{s}.weight");
-            load(&format!("{p}.input_layernorm.weight"), &g("attn_norm"), None)?;
-            load(&format!("{p}.self_attn.q_proj.weight"), &g("attn_q"), Some(cfg.num_attention_heads))?;
-            load(&format!("{p}.self_attn.k_proj.weight"), &g("attn_k"), Some(cfg.num_key_value_heads))?;
-            load(&format!("{p}.self_attn.v_proj.weight"), &g("attn_v"), None)?;
-            load(&format!("{p}.self_attn.o_proj.weight"), &g("attn_output"), None)?;
-            load(&format!("{p}.post_attention_layernorm.weight"), &g("ffn_norm"), None)?;
-            load(&format!("{p}.mlp.gate_proj.weight"), &g("ffn_gate"), None)?;
-            load(&format!("{p}.mlp.up_proj.weight"), &g("ffn_up"), None)?;
-            load(&format!("{p}.mlp.down_proj.weight"), &g("ffn_down"), None)?;
+        for (hf, gguf, heads) in gguf_names(&cfg) {
+            load(&hf, &gguf, heads)?;
         }
         set_kind(vs, kind)?;
         model.rope.cast(kind);
@@ -560,6 +545,35 @@ fn set_kind(vs: &mut VarStore, kind: Kind) -> Result<()> {
         other => bail!("Llama weights in {other:?}: use Float, BFloat16, Half or Double"),
     }
     Ok(())
+}
+
+/// Every weight's Hugging Face name, its GGUF (llama.cpp) name, and for Q and K the head count
+/// whose rows llama.cpp stores permuted (see [`unpermute_rope_rows`]).
+pub fn gguf_names(cfg: &LlamaConfig) -> Vec<(String, String, Option<i64>)> {
+    let mut v = vec![
+        ("model.embed_tokens.weight".to_string(), "token_embd.weight".to_string(), None),
+        ("model.norm.weight".into(), "output_norm.weight".into(), None),
+    ];
+    if !cfg.tie_word_embeddings {
+        v.push(("lm_head.weight".into(), "output.weight".into(), None));
+    }
+    for i in 0..cfg.num_hidden_layers {
+        let layer: [(&str, &str, Option<i64>); 9] = [
+            ("input_layernorm", "attn_norm", None),
+            ("self_attn.q_proj", "attn_q", Some(cfg.num_attention_heads)),
+            ("self_attn.k_proj", "attn_k", Some(cfg.num_key_value_heads)),
+            ("self_attn.v_proj", "attn_v", None),
+            ("self_attn.o_proj", "attn_output", None),
+            ("post_attention_layernorm", "ffn_norm", None),
+            ("mlp.gate_proj", "ffn_gate", None),
+            ("mlp.up_proj", "ffn_up", None),
+            ("mlp.down_proj", "ffn_down", None),
+        ];
+        for (hf, gg, heads) in layer {
+            v.push((format!("model.layers.{i}.{hf}.weight"), format!("blk.{i}.{gg}.weight"), heads));
+        }
+    }
+    v
 }
 
 /// Q and K rows from llama.cpp's interleaved RoPE order back to Hugging Face's half-split
