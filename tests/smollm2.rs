@@ -120,6 +120,17 @@ fn greedy_answers_equal_transformers_and_paris_is_the_capital() {
     let out = generate_cached(&m.model, &m.tokenizer, &m.encode(&q).unwrap(), &cfg, &mut |_| Ok(())).unwrap();
     assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
     assert_eq!(out.finish, FinishReason::Stop);
+    // The answer ends "Paris." and then the stop token: a final "." held back as the possible
+    // start of the stop string ".\n" is still streamed when the stop token ends the answer.
+    let cfg = GenerateConfig { stop_strings: vec![".\n".into()], ..cfg };
+    let mut streamed = String::new();
+    let held = generate_cached(&m.model, &m.tokenizer, &m.encode(&q).unwrap(), &cfg, &mut |t| {
+        streamed.push_str(t);
+        Ok(())
+    })
+    .unwrap();
+    assert!(held.text.ends_with('.'), "{:?}", held.text);
+    assert_eq!(streamed, held.text);
 }
 
 #[test]

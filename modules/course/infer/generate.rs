@@ -228,6 +228,7 @@ pub fn generate_cached(
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let mut finish = FinishReason::Length;
+    let mut cut_at_string = false;
     while tokens.len() < cfg.max_new_tokens {
         let l = apply_repetition_penalty(&logits.to_kind(Kind::Float), &seen, cfg.repetition_penalty);
         let next = sample(&l, &cfg.sampling, &mut rng);
@@ -243,6 +244,7 @@ pub fn generate_cached(
         }
         if stopped {
             finish = FinishReason::Stop;
+            cut_at_string = true;
             break;
         }
         if tokens.len() == cfg.max_new_tokens || cache.len() >= cache.capacity() {
@@ -251,7 +253,9 @@ pub fn generate_cached(
         let ids = Tensor::from_slice(&[next]).to_device(model.device()).unsqueeze(0);
         logits = model.step(&ids, &mut cache)?.squeeze_dim(0);
     }
-    if finish == FinishReason::Length {
+    // Text held back as the possible start of a stop string is the answer's after all, unless
+    // the stop string completed.
+    if !cut_at_string {
         let rest = stream.finish();
         if !rest.is_empty() {
             on_text(&rest)?;
