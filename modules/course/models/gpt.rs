@@ -7,7 +7,6 @@
 //! map one to one. Shapes: `B` batch, `T` tokens, `C` width, `H` heads, `V` vocabulary.
 
 use crate::nn::attention::{attention, causal_mask, merge_heads, split_heads};
-use crate::nn::loss::cross_entropy;
 use crate::nn::norm::{layer_norm, LayerNorm};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -407,19 +406,8 @@ impl Gpt {
     /// Mean next-token cross-entropy of `idx` against `targets` (both `(B, T)`), in fp32 under
     /// autocast (f64 for an f64 model). With `fused`, through the fused softmax-cross-entropy kernel.
     pub fn loss(&self, idx: &Tensor, targets: &Tensor, train: bool, fused: bool) -> Tensor {
-        let logits = self.forward(idx, train);
-        let v = self.cfg.vocab_size;
-        let (flat, y) = (logits.view([-1, v]), targets.reshape([-1]));
-        if fused {
-            // fp32/bf16/fp16/f64 logits, fp32 accumulation, an fp32 (f64) loss. Like tch's own ops
-            // in a forward pass, a failure (a target out of range) panics with the kernel's message.
-            return crate::ops::cross_entropy(&flat, &y).unwrap_or_else(|e| panic!("fused cross-entropy: {e:#}"));
-        }
         // Under autocast the logits are bf16/fp16; the softmax and the mean run in fp32.
-        match flat.kind() {
-            Kind::BFloat16 | Kind::Half => cross_entropy(&flat.to_kind(Kind::Float), &y, 0.0),
-            _ => cross_entropy(&flat, &y, 0.0),
-        }
+        crate::nn::loss::next_token_loss(&self.forward(idx, train), targets, fused)
     }
 }
 

@@ -623,11 +623,6 @@ impl super::LanguageModel for Llama {
     /// instruction tuning). `train` is unused (no dropout); `fused` selects the fused loss kernel.
     fn loss(&self, x: &Tensor, y: &Tensor, _train: bool, fused: bool) -> Tensor {
         let logits = self.forward(x).unwrap_or_else(|e| panic!("Llama forward: {e:#}"));
-        let v = self.cfg.vocab_size;
-        let (flat, t) = (logits.view([-1, v]), y.reshape([-1]));
-        if fused {
-            return crate::ops::cross_entropy(&flat, &t).unwrap_or_else(|e| panic!("fused cross-entropy: {e:#}"));
-        }
-        crate::nn::loss::cross_entropy(&flat.to_kind(Kind::Float), &t, 0.0)
+        crate::nn::loss::next_token_loss(&logits, y, fused)
     }
 }

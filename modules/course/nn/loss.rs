@@ -12,6 +12,23 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, label_smoothing: f64) -> 
     logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::Mean, IGNORE_INDEX, label_smoothing)
 }
 
+/// Mean next-token cross-entropy of language-model logits `(..., V)` against targets `(...)`:
+/// through the fused kernel (`ops::cross_entropy`) when `fused`, else [`cross_entropy`] in fp32
+/// for bf16/fp16 logits (f64 stays f64). Targets of -100 leave the mean. Shapes and dtypes are
+/// the model's own, so a kernel error (a target out of range) panics with its message, as tch's
+/// own ops do in a forward pass.
+pub fn next_token_loss(logits: &Tensor, targets: &Tensor, fused: bool) -> Tensor {
+    let v = logits.size().last().copied().unwrap_or(1);
+    let (flat, y) = (logits.view([-1, v]), targets.reshape([-1]));
+    if fused {
+        return crate::ops::cross_entropy(&flat, &y).unwrap_or_else(|e| panic!("fused cross-entropy: {e:#}"));
+    }
+    match flat.kind() {
+        Kind::BFloat16 | Kind::Half => cross_entropy(&flat.to_kind(Kind::Float), &y, 0.0),
+        _ => cross_entropy(&flat, &y, 0.0),
+    }
+}
+
 /// Mean squared error.
 pub fn mse(pred: &Tensor, target: &Tensor) -> Tensor {
     pred.mse_loss(target, Reduction::Mean)
