@@ -44,6 +44,7 @@ const CPP_SOURCES: &[&str] = &[
     "kernels/ops/bias_gelu.cpp",
     "kernels/ops/adamw.cpp",
     "kernels/ops/linear.cpp",
+    "kernels/ops/llama.cpp",
     "kernels/runtime/shim.cpp",
     "kernels/runtime/profiler.cpp",
     "kernels/runtime/recompute.cpp",
@@ -56,8 +57,12 @@ const C10D_SOURCES: &[&str] = &["kernels/dist/c10d.cpp", "kernels/dist/sync_batc
 /// ProcessGroupNCCL (feature `cuda`): needs the CUDA runtime and NCCL headers from the wheel.
 const NCCL_SOURCES: &[&str] = &["kernels/dist/c10d_nccl.cpp"];
 /// Sources compiled once per CPU_VARIANTS entry.
-const CPU_KERNEL_SOURCES: &[&str] =
-    &["kernels/ops/bias_gelu_cpu.cpp", "kernels/ops/cross_entropy_cpu.cpp", "kernels/ops/gemv_cpu.cpp"];
+const CPU_KERNEL_SOURCES: &[&str] = &[
+    "kernels/ops/bias_gelu_cpu.cpp",
+    "kernels/ops/cross_entropy_cpu.cpp",
+    "kernels/ops/gemv_cpu.cpp",
+    "kernels/ops/llama_cpu.cpp",
+];
 /// CUDA sources (feature `cuda`).
 const CUDA_SOURCES: &[&str] =
     &["kernels/ops/bias_gelu.cu", "kernels/ops/cross_entropy.cu", "kernels/runtime/cuda_graph.cu"];

@@ -1,5 +1,5 @@
 // Run-time choice among the CPU kernels compiled once per instruction set (build.rs compiles
-// bias_gelu_cpu.cpp, cross_entropy_cpu.cpp and gemv_cpu.cpp with CPU_CAPABILITY = DEFAULT, AVX2 and AVX512), following ATen's own
+// bias_gelu_cpu.cpp, cross_entropy_cpu.cpp, gemv_cpu.cpp and llama_cpu.cpp with CPU_CAPABILITY = DEFAULT, AVX2 and AVX512), following ATen's own
 // dispatch: at::get_cpu_capability() reads the CPU and honours ATEN_CPU_CAPABILITY.
 #pragma once
 #include <ATen/Version.h>
@@ -40,6 +40,17 @@ inline Isa cpu_isa() {
   /* gemv_cpu.cpp: y (M, N) = x (M, K) w (N, K)^T for a few rows of x, fp32 accumulation */            \
   template <typename T>                                                                                \
   void skinny_matmul(const T* x, const T* w, T* y, int64_t M, int64_t N, int64_t K);                   \
+  /* llama_cpu.cpp: x (M, C); residual (M, C) or null, added into x first; y = rmsnorm(x) w */          \
+  template <typename T>                                                                                \
+  void rms_norm_rows(T* x, const T* residual, const T* w, T* y, int64_t M, int64_t C, float eps);      \
+  /* gu (M, 2F) = [gate | up] -> y (M, F) = silu(gate) * up */                                          \
+  template <typename T>                                                                                \
+  void swiglu_rows(const T* gu, T* y, int64_t M, int64_t F);                                           \
+  /* qkv (B, (H + 2 KV) hd); cos/sin (P, hd); caches (B, KV, cap, hd); pos (B); y (B, H hd) */          \
+  template <typename T, typename C>                                                                    \
+  void decode_attention(const T* qkv, const T* cos, const T* sin, C* cache_k, C* cache_v,              \
+                        const int64_t* pos, T* y, int64_t B, int64_t H, int64_t KV, int64_t hd,        \
+                        int64_t cap);                                                                  \
   }
 
 COURSE_DECLARE_CPU_KERNELS(DEFAULT)

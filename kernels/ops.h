@@ -131,6 +131,18 @@ char* course_skinny_matmul(course_tensor input, course_tensor weight, course_ten
 // 1 when course_linear would run oneDNN for this input, 0 when it runs at::linear.
 int course_linear_uses_onednn(course_tensor input);
 
+// The Llama decoder's small ops outside autograd (kernels/ops/llama.cpp), CPU, fp32 or bf16.
+// rmsnorm(x) * weight over the last dimension; with residual non-NULL, x += residual first (in
+// place: x then holds the sum).
+char* course_rms_norm(course_tensor x, course_tensor residual, course_tensor weight, double eps, course_tensor* out);
+// gate_up (..., 2F) -> silu(gate_up[..., :F]) * gate_up[..., F:].
+char* course_swiglu(course_tensor gate_up, course_tensor* out);
+// New tokens' attention over a KV cache: qkv (B, 1, (H + 2 KV) hd) of a packed projection, cos/sin
+// (P, hd) rotary tables, caches (B, KV, cap, hd) written at positions (B) int64, out (B, 1, H hd).
+char* course_decode_attention(course_tensor qkv, course_tensor cos, course_tensor sin, course_tensor cache_k,
+                              course_tensor cache_v, course_tensor positions, int64_t heads, int64_t kv_heads,
+                              course_tensor* out);
+
 // Fused bias + GELU as an autograd function: gradients flow to input and bias.
 char* course_bias_gelu(course_tensor input, course_tensor bias, course_tensor* out);
 // The raw kernels, without autograd (for benchmarks and direct tests).

@@ -8,6 +8,9 @@ use course::ops::{cross_entropy, cross_entropy_backward, cross_entropy_forward, 
 use course::sys::rng::Rng;
 use tch::{Device, Kind, Tensor};
 
+mod common;
+use common::run_under_every_cpu_variant;
+
 /// The CPU, plus CUDA device 0 where one is visible (and the CUDA kernels are built).
 fn devices() -> Vec<Device> {
     let mut d = vec![Device::Cpu];
@@ -126,36 +129,6 @@ fn f32_agrees_with_tch_unfused_in_f32() {
     // The comparison a user makes: same dtype, tch's own kernels.
     let (x, b) = inputs(&[64, 768], Kind::Float, 7, Device::Cpu);
     assert_close("f32 vs tch f32", &bias_gelu(&x, &b).unwrap(), &bias_gelu_reference(&x, &b), 2e-6, 1e-5);
-}
-
-/// Reruns the named tests in a child process under each CPU capability this machine supports:
-/// ATen's dispatch (and ours) reads ATEN_CPU_CAPABILITY once per process.
-fn run_under_every_cpu_variant(tests: &[&str]) {
-    if std::env::var("COURSE_VARIANT_CHILD").is_ok() {
-        return;
-    }
-    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let has = |f: &str| flags.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|w| w == f));
-    let mut caps = vec!["default"];
-    if cfg!(target_arch = "x86_64") && has("avx2") && has("fma") {
-        caps.push("avx2");
-    }
-    if cfg!(target_arch = "x86_64") && has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq") {
-        caps.push("avx512");
-    }
-    let exe = std::env::current_exe().unwrap();
-    for cap in caps {
-        let out = std::process::Command::new(&exe)
-            .arg("--exact")
-            .args(tests)
-            .env("ATEN_CPU_CAPABILITY", cap)
-            .env("COURSE_VARIANT_CHILD", "1")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let want = format!("{} passed", tests.len());
-        assert!(out.status.success() && text.contains(&want), "capability {cap}:\n{text}");
-    }
 }
 
 #[test]

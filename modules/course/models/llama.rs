@@ -11,6 +11,7 @@
 use crate::io::gguf::GgufFile;
 use crate::io::hf::{self, ModelDir};
 use crate::nn::norm::{rms_norm, RmsNorm};
+use crate::ops;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -299,6 +300,8 @@ pub struct Llama {
     lm_head: Option<Tensor>,
     rope: Rope,
     device: Device,
+    /// Take the fused CPU ops of `ops::llama` where they apply (see [`Llama::set_fused`]).
+    fused: bool,
 }
 
 impl Llama {
@@ -313,6 +316,7 @@ impl Llama {
             lm_head: (!cfg.tie_word_embeddings).then(|| weight(vs / "lm_head", cfg.vocab_size, cfg.hidden_size)),
             rope: Rope::new(cfg, vs.device()),
             device: vs.device(),
+            fused: true,
             cfg: cfg.clone(),
         })
     }
@@ -419,6 +423,9 @@ impl Llama {
             );
         }
         let mut x = Tensor::embedding(&self.embed, ids, -1, false, false); // (B, T, C), the weights' dtype
+        if self.fused_applies(&x)? {
+            return self.hidden_fused(x, start, cache);
+        }
         for l in 0..self.layers.len() {
             let layer = &self.layers[l];
             let a = self.attention(l, &layer.input_layernorm.forward(&x), start, cache.as_deref_mut());
@@ -438,6 +445,84 @@ impl Llama {
             c.len = start + t;
         }
         Ok(self.norm.forward(&x))
+    }
+
+    /// Switches the fused CPU ops (`ops::llama`: RMSNorm with the residual add, SwiGLU, and a
+    /// new token's RoPE + cache write + attention in one op each) on or off. On by default; they
+    /// apply on the CPU in fp32 or bf16 to a packed model whose weights are frozen, outside
+    /// autocast. Off, the model runs the plain tch ops they replace (their references).
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    fn fused_applies(&self, x: &Tensor) -> Result<bool> {
+        if !self.fused || self.device != Device::Cpu || !matches!(self.kind(), Kind::Float | Kind::BFloat16) {
+            return Ok(false);
+        }
+        let frozen = |t: &Tensor| !t.requires_grad();
+        let layers_ok = self.layers.iter().all(|l| {
+            l.qkv.is_some()
+                && l.gate_up.is_some()
+                && [
+                    &l.q,
+                    &l.k,
+                    &l.v,
+                    &l.o,
+                    &l.gate,
+                    &l.up,
+                    &l.down,
+                    &l.input_layernorm.ws,
+                    &l.post_attention_layernorm.ws,
+                ]
+                .into_iter()
+                .all(frozen)
+        });
+        Ok(layers_ok && frozen(&self.norm.ws) && frozen(x) && !crate::sys::runtime::autocast_state(self.device)?.0)
+    }
+
+    /// [`Self::hidden`] through `ops::llama`: per layer two fused norms, SwiGLU, and for single
+    /// new tokens over a cache the fused attention, between the four matrix products. Prompts
+    /// (several new tokens) keep SDPA for their attention.
+    fn hidden_fused(&self, mut x: Tensor, start: i64, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (h, kv, eps) = (c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps);
+        let positions = Tensor::full([b], start, (Kind::Int64, Device::Cpu));
+        let one_token = t == 1 && cache.is_some();
+        let mut pending: Option<Tensor> = None; // the last MLP output, not yet added to x
+        for (l, layer) in self.layers.iter().enumerate() {
+            let hn = match pending.take() {
+                None => ops::rms_norm(&x, &layer.input_layernorm.ws, eps)?,
+                Some(d) => ops::add_rms_norm_(&mut x, &d, &layer.input_layernorm.ws, eps)?,
+            };
+            let a = if one_token {
+                let cache = cache.as_deref_mut().expect("one_token implies a cache");
+                let qkv = lin(&hn, layer.qkv.as_ref().expect("fused_applies checked qkv"));
+                let y = ops::decode_attention(
+                    &qkv,
+                    &self.rope.cos,
+                    &self.rope.sin,
+                    &mut cache.k[l],
+                    &mut cache.v[l],
+                    &positions,
+                    h,
+                    kv,
+                )?;
+                lin(&y, &layer.o)
+            } else {
+                self.attention(l, &hn, start, cache.as_deref_mut())
+            };
+            let hn = ops::add_rms_norm_(&mut x, &a, &layer.post_attention_layernorm.ws, eps)?;
+            let gu = lin(&hn, layer.gate_up.as_ref().expect("fused_applies checked gate_up"));
+            pending = Some(lin(&ops::swiglu(&gu)?, &layer.down));
+        }
+        if let Some(c) = cache {
+            c.len = start + t;
+        }
+        match pending {
+            Some(d) => ops::add_rms_norm_(&mut x, &d, &self.norm.ws, eps),
+            None => ops::rms_norm(&x, &self.norm.ws, eps),
+        }
     }
 
     /// Logits `(..., V)` of hidden states `(..., C)`.

@@ -1,5 +1,5 @@
 //! Normalisation layers that tch's `nn` lacks: LayerNorm with an optional bias (GPT-2 with
-//! `bias: false`, Llama's RMSNorm to come). SyncBatchNorm needs a process group and lives in
+//! `bias: false`) and Llama's RMSNorm. SyncBatchNorm needs a process group and lives in
 //! `dist::ddp`; models take their batch norm from a factory so they need not know.
 
 use tch::nn;
@@ -48,10 +48,7 @@ impl RmsNorm {
             // ATen's rms_norm: one op, and in fp32 the same arithmetic as the steps below.
             return x.rms_norm([self.ws.size()[0]], Some(&self.ws), self.eps);
         }
-        let xf = x.to_kind(tch::Kind::Float);
-        let var = xf.square().mean_dim(-1, true, tch::Kind::Float);
-        let normed = (xf * (var + self.eps).rsqrt()).to_kind(kind);
-        &self.ws * normed
+        crate::ops::rms_norm_reference(x, &self.ws, self.eps)
     }
 }
 

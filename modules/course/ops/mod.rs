@@ -5,9 +5,13 @@ pub mod adamw;
 pub mod bias_gelu;
 pub mod cross_entropy;
 pub mod linear;
+pub mod llama;
 
 pub use bias_gelu::{bias_gelu, bias_gelu_backward, bias_gelu_forward, bias_gelu_reference};
 pub use cross_entropy::{
     cross_entropy, cross_entropy_backward, cross_entropy_forward, cross_entropy_reference, IGNORE_INDEX,
 };
 pub use linear::{linear, linear_reference, linear_uses_onednn, skinny_matmul};
+pub use llama::{
+    add_rms_norm_, decode_attention, decode_attention_reference, rms_norm, rms_norm_reference, swiglu, swiglu_reference,
+};

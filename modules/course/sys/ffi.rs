@@ -67,6 +67,20 @@ extern "C" {
     pub fn course_linear(input: CTensor, weight: CTensor, bias: CTensor, out: *mut CTensor) -> *mut c_char;
     pub fn course_linear_uses_onednn(input: CTensor) -> c_int;
     pub fn course_skinny_matmul(input: CTensor, weight: CTensor, out: *mut CTensor) -> *mut c_char;
+    pub fn course_rms_norm(x: CTensor, residual: CTensor, weight: CTensor, eps: f64, out: *mut CTensor) -> *mut c_char;
+    pub fn course_swiglu(gate_up: CTensor, out: *mut CTensor) -> *mut c_char;
+    #[allow(clippy::too_many_arguments)]
+    pub fn course_decode_attention(
+        qkv: CTensor,
+        cos: CTensor,
+        sin: CTensor,
+        cache_k: CTensor,
+        cache_v: CTensor,
+        positions: CTensor,
+        heads: i64,
+        kv_heads: i64,
+        out: *mut CTensor,
+    ) -> *mut c_char;
     #[allow(clippy::too_many_arguments)]
     pub fn course_fused_adamw(
         params: *const CTensor,

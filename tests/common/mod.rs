@@ -1,0 +1,31 @@
+//! Helpers shared by test binaries (each includes this with `mod common;`).
+
+/// Reruns the named tests in a child process under each CPU capability this machine supports:
+/// ATen's dispatch (and ours) reads ATEN_CPU_CAPABILITY once per process.
+pub fn run_under_every_cpu_variant(tests: &[&str]) {
+    if std::env::var("COURSE_VARIANT_CHILD").is_ok() {
+        return;
+    }
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |f: &str| flags.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|w| w == f));
+    let mut caps = vec!["default"];
+    if cfg!(target_arch = "x86_64") && has("avx2") && has("fma") {
+        caps.push("avx2");
+    }
+    if cfg!(target_arch = "x86_64") && has("avx512f") && has("avx512bw") && has("avx512vl") && has("avx512dq") {
+        caps.push("avx512");
+    }
+    let exe = std::env::current_exe().unwrap();
+    for cap in caps {
+        let out = std::process::Command::new(&exe)
+            .arg("--exact")
+            .args(tests)
+            .env("ATEN_CPU_CAPABILITY", cap)
+            .env("COURSE_VARIANT_CHILD", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let want = format!("{} passed", tests.len());
+        assert!(out.status.success() && text.contains(&want), "capability {cap}:\n{text}");
+    }
+}
