@@ -7,12 +7,15 @@
 
 use course::infer::generate::{apply_repetition_penalty, generate_cached, FinishReason, GenerateConfig, TextStream};
 use course::infer::{generate, ChatModel, Message, Sampling};
-use course::models::llama::{permute_rope_rows, unpermute_rope_rows, Llama, LlamaConfig};
+use course::models::llama::{permute_rope_rows, unpermute_rope_rows, Llama};
 use course::models::LanguageModel;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use tch::nn::{OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
+
+mod common;
+use common::tiny_llama as tiny;
 
 const MODEL: &str = "data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -285,29 +288,6 @@ fn a_gguf_we_write_is_read_back_by_us_and_by_transformers() {
     let again = generate_cached(&back.model, &back.tokenizer, &prompt, &cfg, &mut |_| Ok(())).unwrap();
     assert!(again.text.contains("Paris"), "{:?}", again.text);
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-fn tiny() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 40,
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: None,
-        max_position_embeddings: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: true,
-        bos_token_id: None,
-        eos_token_id: None,
-        pad_token_id: None,
-        hidden_act: "silu".into(),
-        attention_bias: false,
-        mlp_bias: false,
-        architectures: vec![],
-    }
 }
 
 #[test]

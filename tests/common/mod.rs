@@ -1,4 +1,5 @@
-//! Helpers shared by test binaries (each includes this with `mod common;`).
+//! Helpers shared by test binaries (each includes this with `mod common;` and uses what it needs).
+#![allow(dead_code)]
 
 /// Reruns the named tests in a child process under each CPU capability this machine supports:
 /// ATen's dispatch (and ours) reads ATEN_CPU_CAPABILITY once per process.
@@ -27,5 +28,29 @@ pub fn run_under_every_cpu_variant(tests: &[&str]) {
         let text = String::from_utf8_lossy(&out.stdout);
         let want = format!("{} passed", tests.len());
         assert!(out.status.success() && text.contains(&want), "capability {cap}:\n{text}");
+    }
+}
+
+/// A two-layer Llama of width 32 (4 query heads, 2 kv heads) over 40 tokens.
+pub fn tiny_llama() -> course::models::llama::LlamaConfig {
+    course::models::llama::LlamaConfig {
+        vocab_size: 40,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: None,
+        max_position_embeddings: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_id: None,
+        pad_token_id: None,
+        hidden_act: "silu".into(),
+        attention_bias: false,
+        mlp_bias: false,
+        architectures: vec![],
     }
 }

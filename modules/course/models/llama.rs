@@ -10,6 +10,8 @@
 
 use crate::io::gguf::GgufFile;
 use crate::io::hf::{self, ModelDir};
+use crate::io::peft::{Adapter, AdapterConfig, TargetMatcher};
+use crate::nn::lora::{Lora, LoraSpec};
 use crate::nn::norm::{rms_norm, RmsNorm};
 use crate::ops;
 use anyhow::{bail, Context, Result};
@@ -234,6 +236,65 @@ struct Layer {
     /// the named weights are views into these.
     qkv: Option<Tensor>,
     gate_up: Option<Tensor>,
+    /// LoRA updates by projection, in [`LORA_TARGETS`]' order (see [`Llama::add_lora`]).
+    lora: [Option<Lora>; 7],
+}
+
+/// The Llama's linear layers that LoRA can adapt, by peft's names, in [`Layer`]'s order.
+pub const LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+/// The module name of layer `l`'s projection `p` (an index into [`LORA_TARGETS`]), as Hugging
+/// Face names it: `model.layers.3.self_attn.q_proj`.
+fn module_name(l: usize, p: usize) -> String {
+    let block = if p <= O { "self_attn" } else { "mlp" };
+    format!("model.layers.{l}.{block}.{}", LORA_TARGETS[p])
+}
+
+/// What [`Llama::add_lora`] adapted.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoraSummary {
+    /// Module names of the adapted layers.
+    pub modules: Vec<String>,
+    /// Numbers in A and B.
+    pub trainable: i64,
+    /// Numbers in the base model.
+    pub base: i64,
+}
+
+impl LoraSummary {
+    /// Trainable share of all numbers (base + adapter), in percent, as peft's
+    /// `print_trainable_parameters` reports it.
+    pub fn trainable_pct(&self) -> f64 {
+        100.0 * self.trainable as f64 / (self.base + self.trainable) as f64
+    }
+}
+
+impl std::fmt::Display for LoraSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4} ({} layers adapted)",
+            self.trainable,
+            self.base + self.trainable,
+            self.trainable_pct(),
+            self.modules.len()
+        )
+    }
+}
+
+/// `base_out` plus the update of `lora` for the input `x`, when there is one.
+fn adapt(base_out: Tensor, lora: Option<&Lora>, x: &Tensor, train: bool) -> Tensor {
+    match lora {
+        Some(l) => l.add_to(&base_out, x, train),
+        None => base_out,
+    }
 }
 
 /// `x @ w.T` through `ops::linear`: oneDNN for fp32 GEMMs, the few-row kernel when decoding,
@@ -286,6 +347,7 @@ impl Layer {
             down: weight(&m / "down_proj", d, f),
             qkv: None,
             gate_up: None,
+            lora: Default::default(),
         }
     }
 }
@@ -302,6 +364,10 @@ pub struct Llama {
     device: Device,
     /// Take the fused CPU ops of `ops::llama` where they apply (see [`Llama::set_fused`]).
     fused: bool,
+    /// The LoRA adapter's config, once [`Llama::add_lora`] ran.
+    adapter: Option<AdapterConfig>,
+    /// The updates are folded into the base weights ([`Llama::merge_lora`]): the forward skips them.
+    lora_merged: bool,
 }
 
 impl Llama {
@@ -317,6 +383,8 @@ impl Llama {
             rope: Rope::new(cfg, vs.device()),
             device: vs.device(),
             fused: true,
+            adapter: None,
+            lora_merged: false,
             cfg: cfg.clone(),
         })
     }
@@ -357,7 +425,31 @@ impl Llama {
         }
     }
 
-    fn attention(&self, l: usize, x: &Tensor, start: i64, cache: Option<&mut KvCache>) -> Tensor {
+    /// The LoRA update of layer `l`'s projection `p`, unless there is none or it is merged.
+    fn lora(&self, l: usize, p: usize) -> Option<&Lora> {
+        if self.lora_merged {
+            None
+        } else {
+            self.layers[l].lora[p].as_ref()
+        }
+    }
+
+    /// The stacked product `x [W_1; W_2; ...]ᵀ` (`widths` its column blocks) with each block's
+    /// LoRA update `projs[i]` added.
+    fn adapt_stacked(&self, l: usize, out: Tensor, x: &Tensor, projs: &[usize], widths: &[i64], train: bool) -> Tensor {
+        if projs.iter().all(|&p| self.lora(l, p).is_none()) {
+            return out;
+        }
+        let mut parts = Vec::with_capacity(projs.len());
+        let mut at = 0;
+        for (&p, &w) in projs.iter().zip(widths) {
+            parts.push(adapt(out.narrow(-1, at, w), self.lora(l, p), x, train));
+            at += w;
+        }
+        Tensor::cat(&parts, -1)
+    }
+
+    fn attention(&self, l: usize, x: &Tensor, start: i64, cache: Option<&mut KvCache>, train: bool) -> Tensor {
         let c = &self.cfg;
         let layer = &self.layers[l];
         let (b, t) = (x.size()[0], x.size()[1]);
@@ -366,14 +458,17 @@ impl Llama {
         let (q, k, v) = match &layer.qkv {
             // One product for q, k and v, and one rotation for q and k together.
             Some(qkv) if !layer.q.requires_grad() => {
-                let all = lin(x, qkv).view([b, t, h + 2 * kv, hd]).transpose(1, 2);
+                let all = self.adapt_stacked(l, lin(x, qkv), x, &[Q, K, V], &[h * hd, kv * hd, kv * hd], train);
+                let all = all.view([b, t, h + 2 * kv, hd]).transpose(1, 2);
                 let qk = self.rope.apply(&all.narrow(1, 0, h + kv), start);
                 (qk.narrow(1, 0, h), qk.narrow(1, h, kv), all.narrow(1, h + kv, kv))
             }
             _ => {
-                let heads = |w: &Tensor, n: i64| lin(x, w).view([b, t, n, hd]).transpose(1, 2);
-                let q = self.rope.apply(&heads(&layer.q, h), start);
-                (q, self.rope.apply(&heads(&layer.k, kv), start), heads(&layer.v, kv))
+                let heads = |w: &Tensor, p: usize, n: i64| {
+                    adapt(lin(x, w), self.lora(l, p), x, train).view([b, t, n, hd]).transpose(1, 2)
+                };
+                let q = self.rope.apply(&heads(&layer.q, Q, h), start);
+                (q, self.rope.apply(&heads(&layer.k, K, kv), start), heads(&layer.v, V, kv))
             }
         };
         // Causal: a query at position start+i sees keys 0..=start+i. With no earlier positions
@@ -405,12 +500,18 @@ impl Llama {
             }
             None => sdpa(&q, &k, &v),
         };
-        lin(&y.transpose(1, 2).contiguous().view([b, t, c.num_attention_heads * hd]), &layer.o)
+        let y = y.transpose(1, 2).contiguous().view([b, t, c.num_attention_heads * hd]);
+        adapt(lin(&y, &layer.o), self.lora(l, O), &y, train)
     }
 
     /// Final hidden states `(B, T, C)` for `ids` `(B, T)`. With a cache the tokens continue the
     /// cached positions and their keys and values are added to it.
-    pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.hidden_t(ids, cache, false)
+    }
+
+    /// [`Self::hidden`], with LoRA's dropout on when `train` is set.
+    fn hidden_t(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
         let t = ids.size()[1];
         let start = cache.as_ref().map_or(0, |c| c.len);
         let limit = cache.as_ref().map_or(self.cfg.max_position_embeddings, |c| c.capacity);
@@ -428,18 +529,21 @@ impl Llama {
         }
         for l in 0..self.layers.len() {
             let layer = &self.layers[l];
-            let a = self.attention(l, &layer.input_layernorm.forward(&x), start, cache.as_deref_mut());
+            let a = self.attention(l, &layer.input_layernorm.forward(&x), start, cache.as_deref_mut(), train);
             x = x + a;
             let h = layer.post_attention_layernorm.forward(&x);
+            let f = self.cfg.intermediate_size;
             let g = match &layer.gate_up {
                 Some(gu) if !layer.gate.requires_grad() => {
-                    let f = self.cfg.intermediate_size;
-                    let gu = lin(&h, gu);
+                    let gu = self.adapt_stacked(l, lin(&h, gu), &h, &[GATE, UP], &[f, f], train);
                     gu.narrow(-1, 0, f).silu() * gu.narrow(-1, f, f)
                 }
-                _ => lin(&h, &layer.gate).silu() * lin(&h, &layer.up),
+                _ => {
+                    let gate = adapt(lin(&h, &layer.gate), self.lora(l, GATE), &h, train);
+                    gate.silu() * adapt(lin(&h, &layer.up), self.lora(l, UP), &h, train)
+                }
             };
-            x = &x + lin(&g, &layer.down);
+            x = &x + adapt(lin(&g, &layer.down), self.lora(l, DOWN), &g, train);
         }
         if let Some(c) = cache {
             c.len = start + t;
@@ -456,7 +560,12 @@ impl Llama {
     }
 
     fn fused_applies(&self, x: &Tensor) -> Result<bool> {
-        if !self.fused || self.device != Device::Cpu || !matches!(self.kind(), Kind::Float | Kind::BFloat16) {
+        let lora_active = self.adapter.is_some() && !self.lora_merged;
+        if !self.fused
+            || lora_active
+            || self.device != Device::Cpu
+            || !matches!(self.kind(), Kind::Float | Kind::BFloat16)
+        {
             return Ok(false);
         }
         let frozen = |t: &Tensor| !t.requires_grad();
@@ -510,7 +619,7 @@ impl Llama {
                 )?;
                 lin(&y, &layer.o)
             } else {
-                self.attention(l, &hn, start, cache.as_deref_mut())
+                self.attention(l, &hn, start, cache.as_deref_mut(), false)
             };
             let hn = ops::add_rms_norm_(&mut x, &a, &layer.post_attention_layernorm.ws, eps)?;
             let gu = lin(&hn, layer.gate_up.as_ref().expect("fused_applies checked gate_up"));
@@ -532,7 +641,12 @@ impl Llama {
 
     /// Logits `(B, T, V)` of every position, without a cache.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.head(&self.hidden(ids, None)?))
+        self.forward_t(ids, false)
+    }
+
+    /// [`Self::forward`], with LoRA's dropout on when `train` is set.
+    pub fn forward_t(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.head(&self.hidden_t(ids, None, train)?))
     }
 
     /// Runs `ids` `(B, T)` through the model on top of `cache` and returns the logits of the
@@ -592,6 +706,124 @@ impl Llama {
             l.qkv = Some(qkv);
             l.gate_up = Some(gu);
         }
+    }
+
+    /// Layer `l`'s base weight of projection `p` (`(out, in)`).
+    fn base_weight(&self, l: usize, p: usize) -> &Tensor {
+        let x = &self.layers[l];
+        [&x.q, &x.k, &x.v, &x.o, &x.gate, &x.up, &x.down][p]
+    }
+
+    /// Adds a LoRA update to every linear layer that `cfg.target_modules` names (peft's rule,
+    /// e.g. `q_proj,v_proj` or `all-linear`), its A and B created under `vs` by peft's keys
+    /// (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`) and initialised as
+    /// peft does (B = 0: the model is unchanged until B trains). Put `vs` in a VarStore of its own
+    /// (fp32, the base frozen apart from it): its variables are then exactly the adapter.
+    pub fn add_lora(&mut self, vs: &nn::Path, cfg: &AdapterConfig) -> Result<LoraSummary> {
+        cfg.check("LoRA config")?;
+        if self.adapter.is_some() {
+            bail!("the model already has a LoRA adapter (one at a time)");
+        }
+        let matcher = TargetMatcher::new(&cfg.target_modules)?;
+        if matcher.matches("lm_head", true)
+            && !matches!(&cfg.target_modules, crate::io::peft::TargetModules::Pattern(p) if p == "all-linear")
+        {
+            bail!(
+                "target_modules {:?} names lm_head: the output head is tied to the embeddings here and is not adapted",
+                cfg.target_modules
+            );
+        }
+        let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, rslora: cfg.use_rslora };
+        let root = vs / "base_model" / "model";
+        let mut modules = vec![];
+        let mut trainable = 0;
+        for l in 0..self.layers.len() {
+            for p in 0..LORA_TARGETS.len() {
+                let name = module_name(l, p);
+                if !matcher.matches(&name, false) {
+                    continue;
+                }
+                let w = self.base_weight(l, p).size();
+                let path = name.split('.').fold(root.clone(), |path, part| &path / part);
+                let lora = Lora::new(&path, w[1], w[0], spec);
+                trainable += lora.num_params();
+                self.layers[l].lora[p] = Some(lora);
+                modules.push(name);
+            }
+        }
+        if modules.is_empty() {
+            bail!(
+                "target_modules {:?} matched no linear layer of the Llama (its layers are {}, as in {})",
+                cfg.target_modules,
+                LORA_TARGETS.join(", "),
+                module_name(0, 0)
+            );
+        }
+        self.adapter = Some(cfg.clone());
+        let base = self.cfg.num_params();
+        Ok(LoraSummary { modules, trainable, base })
+    }
+
+    /// Adds the adapter read from a peft folder (`io::peft::read_adapter`) under `vs` and copies
+    /// its A and B in, strictly: a missing, extra or misshapen tensor is an error naming it.
+    pub fn load_adapter(&mut self, vs: &mut VarStore, adapter: &Adapter, source: &str) -> Result<LoraSummary> {
+        let summary = self.add_lora(&vs.root(), &adapter.config)?;
+        crate::io::safetensors::copy_strict(vs, &adapter.tensors, &[], source)?;
+        Ok(summary)
+    }
+
+    /// The adapter's config, once one was added.
+    pub fn adapter(&self) -> Option<&AdapterConfig> {
+        self.adapter.as_ref()
+    }
+
+    /// Folds each update into its base weight (`W += B A · s`), so the forward costs what the
+    /// base model's does; [`Self::unmerge_lora`] takes it out again. Merging into bf16 weights
+    /// rounds, so unmerging gives the base back only to bf16's precision (as in peft).
+    pub fn merge_lora(&mut self) -> Result<()> {
+        self.fold_lora(1.0, true)
+    }
+
+    /// Undoes [`Self::merge_lora`].
+    pub fn unmerge_lora(&mut self) -> Result<()> {
+        self.fold_lora(-1.0, false)
+    }
+
+    /// Takes the adapter off (unmerging it first if it was merged): the base model again, as
+    /// peft's `unload()`. The adapter's variables stay in their VarStore.
+    pub fn remove_lora(&mut self) -> Result<()> {
+        if self.adapter.is_none() {
+            bail!("the model has no LoRA adapter to remove");
+        }
+        if self.lora_merged {
+            self.unmerge_lora()?;
+        }
+        for l in &mut self.layers {
+            l.lora = Default::default();
+        }
+        self.adapter = None;
+        Ok(())
+    }
+
+    fn fold_lora(&mut self, sign: f64, merge: bool) -> Result<()> {
+        if self.adapter.is_none() {
+            bail!("the model has no LoRA adapter to {}", if merge { "merge" } else { "unmerge" });
+        }
+        if self.lora_merged == merge {
+            bail!("the LoRA adapter is already {}", if merge { "merged" } else { "unmerged" });
+        }
+        let _g = tch::no_grad_guard();
+        for l in 0..self.layers.len() {
+            for p in 0..LORA_TARGETS.len() {
+                if let Some(lora) = &self.layers[l].lora[p] {
+                    let mut w = self.base_weight(l, p).shallow_clone();
+                    let d = (lora.dense() * sign).to_kind(w.kind());
+                    let _ = w.g_add_(&d);
+                }
+            }
+        }
+        self.lora_merged = merge;
+        Ok(())
     }
 
     /// Loads a model directory written by [`Llama::save`] (or any Hugging Face Llama folder with
@@ -705,9 +937,9 @@ impl super::CausalLm for Llama {
 
 impl super::LanguageModel for Llama {
     /// Mean next-token cross-entropy in fp32; targets of -100 leave the mean (the prompt in
-    /// instruction tuning). `train` is unused (no dropout); `fused` selects the fused loss kernel.
-    fn loss(&self, x: &Tensor, y: &Tensor, _train: bool, fused: bool) -> Tensor {
-        let logits = self.forward(x).unwrap_or_else(|e| panic!("Llama forward: {e:#}"));
+    /// instruction tuning). `train` turns LoRA's dropout on; `fused` selects the fused loss kernel.
+    fn loss(&self, x: &Tensor, y: &Tensor, train: bool, fused: bool) -> Tensor {
+        let logits = self.forward_t(x, train).unwrap_or_else(|e| panic!("Llama forward: {e:#}"));
         crate::nn::loss::next_token_loss(&logits, y, fused)
     }
 }
