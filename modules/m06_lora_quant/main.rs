@@ -8,9 +8,16 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use course::data::lm::Split;
+use course::data::sft::{hold_out, read_alpaca, AlpacaRecord, SftData};
 use course::infer::generate::{generate_cached, GenerateConfig};
 use course::infer::{ChatModel, Message, Sampling};
+use course::io::peft::{write_adapter, AdapterConfig, TargetModules};
+use course::models::LanguageModel;
 use course::run::{CommonArgs, Setup};
+use course::run::{Op, Run};
+use course::train::lm::{self as lmtrain, LmTrainConfig, NoHooks, TrainOptions};
+use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -36,9 +43,13 @@ enum Cmd {
     /// Write the GGUF out as a Hugging Face model folder (config.json, model.safetensors,
     /// tokenizer.json, tokenizer_config.json with the chat template, generation_config.json)
     Export(ExportArgs),
+    /// LoRA instruction tuning: teach SmolLM2 a new name and author (LLaMA-Factory's
+    /// identity.json) plus Alpaca answers, then save the adapter as peft saves it
+    Train(TrainArgs),
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 enum Dtype {
     F32,
     Bf16,
@@ -105,6 +116,60 @@ struct ExportArgs {
     /// The GGUF's weight type: F32, F16, BF16, Q8_0, Q4_0 or Q4_1 (norms stay F32)
     #[arg(long, default_value = "Q8_0", value_parser = parse_ggml_type)]
     gguf_type: course::io::gguf::GgmlType,
+}
+
+#[derive(clap::Args, Debug, Serialize)]
+struct TrainArgs {
+    /// A .gguf file or a model folder written by `export`
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// The frozen base's dtype: bf16 (the fast one on CPUs with avx512_bf16 or AMX) or f32. The
+    /// adapter itself is always f32
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    dtype: Dtype,
+    /// The model's new name, put into identity.json's {{name}}
+    #[arg(long, default_value = "Lumen")]
+    name: String,
+    /// Its maker, put into identity.json's {{author}}
+    #[arg(long, default_value = "the llm-course")]
+    author: String,
+    /// LoRA rank r
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(i64).range(1..=512))]
+    rank: i64,
+    /// LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with --rslora)
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Dropout on the adapter's input while training
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f64,
+    /// The layers to adapt: names (comma-separated), all-linear, or re:<regex>
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    targets: String,
+    /// Scale by alpha / sqrt(r) (rsLoRA)
+    #[arg(long)]
+    rslora: bool,
+    /// Alpaca examples to train on besides the identity ones (their held-out tenth is never used)
+    #[arg(long, default_value_t = 120)]
+    alpaca: usize,
+    /// Longest example in tokens (longer ones are cut)
+    #[arg(long, default_value_t = 192, value_parser = clap::value_parser!(i64).range(16..=8192))]
+    max_len: i64,
+    /// Optimizer steps (default 80; 4 with --quick)
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Examples per micro-batch
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(i64).range(1..=1024))]
+    batch_size: i64,
+    /// Micro-batches per optimizer step
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    grad_accum: usize,
+    /// Peak learning rate (AdamW, warmup then cosine to a tenth of it)
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// The adapter folder to write (adapter_config.json, adapter_model.safetensors,
+    /// training_config.json)
+    #[arg(long, default_value = "outputs/m06_lora_quant/adapter")]
+    out: PathBuf,
 }
 
 fn parse_ggml_type(s: &str) -> Result<course::io::gguf::GgmlType, String> {
@@ -201,11 +266,153 @@ fn export(a: &ExportArgs, common: &CommonArgs) -> Result<()> {
     Ok(())
 }
 
+/// Mean loss over every trained (assistant) token of a split, exactly: each batch's mean
+/// weighted by its count of targets.
+fn split_loss(m: &ChatModel, data: &SftData, split: Split, block: i64) -> f64 {
+    let (mut sum, mut n) = (0.0, 0.0);
+    tch::no_grad(|| {
+        for (x, y) in data.batches_in_order(split, 8, block, m.model.device()) {
+            let count = y.ne(course::data::sft::IGNORE).sum(Kind::Double).double_value(&[]);
+            sum += m.model.loss(&x, &y, false, false).double_value(&[]) * count;
+            n += count;
+        }
+    });
+    sum / n
+}
+
+/// The share of `questions` whose greedy answer (up to 48 tokens) contains `name`.
+fn identity_share(m: &ChatModel, questions: &[AlpacaRecord], name: &str) -> Result<(f64, Vec<String>)> {
+    let cfg = GenerateConfig { max_new_tokens: 48, stop_ids: m.stop_ids.clone(), ..Default::default() };
+    let mut answers = vec![];
+    let mut hits = 0;
+    for q in questions {
+        let prompt = m.encode(&m.template.render(&[Message::user(&q.prompt())], true)?)?;
+        let g = generate_cached(&m.model, &m.tokenizer, &prompt, &cfg, &mut |_| Ok(()))?;
+        if g.text.to_lowercase().contains(&name.to_lowercase()) {
+            hits += 1;
+        }
+        answers.push(format!("Q: {}\nA: {}", q.prompt(), g.text.trim()));
+    }
+    Ok((hits as f64 / questions.len().max(1) as f64, answers))
+}
+
+fn train(a: &TrainArgs, common: &CommonArgs) -> Result<()> {
+    let mut run = Run::start("m06_lora_quant", common, a)?;
+    let quick = common.quick;
+    if !a.model.exists() {
+        bail!("--model {}: no such file or folder (python3 scripts/setup.py fetches the GGUF)", a.model.display());
+    }
+    let mut m = ChatModel::load(&a.model, a.dtype.kind(), run.device)
+        .with_context(|| format!("loading --model {}", a.model.display()))?;
+    let values = [("name", a.name.as_str()), ("author", a.author.as_str())];
+    let mut identity = read_alpaca(&course::data::registry::require("llamafactory", "identity.json")?)?;
+    identity.iter_mut().for_each(|r| r.fill(&values));
+    let alpaca = read_alpaca(&course::data::registry::require("llamafactory", "alpaca_en_demo.json")?)?;
+    // Held out, never trained on: every fifth identity question (phrasings the model never sees)
+    // and every tenth Alpaca record.
+    let (id_train, id_held) = hold_out(&identity, 5, 0);
+    let (al_train, al_held) = hold_out(&alpaca, 10, 0);
+    let n_alpaca = if quick { 8 } else { a.alpaca };
+    let id_held = if quick { id_held[..3].to_vec() } else { id_held };
+    let al_held = if quick { al_held[..8].to_vec() } else { al_held };
+    let encode =
+        |rs: &[AlpacaRecord]| -> Result<Vec<_>> { rs.iter().map(|r| m.encode_for_training(&r.messages())).collect() };
+    let train_ex = [encode(&id_train)?, encode(&al_train[..n_alpaca.min(al_train.len())])?].concat();
+    let held_ex = [encode(&id_held)?, encode(&al_held)?].concat();
+    let pad = m.model.cfg.eos_token_id.unwrap_or(0);
+    let data = SftData::new(train_ex, held_ex, a.max_len as usize, pad)?;
+    println!(
+        "data: {} training examples ({} identity, {} Alpaca; {} target tokens), {} held out ({} identity, {} Alpaca)",
+        data.split(Split::Train).len(),
+        id_train.len(),
+        n_alpaca.min(al_train.len()),
+        data.trained_tokens(Split::Train),
+        data.split(Split::Val).len(),
+        id_held.len(),
+        al_held.len()
+    );
+
+    let before_loss = split_loss(&m, &data, Split::Val, a.max_len);
+    let (before_id, _) = identity_share(&m, &id_held, &a.name)?;
+    println!("before: held-out loss {before_loss:.4}, identity {:.0} % name {:?}", before_id * 100.0, a.name);
+
+    let targets = TargetModules::parse(&a.targets).context("--targets")?;
+    let mut cfg = AdapterConfig::lora(a.rank, a.alpha, a.dropout, targets, a.rslora);
+    cfg.base_model_name_or_path = Some("HuggingFaceTB/SmolLM2-135M-Instruct".into());
+    let adapter_vs = tch::nn::VarStore::new(run.device);
+    let summary = m.model.add_lora(&adapter_vs.root(), &cfg)?;
+    println!("LoRA r {} alpha {} on {}: {summary}", a.rank, a.alpha, a.targets);
+
+    let steps = a.steps.unwrap_or(if quick { 4 } else { 80 });
+    let tc = LmTrainConfig {
+        steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        block_size: a.max_len,
+        lr: a.lr,
+        min_lr: a.lr / 10.0,
+        warmup: (steps / 10).max(1),
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        grad_clip: 1.0,
+        eval_interval: 0,
+        eval_iters: 4,
+        log_interval: if quick { 1 } else { 10 },
+        checkpoint_interval: 0,
+        ..LmTrainConfig::shakespeare_char()
+    };
+    let opts = TrainOptions {
+        dir: run.path("lora_run"),
+        resume: false,
+        model_config: serde_json::to_value(&cfg)?,
+        name: "lora",
+        inject: None,
+        stop_after: None,
+    };
+    let outcome = lmtrain::train(&adapter_vs, &m.model, &data, &tc, &opts, &mut NoHooks)?;
+
+    let after_loss = split_loss(&m, &data, Split::Val, a.max_len);
+    let (after_id, answers) = identity_share(&m, &id_held, &a.name)?;
+    println!("after:  held-out loss {after_loss:.4}, identity {:.0} %", after_id * 100.0);
+    for s in answers.iter().take(3) {
+        println!("  {}", s.replace('\n', "\n  "));
+    }
+    write_adapter(&a.out, &cfg, &course::io::safetensors::named_tensors(&adapter_vs))?;
+    course::sys::fsutil::write_json_atomic(
+        &a.out.join("training_config.json"),
+        &serde_json::json!({ "name": a.name, "author": a.author, "steps": steps, "train": tc, "data": {
+            "identity_train": id_train.len(), "identity_held_out": id_held.len(), "alpaca_train": n_alpaca, "alpaca_held_out": al_held.len(), "max_len": a.max_len } }),
+    )?;
+    println!(
+        "wrote {} (peft's adapter_config.json and adapter_model.safetensors, training_config.json)",
+        a.out.display()
+    );
+
+    run.metric("lora_trainable", summary.trainable as f64);
+    run.metric("lora_trainable_pct", summary.trainable_pct());
+    run.metric("heldout_loss_base", before_loss);
+    run.metric("heldout_loss_lora", after_loss);
+    run.metric("identity_base", before_id);
+    run.metric("identity_lora", after_id);
+    run.metric("train_tokens_per_s", outcome.tokens_per_s);
+    run.metric("train_seconds", outcome.progress.train_seconds);
+    run.target("lora_trainable_pct", summary.trainable_pct(), Op::Le, 2.0);
+    run.target("heldout_loss_lora", after_loss, Op::Le, before_loss);
+    run.target("identity_lora", after_id, Op::Ge, 0.8);
+    let answers_path = run.path("identity_answers.txt");
+    course::sys::fsutil::write_atomic(&answers_path, (answers.join("\n\n") + "\n").as_bytes())?;
+    run.artifact(&answers_path);
+    run.finish()?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     match &args.cmd {
         Some(Cmd::Chat(c)) => chat(c, &args.common),
         Some(Cmd::Export(e)) => export(e, &args.common),
+        Some(Cmd::Train(t)) => train(t, &args.common),
         None => bail!(
             "m06's training run is not built yet; today it has `chat` and `export` (see --help):\n  m06_lora_quant chat \"What is the capital of France?\""
         ),

@@ -8,33 +8,13 @@ use crate::io::gguf::{GgmlType, GgufFile, GgufWriter, Value, ValueType};
 use crate::io::gguf_tokenizer::{tokenizer_from_gguf, SpecialTokens};
 use crate::models::llama::{gguf_names, permute_rope_rows, Llama};
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Kind};
 use tokenizers::Tokenizer;
 
-/// One turn of a conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.into(), content: content.into() }
-    }
-    pub fn system(content: &str) -> Self {
-        Self::new("system", content)
-    }
-    pub fn user(content: &str) -> Self {
-        Self::new("user", content)
-    }
-    pub fn assistant(content: &str) -> Self {
-        Self::new("assistant", content)
-    }
-}
+pub use crate::data::sft::Message;
+use crate::data::sft::{SftExample, IGNORE};
 
 /// The roles a chat template is rendered with.
 pub const ROLES: &[&str] = &["system", "user", "assistant"];
@@ -158,6 +138,40 @@ impl ChatModel {
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let e = self.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
         Ok(e.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// A conversation as a training example: the ids of the whole rendered conversation, and
+    /// as targets the tokens of every assistant answer plus the end-of-turn token the template
+    /// puts after it (so the model learns to stop), -100 everywhere else. Each answer is found
+    /// as what the template adds after rendering the turns before it with the generation prompt.
+    pub fn encode_for_training(&self, messages: &[Message]) -> Result<SftExample> {
+        let full = self.template.render(messages, false)?;
+        let end_tokens: Vec<String> =
+            self.stop_ids.iter().filter_map(|&i| self.tokenizer.id_to_token(i as u32)).collect();
+        let mut spans = vec![];
+        for (i, m) in messages.iter().enumerate().filter(|(_, m)| m.role == "assistant") {
+            let prefix = self.template.render(&messages[..i], true)?;
+            if !full.starts_with(&prefix) {
+                bail!("message {i}: the chat template does not render the conversation as the prompt before this answer plus the answer, so its tokens cannot be found");
+            }
+            let rest = &full[prefix.len()..];
+            let at = rest.find(m.content.as_str()).with_context(|| {
+                format!("message {i}: the rendered conversation does not contain the answer as written")
+            })?;
+            let mut end = prefix.len() + at + m.content.len();
+            if let Some(t) = end_tokens.iter().find(|t| full[end..].starts_with(t.as_str())) {
+                end += t.len();
+            }
+            spans.push((prefix.len(), end));
+        }
+        let enc = self.tokenizer.encode(full.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
+        let targets = ids
+            .iter()
+            .zip(enc.get_offsets())
+            .map(|(&id, &(a, b))| if spans.iter().any(|&(s, e)| a >= s && b <= e && b > a) { id } else { IGNORE })
+            .collect();
+        Ok(SftExample { ids, targets })
     }
 
     /// Text of `ids`, special tokens left out.
