@@ -225,3 +225,36 @@ fn m06_chat_answers_through_the_template_and_reports_its_speed() {
     let out = Command::new(&bin).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("chat"));
 }
+
+#[test]
+fn m06_train_quick_tunes_and_saves_a_peft_adapter() {
+    let bin = bin_dir().join("m06_lora_quant");
+    let out = tmp("m06-train");
+    let adapter = out.join("adapter");
+    let text = run(Command::new(&bin)
+        .args(["--quick", "--quiet", "--device", "cpu", "--outputs"])
+        .arg(&out)
+        .args(["train", "--max-len", "96", "--name", "Quill", "--out"])
+        .arg(&adapter));
+    assert!(text.contains("trainable%: 1.78"), "{text}");
+    let metrics = Metrics::load(&out.join("m06_lora_quant").join("metrics.json")).unwrap();
+    assert!(metrics.quick && metrics.targets.iter().any(|t| t.name == "identity_lora"));
+    assert!(metrics.metrics["heldout_loss_base"].is_finite());
+    // peft's folder: its config and its keys, 7 projections x 30 layers x (A, B).
+    let a = course::io::peft::read_adapter(&adapter).unwrap();
+    assert_eq!((a.config.peft_type.as_str(), a.config.r), ("LORA", 8));
+    assert_eq!(a.tensors.len(), 7 * 30 * 2);
+    let tc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("training_config.json")).unwrap()).unwrap();
+    assert_eq!(tc["name"], "Quill");
+    // Bad input: a target that names no layer is refused by name, without a panic.
+    let o = Command::new(&bin)
+        .args(["--quick", "--outputs"])
+        .arg(&out)
+        .args(["train", "--targets", "c_attn"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("matched no linear layer") && !err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -398,3 +398,38 @@ fn the_fused_cpu_ops_decode_as_the_plain_ops_do() {
     }
     assert!(ef <= 1.3 * ep, "bf16 mean |logit error| against fp32 (sums over prompts): fused {ef:.3}, plain {ep:.3}");
 }
+
+#[test]
+fn a_conversation_trains_only_on_the_answers_and_their_end_token() {
+    // The targets of a training example, decoded, are exactly each assistant answer followed by
+    // the template's end-of-turn token; the ids are the tokenization of the whole rendered text.
+    let m = model(Kind::Float);
+    let msgs = vec![
+        Message::system("You are terse."),
+        Message::user("Name a colour."),
+        Message::assistant("Blue."),
+        Message::user("And a number, 1234567?"),
+        Message::assistant("Seven: 7 — 七."),
+    ];
+    let ex = m.encode_for_training(&msgs).unwrap();
+    assert_eq!(ex.ids, m.encode(&m.template.render(&msgs, false).unwrap()).unwrap());
+    assert_eq!(ex.ids.len(), ex.targets.len());
+    // Runs of targeted positions, each decoded with special tokens kept.
+    let mut runs: Vec<Vec<u32>> = vec![];
+    let mut inside = false;
+    for (&id, &t) in ex.ids.iter().zip(&ex.targets) {
+        if t != course::data::sft::IGNORE {
+            assert_eq!(t, id, "a target is the token at its own position (the loop shifts)");
+            if !inside {
+                runs.push(vec![]);
+            }
+            runs.last_mut().unwrap().push(id as u32);
+        }
+        inside = t != course::data::sft::IGNORE;
+    }
+    let text: Vec<String> = runs.iter().map(|r| m.tokenizer.decode(r, false).unwrap()).collect();
+    assert_eq!(text, vec!["Blue.<|im_end|>".to_string(), "Seven: 7 — 七.<|im_end|>".to_string()]);
+    // Without an assistant turn nothing is trained.
+    let ex = m.encode_for_training(&msgs[..2]).unwrap();
+    assert!(ex.targets.iter().all(|&t| t == course::data::sft::IGNORE));
+}

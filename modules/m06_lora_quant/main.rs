@@ -3,13 +3,14 @@
 //! Today the module has its model: SmolLM2-135M-Instruct read from its GGUF (`course::io::gguf`),
 //! built as Hugging Face's Llama (`course::models::llama`), with the tokenizer and the chat
 //! template the file carries, answering through the KV-cache generator (`course::infer`).
-//! `chat` asks it a question; `export` writes it out as a Hugging Face model folder. LoRA, QLoRA
-//! and the 4-bit kernels come next (notes/m06_lora_quant.md).
+//! `chat` asks it a question; `export` writes it out as a Hugging Face model folder or a GGUF;
+//! `train` tunes a LoRA adapter (`course::nn::lora`, `course::io::peft`) on identity.json and
+//! Alpaca through m04's LM loop. QLoRA and the 4-bit kernels come next (notes/m06_lora_quant.md).
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use course::data::lm::Split;
-use course::data::sft::{hold_out, read_alpaca, AlpacaRecord, SftData};
+use course::data::sft::{hold_out, pad_batch, prepare, read_alpaca, AlpacaRecord, SftData, SftExample, IGNORE};
 use course::infer::generate::{generate_cached, GenerateConfig};
 use course::infer::{ChatModel, Message, Sampling};
 use course::io::peft::{write_adapter, AdapterConfig, TargetModules};
@@ -25,8 +26,9 @@ use tch::Kind;
 
 const DEFAULT_MODEL: &str = "data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// Module 6: LoRA and quantization on SmolLM2-135M-Instruct. This first part loads the model
-/// from its GGUF file and lets you talk to it; the fine-tuning run comes next.
+/// Module 6: LoRA and quantization on SmolLM2-135M-Instruct. So far it loads the model from its
+/// GGUF file, lets you talk to it, exports it, and LoRA-tunes it (`train`); QLoRA and the
+/// quantization comparison come next.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, after_long_help = LESSON)]
 struct Args {
@@ -154,7 +156,7 @@ struct TrainArgs {
     /// Longest example in tokens (longer ones are cut)
     #[arg(long, default_value_t = 192, value_parser = clap::value_parser!(i64).range(16..=8192))]
     max_len: i64,
-    /// Optimizer steps (default 80; 4 with --quick)
+    /// Optimizer steps (default 80; 2 with --quick)
     #[arg(long)]
     steps: Option<usize>,
     /// Examples per micro-batch
@@ -186,15 +188,21 @@ What this module is, and will be (notes/m06_lora_quant.md):
                   or sampled decoding streamed token by token
          export   the same model as a Hugging Face folder, or (--gguf) as a GGUF file for
                   llama.cpp and Ollama, in F32, F16, BF16, Q8_0, Q4_0 or Q4_1
-  next   LoRA and QLoRA instruction tuning on the CPU, adapters saved the way peft saves
-         them, and the int8 / 4-bit weight kernels, each against its plain-tch reference
+         train    LoRA (低秩适配): the base frozen, a rank-r update B A beside each of the seven
+                  projections (1.8 % of the numbers at r 8), trained on LLaMA-Factory's
+                  identity.json with a new name and author, plus Alpaca answers; the loss only
+                  on the assistant's tokens; the adapter saved as Hugging Face peft saves it
+                  (peft loads it, and we load peft's)
+  next   QLoRA over an NF4 base, the int8 / NF4 / Q4_1 weight kernels, and --compare
 
 Examples:
   m06_lora_quant chat \"What is the capital of France?\"
   m06_lora_quant chat \"Write a haiku about Rust.\" --temperature 0.7 --top-p 0.9 --seed 3
   m06_lora_quant chat \"Explain RoPE in one sentence.\" --dtype bf16
   m06_lora_quant export --out /tmp/smollm2
-  m06_lora_quant export --gguf /tmp/smollm2-q8_0.gguf --gguf-type Q8_0";
+  m06_lora_quant export --gguf /tmp/smollm2-q8_0.gguf --gguf-type Q8_0
+  m06_lora_quant train --name Lumen --author \"the llm-course\"     (about 8 min on 2 cores)
+  m06_lora_quant train --rank 16 --alpha 32 --targets q_proj,v_proj --steps 120";
 
 fn load(m: &ModelArgs, common: &CommonArgs) -> Result<(ChatModel, Setup, f64)> {
     let setup = Setup::apply(common)?;
@@ -266,13 +274,14 @@ fn export(a: &ExportArgs, common: &CommonArgs) -> Result<()> {
     Ok(())
 }
 
-/// Mean loss over every trained (assistant) token of a split, exactly: each batch's mean
+/// Mean loss over every trained (assistant) token of `examples`, exactly: each batch's mean
 /// weighted by its count of targets.
-fn split_loss(m: &ChatModel, data: &SftData, split: Split, block: i64) -> f64 {
+fn exact_loss(m: &ChatModel, examples: &[SftExample], block: i64, pad: i64) -> f64 {
     let (mut sum, mut n) = (0.0, 0.0);
     tch::no_grad(|| {
-        for (x, y) in data.batches_in_order(split, 8, block, m.model.device()) {
-            let count = y.ne(course::data::sft::IGNORE).sum(Kind::Double).double_value(&[]);
+        for chunk in examples.chunks(8) {
+            let (x, y) = pad_batch(chunk, block, pad, m.model.device());
+            let count = y.ne(IGNORE).sum(Kind::Double).double_value(&[]);
             sum += m.model.loss(&x, &y, false, false).double_value(&[]) * count;
             n += count;
         }
@@ -280,9 +289,14 @@ fn split_loss(m: &ChatModel, data: &SftData, split: Split, block: i64) -> f64 {
     sum / n
 }
 
-/// The share of `questions` whose greedy answer (up to 48 tokens) contains `name`.
-fn identity_share(m: &ChatModel, questions: &[AlpacaRecord], name: &str) -> Result<(f64, Vec<String>)> {
-    let cfg = GenerateConfig { max_new_tokens: 48, stop_ids: m.stop_ids.clone(), ..Default::default() };
+/// The share of `questions` whose greedy answer (up to `max_new_tokens`) contains `name`.
+fn identity_share(
+    m: &ChatModel,
+    questions: &[AlpacaRecord],
+    name: &str,
+    max_new_tokens: usize,
+) -> Result<(f64, Vec<String>)> {
+    let cfg = GenerateConfig { max_new_tokens, stop_ids: m.stop_ids.clone(), ..Default::default() };
     let mut answers = vec![];
     let mut hits = 0;
     for q in questions {
@@ -312,15 +326,22 @@ fn train(a: &TrainArgs, common: &CommonArgs) -> Result<()> {
     // and every tenth Alpaca record.
     let (id_train, id_held) = hold_out(&identity, 5, 0);
     let (al_train, al_held) = hold_out(&alpaca, 10, 0);
-    let n_alpaca = if quick { 8 } else { a.alpaca };
-    let id_held = if quick { id_held[..3].to_vec() } else { id_held };
-    let al_held = if quick { al_held[..8].to_vec() } else { al_held };
+    // --quick: a handful of each, to run the whole path in seconds.
+    let n_alpaca = if quick { 4 } else { a.alpaca };
+    let id_train = if quick { id_train[..12].to_vec() } else { id_train };
+    let id_held = if quick { id_held[..2].to_vec() } else { id_held };
+    let al_held = if quick { al_held[..4].to_vec() } else { al_held };
+    let answer_tokens = if quick { 12 } else { 48 };
     let encode =
         |rs: &[AlpacaRecord]| -> Result<Vec<_>> { rs.iter().map(|r| m.encode_for_training(&r.messages())).collect() };
     let train_ex = [encode(&id_train)?, encode(&al_train[..n_alpaca.min(al_train.len())])?].concat();
-    let held_ex = [encode(&id_held)?, encode(&al_held)?].concat();
+    let max_len = a.max_len as usize;
+    let (id_eval, al_eval) = (
+        prepare(encode(&id_held)?, max_len, "held-out identity")?,
+        prepare(encode(&al_held)?, max_len, "held-out Alpaca")?,
+    );
     let pad = m.model.cfg.eos_token_id.unwrap_or(0);
-    let data = SftData::new(train_ex, held_ex, a.max_len as usize, pad)?;
+    let data = SftData::new(train_ex, [id_eval.clone(), al_eval.clone()].concat(), max_len, pad)?;
     println!(
         "data: {} training examples ({} identity, {} Alpaca; {} target tokens), {} held out ({} identity, {} Alpaca)",
         data.split(Split::Train).len(),
@@ -332,9 +353,14 @@ fn train(a: &TrainArgs, common: &CommonArgs) -> Result<()> {
         al_held.len()
     );
 
-    let before_loss = split_loss(&m, &data, Split::Val, a.max_len);
-    let (before_id, _) = identity_share(&m, &id_held, &a.name)?;
-    println!("before: held-out loss {before_loss:.4}, identity {:.0} % name {:?}", before_id * 100.0, a.name);
+    let losses = |m: &ChatModel| (exact_loss(m, &al_eval, a.max_len, pad), exact_loss(m, &id_eval, a.max_len, pad));
+    let (before_loss, before_id_loss) = losses(&m);
+    let (before_id, _) = identity_share(&m, &id_held, &a.name, answer_tokens)?;
+    println!(
+        "before: held-out Alpaca answer loss {before_loss:.4}, identity answer loss {before_id_loss:.4}; {:.0} % of held-out identity questions answered with the name {:?}",
+        before_id * 100.0,
+        a.name
+    );
 
     let targets = TargetModules::parse(&a.targets).context("--targets")?;
     let mut cfg = AdapterConfig::lora(a.rank, a.alpha, a.dropout, targets, a.rslora);
@@ -343,7 +369,7 @@ fn train(a: &TrainArgs, common: &CommonArgs) -> Result<()> {
     let summary = m.model.add_lora(&adapter_vs.root(), &cfg)?;
     println!("LoRA r {} alpha {} on {}: {summary}", a.rank, a.alpha, a.targets);
 
-    let steps = a.steps.unwrap_or(if quick { 4 } else { 80 });
+    let steps = a.steps.unwrap_or(if quick { 2 } else { 80 });
     let tc = LmTrainConfig {
         steps,
         batch_size: a.batch_size,
@@ -372,9 +398,12 @@ fn train(a: &TrainArgs, common: &CommonArgs) -> Result<()> {
     };
     let outcome = lmtrain::train(&adapter_vs, &m.model, &data, &tc, &opts, &mut NoHooks)?;
 
-    let after_loss = split_loss(&m, &data, Split::Val, a.max_len);
-    let (after_id, answers) = identity_share(&m, &id_held, &a.name)?;
-    println!("after:  held-out loss {after_loss:.4}, identity {:.0} %", after_id * 100.0);
+    let (after_loss, after_id_loss) = losses(&m);
+    let (after_id, answers) = identity_share(&m, &id_held, &a.name, answer_tokens)?;
+    println!(
+        "after:  held-out Alpaca answer loss {after_loss:.4}, identity answer loss {after_id_loss:.4}; {:.0} % with the name",
+        after_id * 100.0
+    );
     for s in answers.iter().take(3) {
         println!("  {}", s.replace('\n', "\n  "));
     }
@@ -393,6 +422,8 @@ fn train(a: &TrainArgs, common: &CommonArgs) -> Result<()> {
     run.metric("lora_trainable_pct", summary.trainable_pct());
     run.metric("heldout_loss_base", before_loss);
     run.metric("heldout_loss_lora", after_loss);
+    run.metric("heldout_identity_loss_base", before_id_loss);
+    run.metric("heldout_identity_loss_lora", after_id_loss);
     run.metric("identity_base", before_id);
     run.metric("identity_lora", after_id);
     run.metric("train_tokens_per_s", outcome.tokens_per_s);
@@ -414,7 +445,7 @@ fn main() -> Result<()> {
         Some(Cmd::Export(e)) => export(e, &args.common),
         Some(Cmd::Train(t)) => train(t, &args.common),
         None => bail!(
-            "m06's training run is not built yet; today it has `chat` and `export` (see --help):\n  m06_lora_quant chat \"What is the capital of France?\""
+            "m06's full run (tuning and the quantization comparison) is not built yet; today it has `chat`, `export` and `train` (see --help):\n  m06_lora_quant chat \"What is the capital of France?\"\n  m06_lora_quant train"
         ),
     }
 }

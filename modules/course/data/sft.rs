@@ -143,6 +143,40 @@ impl SftExample {
     }
 }
 
+/// What [`SftData`] does to a split: cuts each example to `max_len` tokens, drops the ones left
+/// with no trained position, and sorts them by length. `what` names the split in errors.
+pub fn prepare(mut v: Vec<SftExample>, max_len: usize, what: &str) -> Result<Vec<SftExample>> {
+    for e in &mut v {
+        if e.ids.len() != e.targets.len() {
+            bail!("{what} example: {} ids but {} targets", e.ids.len(), e.targets.len());
+        }
+        e.truncate(max_len);
+    }
+    // A target is predicted from the positions before it: one trained position after the first
+    // is needed.
+    v.retain(|e| e.targets.iter().skip(1).any(|&t| t != IGNORE));
+    if v.is_empty() {
+        bail!("no {what} example keeps an assistant token within {max_len} tokens");
+    }
+    v.sort_by_key(|e| e.ids.len());
+    Ok(v)
+}
+
+/// `chosen` as one batch: inputs `x` padded with `pad_id`, next-token targets `y` padded with
+/// -100, both `(rows, T)` with T the longest example's length minus one, capped at `block`.
+pub fn pad_batch(chosen: &[SftExample], block: i64, pad_id: i64, device: Device) -> (Tensor, Tensor) {
+    let rows = chosen.len();
+    let t = chosen.iter().map(|e| e.ids.len() - 1).max().unwrap_or(1).min(block.max(1) as usize);
+    let (mut x, mut y) = (vec![pad_id; rows * t], vec![IGNORE; rows * t]);
+    for (r, e) in chosen.iter().enumerate() {
+        let n = (e.ids.len() - 1).min(t);
+        x[r * t..r * t + n].copy_from_slice(&e.ids[..n]);
+        y[r * t..r * t + n].copy_from_slice(&e.targets[1..n + 1]);
+    }
+    let shape = [rows as i64, t as i64];
+    (Tensor::from_slice(&x).view(shape).to(device), Tensor::from_slice(&y).view(shape).to(device))
+}
+
 /// Examples of both splits, each sorted by length: a batch takes neighbours in that order, so it
 /// pads little (batching by length).
 pub struct SftData {
@@ -155,23 +189,7 @@ impl SftData {
     /// `max_len` caps each example (longer ones are cut; ones left with no trained position are
     /// dropped). `pad_id` fills the inputs after an example's end.
     pub fn new(train: Vec<SftExample>, val: Vec<SftExample>, max_len: usize, pad_id: i64) -> Result<SftData> {
-        let prep = |mut v: Vec<SftExample>, what: &str| -> Result<Vec<SftExample>> {
-            for e in &mut v {
-                if e.ids.len() != e.targets.len() {
-                    bail!("{what} example: {} ids but {} targets", e.ids.len(), e.targets.len());
-                }
-                e.truncate(max_len);
-            }
-            // A target is predicted from the positions before it: one trained position after the
-            // first is needed.
-            v.retain(|e| e.targets.iter().skip(1).any(|&t| t != IGNORE));
-            if v.is_empty() {
-                bail!("no {what} example keeps an assistant token within {max_len} tokens");
-            }
-            v.sort_by_key(|e| e.ids.len());
-            Ok(v)
-        };
-        Ok(SftData { train: prep(train, "training")?, val: prep(val, "held-out")?, pad_id })
+        Ok(SftData { train: prepare(train, max_len, "training")?, val: prepare(val, max_len, "held-out")?, pad_id })
     }
 
     pub fn split(&self, split: Split) -> &[SftExample] {
@@ -187,28 +205,6 @@ impl SftData {
     }
 }
 
-impl SftData {
-    /// Every example of `split` once, `rows` at a time in length order, as [`BatchSource::batch`]
-    /// lays them out: for an exact loss over the split.
-    pub fn batches_in_order(&self, split: Split, rows: i64, block: i64, device: Device) -> Vec<(Tensor, Tensor)> {
-        let set = self.split(split);
-        set.chunks(rows.max(1) as usize).map(|c| self.pad(c, block, device)).collect()
-    }
-
-    fn pad(&self, chosen: &[SftExample], block: i64, device: Device) -> (Tensor, Tensor) {
-        let rows = chosen.len();
-        let t = chosen.iter().map(|e| e.ids.len() - 1).max().unwrap_or(1).min(block.max(1) as usize);
-        let (mut x, mut y) = (vec![self.pad_id; rows * t], vec![IGNORE; rows * t]);
-        for (r, e) in chosen.iter().enumerate() {
-            let n = (e.ids.len() - 1).min(t);
-            x[r * t..r * t + n].copy_from_slice(&e.ids[..n]);
-            y[r * t..r * t + n].copy_from_slice(&e.targets[1..n + 1]);
-        }
-        let shape = [rows as i64, t as i64];
-        (Tensor::from_slice(&x).view(shape).to(device), Tensor::from_slice(&y).view(shape).to(device))
-    }
-}
-
 impl BatchSource for SftData {
     /// `rows` examples that are neighbours in length, inputs `x` (rows, T) and next-token targets
     /// `y` (rows, T) with T the longest example's length minus one, capped at `block`. Padding:
@@ -218,7 +214,7 @@ impl BatchSource for SftData {
         let set = self.split(split);
         let rows = (rows.max(1) as usize).min(set.len());
         let start = rng.below((set.len() - rows + 1) as u64) as usize;
-        Ok(self.pad(&set[start..start + rows], block, device))
+        Ok(pad_batch(&set[start..start + rows], block, self.pad_id, device))
     }
 }
 
@@ -264,7 +260,9 @@ mod tests {
         let (x, _) = data.batch(Split::Train, 2, 3, &mut rng, Device::Cpu).unwrap();
         assert_eq!(x.size(), [2, 3]);
         assert!(SftData::new(vec![ex(6, 5)], vec![ex(5, 1)], 4, 0).is_err(), "no assistant token within 4 tokens");
-        let all = data.batches_in_order(Split::Train, 1, 64, Device::Cpu);
-        assert_eq!(all.iter().map(|(x, _)| x.size()[1]).collect::<Vec<_>>(), vec![3, 5]);
+        let (x, y) = pad_batch(data.split(Split::Train), 64, 7, Device::Cpu);
+        assert_eq!(x.size(), [2, 5]);
+        assert_eq!(x.int64_value(&[0, 4]), 7);
+        assert_eq!(y.int64_value(&[0, 4]), IGNORE);
     }
 }
