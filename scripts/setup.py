@@ -55,6 +55,7 @@ TRANSFORMERS_VERSION = "4.57.1"
 GGUF_VERSION = "0.19.0"
 ACCELERATE_VERSION = "1.15.0"
 PEFT_VERSION = "0.18.0"
+BITSANDBYTES_VERSION = "0.49.2"
 TORCH_VERSION = "2.11.0"   # numpy (the MNIST conversion) and tensorboard (tests) go next to it
 # Exact pin: without the extras' pins pip pulls a crt that does not match nvcc.
 CUDA_SPEC = "cuda-toolkit[nvcc,crt,nvvm,cccl]==13.0.2"
@@ -212,12 +213,14 @@ def step_venv():
         need.append("transformers==" + TRANSFORMERS_VERSION)
     # gguf: ggml's own GGUF package, the reference tests/gguf.rs reads our files with (pure
     # Python); transformers needs it, and accelerate, to load a GGUF (the SmolLM2 fixture script).
-    # peft: Hugging Face's LoRA, which m06's adapters are checked against both ways.
-    for pkg, ver in (("gguf", GGUF_VERSION), ("accelerate", ACCELERATE_VERSION), ("peft", PEFT_VERSION)):
+    # peft: Hugging Face's LoRA, which m06's adapters are checked against both ways; bitsandbytes:
+    # QLoRA's NF4, which m06's is checked against (its CPU build; 0.49's rounding is exact nearest).
+    for pkg, ver in (("gguf", GGUF_VERSION), ("accelerate", ACCELERATE_VERSION), ("peft", PEFT_VERSION),
+                     ("bitsandbytes", BITSANDBYTES_VERSION)):
         if not has_dist(site, "%s-%s*" % (pkg, ver)):
             need.append("%s==%s" % (pkg, ver))
     if not need:
-        say("ok", ".venv (torch %s, numpy, tensorboard, transformers, gguf, accelerate, peft present)" % tv)
+        say("ok", ".venv (torch %s, numpy, tensorboard, transformers, gguf, accelerate, peft, bitsandbytes present)" % tv)
         return "cached"
     say("fetch", ".venv: pip install %s%s" % (" ".join(need),
         "  (torch is a large download: a few GB with its CUDA libraries)" if need[0].startswith("torch") else ""))
@@ -229,7 +232,7 @@ def step_venv():
     if not (tv and tv.startswith(TORCH_VERSION)):
         raise SetupError("after pip install, torch version is %r, expected %s" % (tv, TORCH_VERSION),
                          "remove .venv and re-run: python3 scripts/setup.py")
-    say("ok", ".venv: torch %s + numpy + tensorboard + transformers + gguf + accelerate + peft installed (%.0f s)" % (tv, time.time() - t0))
+    say("ok", ".venv: torch %s + numpy + tensorboard + transformers + gguf + accelerate + peft + bitsandbytes installed (%.0f s)" % (tv, time.time() - t0))
     return "installed"
 
 

@@ -7,3 +7,4 @@ pub mod loss;
 pub mod norm;
 pub mod pool;
 pub mod positions;
+pub mod quant;

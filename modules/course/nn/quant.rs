@@ -1,0 +1,266 @@
+//! Weight quantization (量化) of a frozen linear layer's `W` (out × in), in plain tch ops: the
+//! formats' definitions, which the kernels in `kernels/` are checked against.
+//!
+//! - **int8**, one scale per output row (absmax): `w ≈ q · s`, `s = max|w_row| / 127`.
+//! - **NF4** as QLoRA and bitsandbytes define it: blocks of 64 consecutive numbers of the
+//!   flattened weight, each scaled by its absmax into [-1, 1] and rounded to the nearest of 16
+//!   "normal float" codes (quantiles of a normal distribution, with an exact 0), two codes a byte
+//!   (the first in the high nibble). Double quantization (QLoRA's second idea) stores the block
+//!   absmaxes themselves in 8 bits: minus their mean, in blocks of 256, each scaled by its own
+//!   absmax and rounded to bitsandbytes' 8-bit dynamic code. 4.127 bits a number in all.
+//!
+//! Rounding ties go to the lower code, as in bitsandbytes (0.49).
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+/// The 16 NF4 code values (bitsandbytes' `get_4bit_type("nf4")`, QLoRA appendix).
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// Numbers per NF4 block, and absmaxes per block of the double quantization.
+pub const NF4_BLOCK: i64 = 64;
+pub const NESTED_BLOCK: i64 = 256;
+
+/// bitsandbytes' signed 8-bit dynamic code (`create_dynamic_map(signed=True, max_exponent_bits=7,
+/// total_bits=8)`): for each decade 10⁻⁶ … 10⁰, the midpoints of `2^i + 1` points spaced evenly in
+/// [0.1, 1], both signs, plus 0 and 1, sorted; 256 values from -0.99296875 to 1. The numbers are
+/// bitsandbytes 0.49.2's own (printed from it, shortest round-trip form): torch's fp32 `linspace`
+/// rounds some points one ulp apart from a straight `start + step * k`, so recomputing them would
+/// not give the same code. `tests/quant.rs` compares them with bitsandbytes at test time.
+#[rustfmt::skip]
+const DYNAMIC_CODE: [f32; 256] = [
+    -0.99296874, -0.9789063, -0.96484375, -0.9507812, -0.93671876, -0.92265624,
+    -0.9085938, -0.89453125, -0.8804687, -0.86640626, -0.85234374, -0.8382813,
+    -0.82421875, -0.8101562, -0.79609376, -0.78203124, -0.7679688, -0.75390625,
+    -0.7398437, -0.72578126, -0.7117188, -0.6976563, -0.68359375, -0.6695312,
+    -0.65546876, -0.6414063, -0.6273438, -0.61328125, -0.5992187, -0.58515626,
+    -0.5710938, -0.5570313, -0.54296875, -0.5289062, -0.5148437, -0.50078124,
+    -0.4867187, -0.47265625, -0.45859373, -0.44453126, -0.43046874, -0.41640624,
+    -0.40234375, -0.38828123, -0.37421876, -0.36015624, -0.34609374, -0.33203125,
+    -0.31796873, -0.30390626, -0.28984374, -0.27578127, -0.26171875, -0.24765624,
+    -0.23359375, -0.21953125, -0.20546874, -0.19140625, -0.17734376, -0.16328125,
+    -0.14921875, -0.13515624, -0.12109375, -0.107031256, -0.09859375, -0.09578126,
+    -0.092968754, -0.09015625, -0.08734375, -0.08453125, -0.08171876, -0.07890625,
+    -0.07609375, -0.07328125, -0.070468746, -0.067656256, -0.06484375, -0.06203125,
+    -0.059218753, -0.05640625, -0.05359375, -0.05078125, -0.04796875, -0.04515625,
+    -0.042343747, -0.03953125, -0.036718752, -0.03390625, -0.03109375, -0.028281251,
+    -0.02546875, -0.02265625, -0.019843752, -0.01703125, -0.01421875, -0.01140625,
+    -0.00971875, -0.009156249, -0.00859375, -0.00803125, -0.00746875, -0.00690625,
+    -0.00634375, -0.00578125, -0.0052187503, -0.0046562497, -0.00409375, -0.0035312497,
+    -0.00296875, -0.00240625, -0.00184375, -0.0012812499, -0.0009437501, -0.00083125,
+    -0.00071875006, -0.0006062501, -0.00049375003, -0.00038125002, -0.00026875004, -0.00015625001,
+    -8.875e-05, -6.625e-05, -4.375e-05, -2.1249998e-05, -7.75e-06, -3.2500002e-06,
+    -5.5000004e-07, 0.0, 5.5000004e-07, 3.2500002e-06, 7.75e-06, 2.1249998e-05,
+    4.375e-05, 6.625e-05, 8.875e-05, 0.00015625001, 0.00026875004, 0.00038125002,
+    0.00049375003, 0.0006062501, 0.00071875006, 0.00083125, 0.0009437501, 0.0012812499,
+    0.00184375, 0.00240625, 0.00296875, 0.0035312497, 0.00409375, 0.0046562497,
+    0.0052187503, 0.00578125, 0.00634375, 0.00690625, 0.00746875, 0.00803125,
+    0.00859375, 0.009156249, 0.00971875, 0.01140625, 0.01421875, 0.01703125,
+    0.019843752, 0.02265625, 0.02546875, 0.028281251, 0.03109375, 0.03390625,
+    0.036718752, 0.03953125, 0.042343747, 0.04515625, 0.04796875, 0.05078125,
+    0.05359375, 0.05640625, 0.059218753, 0.06203125, 0.06484375, 0.067656256,
+    0.070468746, 0.07328125, 0.07609375, 0.07890625, 0.08171876, 0.08453125,
+    0.08734375, 0.09015625, 0.092968754, 0.09578126, 0.09859375, 0.107031256,
+    0.12109375, 0.13515624, 0.14921875, 0.16328125, 0.17734376, 0.19140625,
+    0.20546874, 0.21953125, 0.23359375, 0.24765624, 0.26171875, 0.27578127,
+    0.28984374, 0.30390626, 0.31796873, 0.33203125, 0.34609374, 0.36015624,
+    0.37421876, 0.38828123, 0.40234375, 0.41640624, 0.43046874, 0.44453126,
+    0.45859373, 0.47265625, 0.4867187, 0.50078124, 0.5148437, 0.5289062,
+    0.54296875, 0.5570313, 0.5710938, 0.58515626, 0.5992187, 0.61328125,
+    0.6273438, 0.6414063, 0.65546876, 0.6695312, 0.68359375, 0.6976563,
+    0.7117188, 0.72578126, 0.7398437, 0.75390625, 0.7679688, 0.78203124,
+    0.79609376, 0.8101562, 0.82421875, 0.8382813, 0.85234374, 0.86640626,
+    0.8804687, 0.89453125, 0.9085938, 0.92265624, 0.93671876, 0.9507812,
+    0.96484375, 0.9789063, 0.99296874, 1.0,
+];
+
+/// [`DYNAMIC_CODE`] as a vector.
+pub fn dynamic_map() -> Vec<f32> {
+    DYNAMIC_CODE.to_vec()
+}
+
+/// Index of the nearest value of the sorted `code` for each number of `x` (ties to the lower
+/// index), as int64.
+fn nearest(x: &Tensor, code: &[f32]) -> Tensor {
+    let mids: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    // bucketize(right = false): index i with mids[i-1] < x <= mids[i]; x on a midpoint goes low.
+    x.bucketize(&Tensor::from_slice(&mids).to_device(x.device()), false, false)
+}
+
+/// An int8 weight: `q` (out, in) int8 and one fp32 scale per output row.
+#[derive(Debug)]
+pub struct Int8Weight {
+    pub q: Tensor,
+    pub scale: Tensor,
+}
+
+impl Int8Weight {
+    pub fn quantize(w: &Tensor) -> Result<Int8Weight> {
+        check_weight("int8", w)?;
+        let wf = w.to_kind(Kind::Float);
+        let scale = wf.abs().amax([1], true) / 127.0;
+        let safe = scale.where_self(&scale.gt(0.0), &Tensor::ones_like(&scale));
+        let q = (&wf / &safe).round().clamp(-127, 127).to_kind(Kind::Int8);
+        Ok(Int8Weight { q, scale: scale.squeeze_dim(1) })
+    }
+
+    /// `W` back, in `kind`.
+    pub fn dequantize(&self, kind: Kind) -> Tensor {
+        (self.q.to_kind(Kind::Float) * self.scale.unsqueeze(1)).to_kind(kind)
+    }
+
+    pub fn bytes(&self) -> i64 {
+        self.q.numel() as i64 + 4 * self.scale.numel() as i64
+    }
+}
+
+/// An NF4 weight with double-quantized block scales (bitsandbytes' `quantize_4bit(quant_type="nf4",
+/// blocksize=64, compress_statistics=True)`), laid out as its state dict holds it.
+#[derive(Debug)]
+pub struct Nf4Weight {
+    /// `numel / 2` bytes: number `2i` in the high nibble of byte `i`, `2i + 1` in the low one.
+    pub packed: Tensor,
+    /// One byte per block of 64: the index of the block's absmax (minus `offset`) in `nested_code`.
+    pub absmax_q: Tensor,
+    /// fp32, one per 256 blocks: the scale of those blocks' quantized absmaxes.
+    pub nested_absmax: Tensor,
+    /// The mean of the block absmaxes, subtracted before their quantization.
+    pub offset: f32,
+    /// The 8-bit code of the absmaxes (256 fp32, [`dynamic_map`]).
+    pub nested_code: Tensor,
+    /// `(out, in)`.
+    pub shape: [i64; 2],
+}
+
+impl Nf4Weight {
+    /// Quantizes `w` `(out, in)`; its size must be a multiple of 64.
+    pub fn quantize(w: &Tensor) -> Result<Nf4Weight> {
+        check_weight("nf4", w)?;
+        let (out, inp) = (w.size()[0], w.size()[1]);
+        let n = out * inp;
+        if n % NF4_BLOCK != 0 {
+            bail!("nf4: the weight's {out} x {inp} = {n} numbers are not a whole number of {NF4_BLOCK}-number blocks");
+        }
+        let blocks = w.to_kind(Kind::Float).reshape([-1, NF4_BLOCK]);
+        let absmax = blocks.abs().amax([1], false);
+        let inv = absmax.reciprocal().where_self(&absmax.gt(0.0), &Tensor::zeros_like(&absmax));
+        let scaled = (&blocks * inv.unsqueeze(1)).clamp(-1.0, 1.0);
+        let q = nearest(&scaled.reshape([-1]), &NF4_CODE).to_kind(Kind::Uint8).view([-1, 2]);
+        let packed = (q.select(1, 0) * 16 + q.select(1, 1)).to_kind(Kind::Uint8);
+
+        // Double quantization of the absmaxes.
+        let offset = absmax.mean(Kind::Float).double_value(&[]) as f32;
+        let centred = &absmax - offset as f64;
+        let nb = centred.size()[0];
+        let groups = (nb + NESTED_BLOCK - 1) / NESTED_BLOCK;
+        let padded = centred.constant_pad_nd([0, groups * NESTED_BLOCK - nb]).view([groups, NESTED_BLOCK]);
+        let nested_absmax = padded.abs().amax([1], false);
+        let ninv = nested_absmax.reciprocal().where_self(&nested_absmax.gt(0.0), &Tensor::zeros_like(&nested_absmax));
+        let normed = (&padded * ninv.unsqueeze(1)).clamp(-1.0, 1.0).reshape([-1]).narrow(0, 0, nb);
+        let code = dynamic_map();
+        let absmax_q = nearest(&normed, &code).to_kind(Kind::Uint8);
+        Ok(Nf4Weight {
+            packed,
+            absmax_q,
+            nested_absmax,
+            offset,
+            nested_code: Tensor::from_slice(&code).to_device(w.device()),
+            shape: [out, inp],
+        })
+    }
+
+    /// The block absmaxes as double quantization gives them back (fp32).
+    pub fn absmax(&self) -> Tensor {
+        let nb = self.absmax_q.size()[0];
+        let code = self.nested_code.index_select(0, &self.absmax_q.to_kind(Kind::Int64));
+        let group = Tensor::arange(nb, (Kind::Int64, self.packed.device())).floor_divide_scalar(NESTED_BLOCK);
+        code * self.nested_absmax.index_select(0, &group) + self.offset as f64
+    }
+
+    /// `W` back, `(out, in)` in `kind`.
+    pub fn dequantize(&self, kind: Kind) -> Tensor {
+        let p = self.packed.to_kind(Kind::Int64);
+        let idx = Tensor::stack(&[p.floor_divide_scalar(16), p.remainder(16)], 1).reshape([-1]);
+        let code = Tensor::from_slice(&NF4_CODE).to_device(self.packed.device());
+        let vals = code.index_select(0, &idx).view([-1, NF4_BLOCK]);
+        (vals * self.absmax().unsqueeze(1)).reshape([self.shape[0], self.shape[1]]).to_kind(kind)
+    }
+
+    /// Bytes held: the nibbles, a byte per block, and the nested scales and code.
+    pub fn bytes(&self) -> i64 {
+        self.packed.numel() as i64 + self.absmax_q.numel() as i64 + 4 * (self.nested_absmax.numel() as i64 + 256 + 1)
+    }
+
+    pub fn device(&self) -> Device {
+        self.packed.device()
+    }
+}
+
+fn check_weight(what: &str, w: &Tensor) -> Result<()> {
+    if w.dim() != 2 {
+        bail!("{what}: a linear layer's weight is 2-D (out, in), got shape {:?}", w.size());
+    }
+    if !matches!(w.kind(), Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double) {
+        bail!("{what}: the weight must be floating point, got {:?}", w.kind());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dynamic_code_has_bitsandbytes_shape() {
+        let c = dynamic_map();
+        assert_eq!(c.len(), 256);
+        assert_eq!((c[0], c[127], c[254], c[255]), (-0.99296875, 0.0, 0.99296875, 1.0));
+        assert!(c.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn nf4_and_int8_round_trip_within_their_steps() {
+        tch::manual_seed(0);
+        let w = Tensor::randn([96, 128], (Kind::Float, Device::Cpu)) * 0.05;
+        let q = Nf4Weight::quantize(&w).unwrap();
+        assert_eq!(q.packed.size(), [96 * 128 / 2]);
+        let back = q.dequantize(Kind::Float);
+        // Each number is within half the widest NF4 gap (0.304, between -1 and -0.696) of its
+        // block's absmax, plus the absmax's own 8-bit error.
+        let blocks = w.reshape([-1, 64]);
+        let amax = blocks.abs().amax([1], true);
+        let err = (&back.reshape([-1, 64]) - &blocks).abs() / &amax;
+        assert!(err.max().double_value(&[]) <= 0.16, "{}", err.max().double_value(&[]));
+        // Codes hit exactly: a block holding only code values times its absmax comes back as is.
+        let exact = Tensor::from_slice(&NF4_CODE).repeat([8]).view([2, 64]) * 0.5;
+        let e = Nf4Weight::quantize(&exact).unwrap();
+        assert!((e.dequantize(Kind::Float) - &exact).abs().max().double_value(&[]) < 1e-6);
+        // The first number of a byte is its high nibble: code 15 (1.0) then code 0 (-1.0).
+        let mut v = vec![0.0f32; 64];
+        v[0] = 1.0;
+        v[1] = -1.0;
+        let b = Nf4Weight::quantize(&Tensor::from_slice(&v).view([1, 64])).unwrap();
+        assert_eq!(b.packed.int64_value(&[0]), 0xF0);
+        let i8w = Int8Weight::quantize(&w).unwrap();
+        let step = w.abs().amax([1], true) / 127.0;
+        assert!(((i8w.dequantize(Kind::Float) - &w).abs() - &step * 0.5 - 1e-7).max().double_value(&[]) <= 0.0);
+        assert!(Nf4Weight::quantize(&Tensor::zeros([3, 7], (Kind::Float, Device::Cpu))).is_err());
+    }
+}
