@@ -14,6 +14,7 @@
 
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "c10d.h"
@@ -23,6 +24,17 @@ namespace course {
 namespace {
 
 using ms = std::chrono::milliseconds;
+
+// c10d's process-wide FlightRecorder (torch 2.11, FlightRecorderDetail.hpp) inserts each
+// group's status into a std::map before taking its own mutex, on the first collective of every
+// group. Ranks that are threads of one process (the tests, a notebook) race there and corrupt
+// the map (a SIGSEGV in _Rb_tree_insert_and_rebalance, about one run in ten). Every collective
+// of this shim is therefore *started* under one lock; the waiting happens outside it, so ranks
+// still overlap their communication.
+std::mutex& enqueue_mutex() {
+  static std::mutex m;
+  return m;
+}
 
 StoreHandle* store_of(void* s) {
   TORCH_CHECK(s != nullptr, "c10d: null store handle");
@@ -40,6 +52,13 @@ at::Tensor& tensor_of(course_tensor t) {
 }
 
 ms timeout_or(GroupHandle* g, int64_t timeout_ms) { return timeout_ms > 0 ? ms(timeout_ms) : g->timeout; }
+
+// Starts one collective under the enqueue lock (see enqueue_mutex).
+template <typename F>
+c10::intrusive_ptr<c10d::Work> started(F&& start) {
+  std::lock_guard<std::mutex> lock(enqueue_mutex());
+  return start();
+}
 
 void wait_for(const c10::intrusive_ptr<c10d::Work>& work, ms timeout, const char* what) {
   if (!work->wait(timeout)) {
@@ -60,6 +79,7 @@ c10::intrusive_ptr<c10d::Work> start_allreduce(GroupHandle& g, at::Tensor& t, bo
   opts.reduceOp = (average && g.native_avg) ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
   opts.timeout = timeout;
   std::vector<at::Tensor> ts{t};
+  std::lock_guard<std::mutex> lock(enqueue_mutex());
   return g.backend->allreduce(ts, opts);
 }
 
@@ -220,7 +240,8 @@ char* course_pg_broadcast(void* g, course_tensor t, int root, int64_t timeout_ms
     opts.rootRank = root;
     opts.timeout = course::timeout_or(h, timeout_ms);
     std::vector<at::Tensor> ts{course::tensor_of(t)};
-    course::wait_for(h->backend->broadcast(ts, opts), opts.timeout, "broadcast");
+    auto work = course::started([&] { return h->backend->broadcast(ts, opts); });
+    course::wait_for(work, opts.timeout, "broadcast");
   })
 }
 
@@ -234,7 +255,8 @@ char* course_pg_allgather(void* g, course_tensor t, int64_t timeout_ms, course_t
     std::vector<std::vector<at::Tensor>> outputs(1);
     for (int r = 0; r < h->size; ++r) outputs[0].push_back(at::empty_like(x));
     std::vector<at::Tensor> inputs{x};
-    course::wait_for(h->backend->allgather(outputs, inputs, opts), opts.timeout, "allgather");
+    auto work = course::started([&] { return h->backend->allgather(outputs, inputs, opts); });
+    course::wait_for(work, opts.timeout, "allgather");
     for (int r = 0; r < h->size; ++r) outs[r] = new at::Tensor(outputs[0][r]);
   })
 }
@@ -244,7 +266,8 @@ char* course_pg_barrier(void* g, int64_t timeout_ms) {
     auto* h = course::group_of(g);
     c10d::BarrierOptions opts;
     opts.timeout = course::timeout_or(h, timeout_ms);
-    course::wait_for(h->backend->barrier(opts), opts.timeout, "barrier");
+    auto work = course::started([&] { return h->backend->barrier(opts); });
+    course::wait_for(work, opts.timeout, "barrier");
   })
 }
 
