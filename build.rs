@@ -45,6 +45,7 @@ const CPP_SOURCES: &[&str] = &[
     "kernels/ops/adamw.cpp",
     "kernels/ops/linear.cpp",
     "kernels/ops/llama.cpp",
+    "kernels/ops/qmatmul.cpp",
     "kernels/runtime/shim.cpp",
     "kernels/runtime/profiler.cpp",
     "kernels/runtime/recompute.cpp",
@@ -62,6 +63,7 @@ const CPU_KERNEL_SOURCES: &[&str] = &[
     "kernels/ops/cross_entropy_cpu.cpp",
     "kernels/ops/gemv_cpu.cpp",
     "kernels/ops/llama_cpu.cpp",
+    "kernels/ops/qmatmul_cpu.cpp",
 ];
 /// CUDA sources (feature `cuda`).
 const CUDA_SOURCES: &[&str] =

@@ -1,5 +1,5 @@
 // Run-time choice among the CPU kernels compiled once per instruction set (build.rs compiles
-// bias_gelu_cpu.cpp, cross_entropy_cpu.cpp, gemv_cpu.cpp and llama_cpu.cpp with CPU_CAPABILITY = DEFAULT, AVX2 and AVX512), following ATen's own
+// bias_gelu_cpu.cpp, cross_entropy_cpu.cpp, gemv_cpu.cpp, llama_cpu.cpp and qmatmul_cpu.cpp with CPU_CAPABILITY = DEFAULT, AVX2 and AVX512), following ATen's own
 // dispatch: at::get_cpu_capability() reads the CPU and honours ATEN_CPU_CAPABILITY.
 #pragma once
 #include <ATen/Version.h>
@@ -24,6 +24,35 @@ inline Isa cpu_isa() {
   }();
   return isa;
 }
+
+// `return <ISA>::fn(args...)` for the instruction set cpu_isa() reads (in a function of the
+// op's .cpp file, inside namespace course).
+#if defined(__x86_64__)
+#define COURSE_ISA_CALL(fn, ...)                      \
+  switch (cpu_isa()) {                                \
+    case Isa::Avx512: return AVX512::fn(__VA_ARGS__); \
+    case Isa::Avx2: return AVX2::fn(__VA_ARGS__);     \
+    default: return DEFAULT::fn(__VA_ARGS__);         \
+  }
+#else
+#define COURSE_ISA_CALL(fn, ...) return DEFAULT::fn(__VA_ARGS__);
+#endif
+
+// A quantized weight W (N, K) as raw pointers (qmatmul_cpu.cpp; the formats are defined in
+// modules/course/nn/quant.rs and io/gguf.rs).
+enum class QFormat : int32_t { Int8 = 0, Nf4 = 1, Q4_1 = 2, Q8_0 = 3 };
+constexpr int64_t kNf4Block = 64;         // numbers per NF4 absmax
+constexpr int64_t kNf4NestedBlock = 256;  // NF4 absmaxes per fp32 nested scale
+struct QWeight {
+  QFormat format;
+  int64_t N, K;
+  const uint8_t* data;        // int8: q (N, K); nf4: N K / 2 packed bytes; ggml: N rows of blocks
+  const float* scale;         // int8: per row (N); nf4: the nested absmaxes
+  const uint8_t* absmax_q;    // nf4: a byte per 64 numbers
+  const float* code8;         // nf4: the 256-value code of the absmaxes
+  const float* code16;        // nf4: the 16 NF4 values
+  float offset;               // nf4: the absmaxes' mean
+};
 
 // Raw-pointer kernels: x (M, N) row-major, bias (N).
 #define COURSE_DECLARE_CPU_KERNELS(CAP)                                                                \
@@ -51,6 +80,11 @@ inline Isa cpu_isa() {
   void decode_attention(const T* qkv, const T* cos, const T* sin, C* cache_k, C* cache_v,              \
                         const int64_t* pos, T* y, int64_t B, int64_t H, int64_t KV, int64_t hd,        \
                         int64_t cap);                                                                  \
+  /* qmatmul_cpu.cpp: y (M, N) = x (M, K) W^T with W quantized; rows n0..n1 of W decoded */        \
+  template <typename T>                                                                                \
+  void qgemv(const QWeight& w, const T* x, T* y, int64_t M);                                           \
+  template <typename T>                                                                                \
+  void qdequant_rows(const QWeight& w, int64_t n0, int64_t n1, T* out);                                \
   }
 
 COURSE_DECLARE_CPU_KERNELS(DEFAULT)

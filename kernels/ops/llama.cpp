@@ -9,17 +9,6 @@
 namespace course {
 namespace {
 
-#if defined(__x86_64__)
-#define COURSE_ISA_CALL(fn, ...)                                   \
-  switch (cpu_isa()) {                                             \
-    case Isa::Avx512: return AVX512::fn(__VA_ARGS__);              \
-    case Isa::Avx2: return AVX2::fn(__VA_ARGS__);                  \
-    default: return DEFAULT::fn(__VA_ARGS__);                      \
-  }
-#else
-#define COURSE_ISA_CALL(fn, ...) return DEFAULT::fn(__VA_ARGS__);
-#endif
-
 template <typename T>
 void rms_norm_isa(T* x, const T* r, const T* w, T* y, int64_t M, int64_t C, float eps) {
   COURSE_ISA_CALL(rms_norm_rows<T>, x, r, w, y, M, C, eps)

@@ -10,7 +10,12 @@
 //!   absmax and rounded to bitsandbytes' 8-bit dynamic code. 4.127 bits a number in all.
 //!
 //! Rounding ties go to the lower code, as in bitsandbytes (0.49).
+//!
+//! Each weight gives the kernels of [`crate::ops::qmatmul`] its tensors ([`QTensors`]); GGUF's
+//! Q4_1 and Q8_0 blocks come as the file stores them ([`ggml_weight`]).
 
+use crate::ops::qmatmul::qdequantize_reference;
+pub use crate::ops::qmatmul::{QFormat, QTensors};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -121,9 +126,25 @@ impl Int8Weight {
         Ok(Int8Weight { q, scale: scale.squeeze_dim(1) })
     }
 
-    /// `W` back, in `kind`.
+    /// `W` back, in `kind` (plain tch ops: [`qdequantize_reference`]).
     pub fn dequantize(&self, kind: Kind) -> Tensor {
-        (self.q.to_kind(Kind::Float) * self.scale.unsqueeze(1)).to_kind(kind)
+        qdequantize_reference(&self.tensors()).expect("an int8 weight has its scale").to_kind(kind)
+    }
+
+    /// The kernels' view of this weight (shallow: the same storage).
+    pub fn tensors(&self) -> QTensors {
+        let s = self.q.size();
+        QTensors {
+            format: QFormat::Int8,
+            n: s[0],
+            k: s[1],
+            data: self.q.shallow_clone(),
+            scale: Some(self.scale.shallow_clone()),
+            absmax_q: None,
+            code8: None,
+            code16: None,
+            offset: 0.0,
+        }
     }
 
     pub fn bytes(&self) -> i64 {
@@ -194,13 +215,24 @@ impl Nf4Weight {
         code * self.nested_absmax.index_select(0, &group) + self.offset as f64
     }
 
-    /// `W` back, `(out, in)` in `kind`.
+    /// `W` back, `(out, in)` in `kind` (plain tch ops: [`qdequantize_reference`]).
     pub fn dequantize(&self, kind: Kind) -> Tensor {
-        let p = self.packed.to_kind(Kind::Int64);
-        let idx = Tensor::stack(&[p.floor_divide_scalar(16), p.remainder(16)], 1).reshape([-1]);
-        let code = Tensor::from_slice(&NF4_CODE).to_device(self.packed.device());
-        let vals = code.index_select(0, &idx).view([-1, NF4_BLOCK]);
-        (vals * self.absmax().unsqueeze(1)).reshape([self.shape[0], self.shape[1]]).to_kind(kind)
+        qdequantize_reference(&self.tensors()).expect("an NF4 weight has all its tensors").to_kind(kind)
+    }
+
+    /// The kernels' view of this weight (shallow: the same storage, plus the 16 code values).
+    pub fn tensors(&self) -> QTensors {
+        QTensors {
+            format: QFormat::Nf4,
+            n: self.shape[0],
+            k: self.shape[1],
+            data: self.packed.shallow_clone(),
+            scale: Some(self.nested_absmax.shallow_clone()),
+            absmax_q: Some(self.absmax_q.shallow_clone()),
+            code8: Some(self.nested_code.shallow_clone()),
+            code16: Some(Tensor::from_slice(&NF4_CODE).to_device(self.packed.device())),
+            offset: self.offset as f64,
+        }
     }
 
     /// Bytes held: the nibbles, a byte per block, and the nested scales and code.
@@ -211,6 +243,39 @@ impl Nf4Weight {
     pub fn device(&self) -> Device {
         self.packed.device()
     }
+}
+
+/// A ggml Q4_1 or Q8_0 weight `(n, k)` from its blocks as a GGUF file stores them (`bytes`: u8,
+/// `n` rows of `k / 32` blocks of 20 or 34 bytes), kept as they are: no re-quantization.
+pub fn ggml_weight(format: QFormat, bytes: Tensor, n: i64, k: i64) -> Result<QTensors> {
+    let bb = match format {
+        QFormat::Q4_1 => 20,
+        QFormat::Q8_0 => 34,
+        other => bail!("ggml_weight: {} is not a ggml block format (q4_1 or q8_0)", other.name()),
+    };
+    if k % 32 != 0 {
+        bail!("{}: in_features {k} is not a multiple of ggml's block of 32", format.name());
+    }
+    if bytes.kind() != Kind::Uint8 || bytes.numel() as i64 != n * (k / 32) * bb {
+        bail!(
+            "{}: a ({n}, {k}) weight takes {} bytes of blocks, got {} numbers of {:?}",
+            format.name(),
+            n * (k / 32) * bb,
+            bytes.numel(),
+            bytes.kind()
+        );
+    }
+    Ok(QTensors {
+        format,
+        n,
+        k,
+        data: bytes.contiguous(),
+        scale: None,
+        absmax_q: None,
+        code8: None,
+        code16: None,
+        offset: 0.0,
+    })
 }
 
 fn check_weight(what: &str, w: &Tensor) -> Result<()> {

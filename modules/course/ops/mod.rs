@@ -6,6 +6,7 @@ pub mod bias_gelu;
 pub mod cross_entropy;
 pub mod linear;
 pub mod llama;
+pub mod qmatmul;
 
 pub use bias_gelu::{bias_gelu, bias_gelu_backward, bias_gelu_forward, bias_gelu_reference};
 pub use cross_entropy::{
@@ -15,3 +16,4 @@ pub use linear::{linear, linear_reference, linear_uses_onednn, skinny_matmul};
 pub use llama::{
     add_rms_norm_, decode_attention, decode_attention_reference, rms_norm, rms_norm_reference, swiglu, swiglu_reference,
 };
+pub use qmatmul::{qdequantize, qdequantize_reference, qlinear, qlinear_reference, QFormat, QTensors};

@@ -67,6 +67,26 @@ extern "C" {
     pub fn course_linear(input: CTensor, weight: CTensor, bias: CTensor, out: *mut CTensor) -> *mut c_char;
     pub fn course_linear_uses_onednn(input: CTensor) -> c_int;
     pub fn course_skinny_matmul(input: CTensor, weight: CTensor, out: *mut CTensor) -> *mut c_char;
+
+    /// `tensors`: data, scale, absmax_q, code8, code16 (null where the format has none).
+    pub fn course_qlinear(
+        format: c_int,
+        input: CTensor,
+        tensors: *const CTensor,
+        offset: f64,
+        n: i64,
+        k: i64,
+        out: *mut CTensor,
+    ) -> *mut c_char;
+    pub fn course_qdequantize(
+        format: c_int,
+        tensors: *const CTensor,
+        offset: f64,
+        n: i64,
+        k: i64,
+        kind: c_int,
+        out: *mut CTensor,
+    ) -> *mut c_char;
     pub fn course_rms_norm(x: CTensor, residual: CTensor, weight: CTensor, eps: f64, out: *mut CTensor) -> *mut c_char;
     pub fn course_swiglu(gate_up: CTensor, out: *mut CTensor) -> *mut c_char;
     #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,162 @@
+//! Benchmark (not a test): the quantized-weight kernels (`course::ops::qlinear`) against fp32
+//! (tch's `linear`, MKL) and torch's own quantized CPU ops (`_weight_int8pack_mm`, int8 per
+//! row; `_weight_int4pack_mm_for_cpu`, 4-bit with a scale and zero per group of 32), at 4096 x
+//! 4096 and at SmolLM2-135M's shapes. One token (M = 1, decoding: bound by reading W) and a
+//! prefill of 128 tokens (the GEMM path) at one shape.
+//!
+//! `cargo bench --bench qmatmul [-- --rounds N] [-- --threads N]`
+//!
+//! Every contender runs once per round, in turn, and each cell is a median over rounds; "x f32"
+//! is the median of the per-round ratios to fp32. GB/s counts the weight's bytes read per call
+//! (x and y are a few KB); "% roof" compares that with a 256 MiB fp32 copy measured in the same
+//! run (read + write counted, as the copy roof is quoted elsewhere in the project).
+
+use anyhow::Result;
+mod benchkit;
+use course::nn::quant::{ggml_weight, Int8Weight, Nf4Weight};
+use course::ops::qmatmul::{qlinear, QFormat, QTensors};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// (M rows of x, K in, N out).
+const SHAPES: &[(i64, i64, i64)] =
+    &[(1, 4096, 4096), (1, 576, 576), (1, 576, 1536), (1, 1536, 576), (1, 576, 49152), (128, 576, 1536)];
+
+fn time_ms(mut f: impl FnMut()) -> f64 {
+    // About 40 ms per timed group, at least 3 calls.
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64() * 1e3;
+    let reps = ((40.0 / once.max(1e-3)) as usize).clamp(3, 2000);
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    t.elapsed().as_secs_f64() * 1e3 / reps as f64
+}
+
+fn copy_roof() -> f64 {
+    let src = Tensor::randn([1 << 26], (Kind::Float, Device::Cpu));
+    let mut dst = src.empty_like();
+    dst.copy_(&src);
+    let ms = benchkit::median((0..5).map(|_| time_ms(|| dst.copy_(&src))).collect());
+    2.0 * (1u64 << 26) as f64 * 4.0 / (ms * 1e-3) / 1e9
+}
+
+struct Contender {
+    name: &'static str,
+    bytes: i64,
+    run: Box<dyn Fn()>,
+}
+
+fn ggml(format: QFormat, w: &Tensor) -> QTensors {
+    let s = w.size();
+    let v: Vec<f32> = Vec::try_from(w.reshape([-1])).unwrap();
+    let ty = if format == QFormat::Q4_1 { course::io::gguf::GgmlType::Q4_1 } else { course::io::gguf::GgmlType::Q8_0 };
+    ggml_weight(format, Tensor::from_slice(&course::io::gguf::quantize(ty, &v).unwrap()), s[0], s[1]).unwrap()
+}
+
+fn contenders(m: i64, k: i64, n: i64) -> Vec<Contender> {
+    let x = Tensor::randn([m, k], (Kind::Float, Device::Cpu));
+    let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * (k as f64).powf(-0.5);
+    let mut out = Vec::new();
+    {
+        let (x, w) = (x.shallow_clone(), w.shallow_clone());
+        out.push(Contender {
+            name: "f32 (tch)",
+            bytes: n * k * 4,
+            run: Box::new(move || drop(x.linear::<Tensor>(&w, None))),
+        });
+    }
+    let i8w = Int8Weight::quantize(&w).unwrap();
+    {
+        let (x, q, s) = (x.shallow_clone(), i8w.q.shallow_clone(), i8w.scale.shallow_clone());
+        out.push(Contender {
+            name: "int8 torch",
+            bytes: n * k + 4 * n,
+            run: Box::new(move || drop(x.internal_weight_int8pack_mm(&q, &s))),
+        });
+    }
+    // torch's int4 pack: values 0..15 with (q - 8) * scale + zero per group of 32 (Q4_1-like).
+    if k % 32 == 0 && n % 16 == 0 {
+        let g = w.view([n, k / 32, 32]);
+        let lo = g.amin([2], true);
+        let hi = g.amax([2], true);
+        let scale = ((&hi - &lo) / 15.0).clamp_min(1e-8);
+        let q = ((&g - &lo) / &scale).round().clamp(0, 15);
+        let zero = &lo + &scale * 8.0; // (q - 8) s + z = q s + lo
+        let packed = q.view([n, k]).to_kind(Kind::Int).internal_convert_weight_to_int4pack_for_cpu(1);
+        let sz = Tensor::stack(&[scale.squeeze_dim(2), zero.squeeze_dim(2)], 2).transpose(0, 1).contiguous();
+        let x = x.shallow_clone();
+        out.push(Contender {
+            name: "int4 torch",
+            bytes: n * k / 2 + n * (k / 32) * 8,
+            run: Box::new(move || drop(x.internal_weight_int4pack_mm_for_cpu(&packed, 32, &sz))),
+        });
+    }
+    let mut ours = vec![("int8 ours", i8w.tensors())];
+    if (n * k) % 64 == 0 {
+        ours.push(("nf4 ours", Nf4Weight::quantize(&w).unwrap().tensors()));
+    }
+    if k % 32 == 0 {
+        ours.push(("q4_1 ours", ggml(QFormat::Q4_1, &w)));
+        ours.push(("q8_0 ours", ggml(QFormat::Q8_0, &w)));
+    }
+    for (name, q) in ours {
+        let x = x.shallow_clone();
+        out.push(Contender { name, bytes: q.bytes(), run: Box::new(move || drop(qlinear(&x, &q).unwrap())) });
+    }
+    out
+}
+
+fn main() -> Result<()> {
+    let b = benchkit::BenchArgs::from_env(7);
+    let rounds = b.rounds;
+    let roof = tch::no_grad(copy_roof);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        .unwrap_or_default();
+    println!(
+        "{cpu}; {} threads; ATen CPU capability {}; copy roof {roof:.1} GB/s (256 MiB fp32, read + write)\n",
+        b.threads,
+        course::sys::runtime::versions().cpu_capability
+    );
+    println!(
+        "{:>18} {:>11} {:>10} {:>9} {:>8} {:>7}   (medians of {rounds} rounds)",
+        "M x K -> N", "contender", "ms/call", "GB/s", "% roof", "x f32"
+    );
+    tch::manual_seed(0);
+    tch::no_grad(|| -> Result<()> {
+        for &(m, k, n) in SHAPES {
+            let cs = contenders(m, k, n);
+            let mut ms: Vec<Vec<f64>> = vec![Vec::new(); cs.len()];
+            for c in &cs {
+                (c.run)(); // warm-up
+            }
+            for _ in 0..rounds {
+                for (i, c) in cs.iter().enumerate() {
+                    ms[i].push(time_ms(|| (c.run)()));
+                }
+            }
+            for (i, c) in cs.iter().enumerate() {
+                let med = benchkit::median(ms[i].clone());
+                let ratio = benchkit::median(ms[0].iter().zip(&ms[i]).map(|(f, o)| f / o).collect());
+                let gbs = c.bytes as f64 / (med * 1e-3) / 1e9;
+                println!(
+                    "{:>18} {:>11} {:>10.4} {:>9.1} {:>7.0}% {:>6.2}x",
+                    format!("{m} x {k} -> {n}"),
+                    c.name,
+                    med,
+                    gbs,
+                    100.0 * gbs / roof,
+                    ratio
+                );
+            }
+            println!();
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,253 @@
+// y = x W^T with W (N, K) stored quantized — int8 per row, NF4 (block 64, double-quantized
+// absmaxes), ggml Q4_1 and Q8_0 — for inference and for LoRA / QLoRA training over a frozen
+// quantized base. Argument checks, the choice of instruction set, the GEMM path, the autograd
+// function and the C ABI over the kernels of qmatmul_cpu.cpp. The references (dequantize, then
+// a matmul in fp32) are in modules/course/ops/qmatmul.rs.
+//
+// - At most kGemvRows rows of x (decoding): qgemv, W decoded in registers, both cores over rows
+//   of W.
+// - More rows (prefill, training): W in panels of rows, each decoded into a tile in x's dtype
+//   (a few hundred KB, in L2) and multiplied by ATen's GEMM on one core; the cores take panels.
+//   A panel is decoded once for all the rows of x, so decoding costs K N against the GEMM's
+//   M K N.
+// - Backward (the gradient to x only: W is frozen): dx = dy W, with W decoded into a temporary
+//   in dy's dtype and freed; the graph keeps only the quantized bytes, never a dense W.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "dispatch.h"
+#include "ops.h"
+
+namespace course {
+namespace {
+
+constexpr int64_t kGemvRows = 4;
+
+const char* format_name(QFormat f) {
+  switch (f) {
+    case QFormat::Int8: return "int8";
+    case QFormat::Nf4: return "nf4";
+    case QFormat::Q4_1: return "q4_1";
+    case QFormat::Q8_0: return "q8_0";
+  }
+  return "?";
+}
+
+// The weight's tensors: data, scale, absmax_q, code8, code16 (unused ones undefined).
+struct QTensors {
+  QFormat format;
+  int64_t N, K;
+  at::Tensor data, scale, absmax_q, code8, code16;
+  double offset;
+};
+
+void check_tensor(const char* fmt, const char* what, const at::Tensor& t, at::ScalarType dt, int64_t numel,
+                  int64_t N, int64_t K) {
+  TORCH_CHECK(t.defined(), "qlinear (", fmt, "): ", what, " is missing");
+  TORCH_CHECK(t.is_cpu(), "qlinear (", fmt, "): ", what, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dt, "qlinear (", fmt, "): ", what, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "qlinear (", fmt, "): ", what, " must be contiguous");
+  TORCH_CHECK(t.numel() == numel, "qlinear (", fmt, "): ", what, " holds ", t.numel(), " numbers, expected ", numel,
+              " for a (", N, ", ", K, ") weight");
+}
+
+void check_weight(const QTensors& q) {
+  const char* f = format_name(q.format);
+  TORCH_CHECK(q.N > 0 && q.K > 0, "qlinear (", f, "): the weight's shape (", q.N, ", ", q.K, ") must be positive");
+  switch (q.format) {
+    case QFormat::Int8:
+      check_tensor(f, "q", q.data, at::kChar, q.N * q.K, q.N, q.K);
+      check_tensor(f, "scale", q.scale, at::kFloat, q.N, q.N, q.K);
+      break;
+    case QFormat::Nf4: {
+      TORCH_CHECK(q.K % 2 == 0, "qlinear (nf4): in_features ", q.K, " must be even (two numbers a byte, rows whole)");
+      TORCH_CHECK((q.N * q.K) % kNf4Block == 0, "qlinear (nf4): the weight's ", q.N, " x ", q.K,
+                  " numbers are not a whole number of 64-number blocks");
+      const int64_t nb = q.N * q.K / kNf4Block;
+      check_tensor(f, "packed", q.data, at::kByte, q.N * q.K / 2, q.N, q.K);
+      check_tensor(f, "absmax_q", q.absmax_q, at::kByte, nb, q.N, q.K);
+      check_tensor(f, "nested_absmax", q.scale, at::kFloat, (nb + kNf4NestedBlock - 1) / kNf4NestedBlock, q.N, q.K);
+      check_tensor(f, "nested_code", q.code8, at::kFloat, 256, q.N, q.K);
+      check_tensor(f, "code", q.code16, at::kFloat, 16, q.N, q.K);
+      break;
+    }
+    case QFormat::Q4_1:
+    case QFormat::Q8_0: {
+      TORCH_CHECK(q.K % 32 == 0, "qlinear (", f, "): in_features ", q.K, " must be a multiple of ggml's block of 32");
+      const int64_t bb = q.format == QFormat::Q4_1 ? 20 : 34;
+      check_tensor(f, "blocks", q.data, at::kByte, q.N * (q.K / 32) * bb, q.N, q.K);
+      break;
+    }
+  }
+}
+
+QWeight raw(const QTensors& q) {
+  QWeight w{};
+  w.format = q.format;
+  w.N = q.N;
+  w.K = q.K;
+  w.data = static_cast<const uint8_t*>(q.data.const_data_ptr());
+  if (q.scale.defined()) w.scale = q.scale.const_data_ptr<float>();
+  if (q.absmax_q.defined()) w.absmax_q = q.absmax_q.const_data_ptr<uint8_t>();
+  if (q.code8.defined()) w.code8 = q.code8.const_data_ptr<float>();
+  if (q.code16.defined()) w.code16 = q.code16.const_data_ptr<float>();
+  w.offset = static_cast<float>(q.offset);
+  return w;
+}
+
+template <typename T>
+void gemv_isa(const QWeight& w, const T* x, T* y, int64_t M) {
+  COURSE_ISA_CALL(qgemv<T>, w, x, y, M)
+}
+template <typename T>
+void dequant_isa(const QWeight& w, int64_t n0, int64_t n1, T* out) {
+  COURSE_ISA_CALL(qdequant_rows<T>, w, n0, n1, out)
+}
+
+void check_input(const QTensors& q, const at::Tensor& x) {
+  const char* f = format_name(q.format);
+  TORCH_CHECK(x.defined(), "qlinear (", f, "): the input is undefined");
+  TORCH_CHECK(x.is_cpu(), "qlinear (", f, "): the input must be on the CPU, got ", x.device(),
+              " (this build's quantized kernels are CPU kernels)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "qlinear (", f,
+              "): the input must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == q.K, "qlinear (", f, "): the input's last dimension is ",
+              x.dim() ? x.size(-1) : 0, " (shape ", x.sizes(), ") but the weight has in_features ", q.K);
+}
+
+// W decoded, (N, K) in dtype dt, all cores over rows.
+at::Tensor dequantize(const QTensors& q, at::ScalarType dt) {
+  auto out = at::empty({q.N, q.K}, at::TensorOptions().dtype(dt));
+  const QWeight w = raw(q);
+  at::parallel_for(0, q.N, 16, [&](int64_t n0, int64_t n1) {
+    if (dt == at::kFloat)
+      dequant_isa<float>(w, n0, n1, out.mutable_data_ptr<float>() + n0 * q.K);
+    else
+      dequant_isa<c10::BFloat16>(w, n0, n1, out.mutable_data_ptr<c10::BFloat16>() + n0 * q.K);
+  });
+  return out;
+}
+
+at::Tensor forward_nograd(const QTensors& q, const at::Tensor& x_in) {
+  auto x = x_in.contiguous();
+  const int64_t M = x.numel() / q.K;
+  auto shape = x.sizes().vec();
+  shape.back() = q.N;
+  auto y = at::empty({M, q.N}, x.options());
+  if (M == 0) return y.view(shape);
+  const QWeight w = raw(q);
+  if (M <= kGemvRows) {
+    if (x.scalar_type() == at::kFloat)
+      gemv_isa<float>(w, x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M);
+    else
+      gemv_isa<c10::BFloat16>(w, x.const_data_ptr<c10::BFloat16>(), y.mutable_data_ptr<c10::BFloat16>(), M);
+    return y.view(shape);
+  }
+  // Panels of rows of W: two per thread at least (for balance), 16 to 256 rows each.
+  const int64_t threads = at::get_num_threads();
+  int64_t panel = (q.N + 2 * threads - 1) / (2 * threads);
+  panel = std::min<int64_t>(256, std::max<int64_t>(16, (panel + 15) / 16 * 16));
+  const int64_t panels = (q.N + panel - 1) / panel;
+  auto x2 = x.view({M, q.K});
+  const auto dt = x.scalar_type();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    auto tile = at::empty({panel, q.K}, x.options());
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * panel, nn = std::min(panel, q.N - n0);
+      if (dt == at::kFloat)
+        dequant_isa<float>(w, n0, n0 + nn, tile.mutable_data_ptr<float>());
+      else
+        dequant_isa<c10::BFloat16>(w, n0, n0 + nn, tile.mutable_data_ptr<c10::BFloat16>());
+      y.narrow(1, n0, nn).copy_(at::mm(x2, tile.narrow(0, 0, nn).t()));
+    }
+  });
+  return y.view(shape);
+}
+
+struct QLinearFunction : public torch::autograd::Function<QLinearFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& data,
+                            const at::Tensor& scale, const at::Tensor& absmax_q, const at::Tensor& code8,
+                            const at::Tensor& code16, int64_t format, double offset, int64_t N, int64_t K) {
+    ctx->save_for_backward({data, scale, absmax_q, code8, code16});
+    ctx->saved_data["format"] = format;
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["N"] = N;
+    ctx->saved_data["K"] = K;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto u = [](const at::Tensor& t) { return t.numel() ? t : at::Tensor(); };
+    QTensors q{static_cast<QFormat>(format), N, K, data, u(scale), u(absmax_q), u(code8), u(code16), offset};
+    return forward_nograd(q, x);
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), "qlinear: double backward (create_graph=true) is not supported");
+    auto s = ctx->get_saved_variables();
+    auto u = [](const at::Tensor& t) { return t.numel() ? t : at::Tensor(); };  // see placeholder()
+    QTensors q{static_cast<QFormat>(ctx->saved_data["format"].toInt()),
+               ctx->saved_data["N"].toInt(),
+               ctx->saved_data["K"].toInt(),
+               s[0],
+               u(s[1]),
+               u(s[2]),
+               u(s[3]),
+               u(s[4]),
+               ctx->saved_data["offset"].toDouble()};
+    auto g = grads[0].contiguous();
+    auto shape = g.sizes().vec();
+    shape.back() = q.K;
+    auto gx = at::mm(g.view({-1, q.N}), dequantize(q, g.scalar_type())).view(shape);
+    return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// autograd's apply refuses undefined tensor arguments: a format's unused side tensors travel as
+// empty ones and come back undefined in the backward.
+at::Tensor placeholder(const at::Tensor& t) { return t.defined() ? t : at::empty({0}); }
+
+QTensors from_abi(int format, course_tensor* t, double offset, int64_t N, int64_t K) {
+  TORCH_CHECK(format >= 0 && format <= 3, "qlinear: unknown format id ", format, " (0 int8, 1 nf4, 2 q4_1, 3 q8_0)");
+  auto get = [&](int i) { return t[i] ? *static_cast<at::Tensor*>(t[i]) : at::Tensor(); };
+  QTensors q{static_cast<QFormat>(format), N, K, get(0), get(1), get(2), get(3), get(4), offset};
+  check_weight(q);
+  return q;
+}
+
+}  // namespace
+}  // namespace course
+
+extern "C" {
+
+// tensors: data, scale, absmax_q, code8, code16 (null where the format has none).
+char* course_qlinear(int format, course_tensor input, course_tensor* tensors, double offset, int64_t N, int64_t K,
+                     course_tensor* out) {
+  COURSE_TRY({
+    auto q = course::from_abi(format, tensors, offset, N, K);
+    const auto& x = *static_cast<at::Tensor*>(input);
+    course::check_input(q, x);
+    at::Tensor y;
+    if (at::GradMode::is_enabled() && x.requires_grad()) {
+      using course::placeholder;
+      y = course::QLinearFunction::apply(x, q.data, placeholder(q.scale), placeholder(q.absmax_q),
+                                         placeholder(q.code8), placeholder(q.code16),
+                                         static_cast<int64_t>(q.format), q.offset, q.N, q.K);
+    } else {
+      y = course::forward_nograd(q, x);
+    }
+    *out = new at::Tensor(y);
+  })
+}
+
+// W decoded into a new (N, K) tensor; kind 0 float32, 1 bfloat16.
+char* course_qdequantize(int format, course_tensor* tensors, double offset, int64_t N, int64_t K, int kind,
+                         course_tensor* out) {
+  COURSE_TRY({
+    auto q = course::from_abi(format, tensors, offset, N, K);
+    TORCH_CHECK(kind == 0 || kind == 1, "qdequantize: kind ", kind, " must be 0 (float32) or 1 (bfloat16)");
+    at::NoGradGuard no_grad;
+    *out = new at::Tensor(course::dequantize(q, kind == 0 ? at::kFloat : at::kBFloat16));
+  })
+}
+
+}  // extern "C"

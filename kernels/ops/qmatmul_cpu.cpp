@@ -1,0 +1,482 @@
+// CPU kernels for y = x W^T where W is stored quantized (量化): int8 with a scale per output row,
+// NF4 in 64-number blocks with double-quantized absmaxes (QLoRA / bitsandbytes), and ggml's Q4_1
+// and Q8_0 blocks of 32 as a GGUF file holds them. Compiled once per instruction set like the
+// other CPU kernels (see dispatch.h).
+//
+// - qgemv: a few rows of x (decoding), the weight decoded in registers and never written out.
+//   The work is bound by reading W: 4-bit weights are an eighth of fp32's bytes, so the kernel
+//   has to decode faster than DRAM delivers. Per 16 numbers on AVX-512 the NF4 decode is a
+//   byte duplication, one variable shift, a mask and one 16-entry table lookup in a register
+//   (vpermps); Q4_1 is a mask or a shift and a fused multiply-add; int8 a sign extension.
+//   Every block's sum is kept in a vector and scaled once per block.
+// - qdequant_rows: rows of W decoded to fp32/bf16 (the GEMM tiles of qmatmul.cpp and the
+//   backward's dequantization use it).
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include <array>
+#include <cstring>
+#include <vector>
+
+#include "dispatch.h"
+
+namespace course {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+using VF = Vectorized<float>;
+constexpr int64_t L = VF::size();
+
+constexpr int64_t kMaxRows = 4;       // rows of x per pass
+constexpr int64_t kPrefetchRows = 8;  // rows of W ahead (as in gemv_cpu.cpp)
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return _cvtsh_ss(h);  // F16C: one instruction (c10::Half's portable conversion is a dozen)
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+inline float hsum(const VF& v) {
+  return at::vec::vec_reduce_all<float>([](const VF& a, const VF& b) { return a + b; }, v);
+}
+
+// ---- decoders: n (<= L) numbers into one fp32 vector; lanes past n are unspecified but finite
+// (the x they meet is loaded with zeros there).
+
+// n int8 numbers from p.
+inline VF dec_i8(const int8_t* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m128i b = n >= 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                            : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n) - 1), p);
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+#elif defined(CPU_CAPABILITY_AVX2)
+  int64_t v = 0;
+  std::memcpy(&v, p, n >= 8 ? 8 : n);
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(v)));
+#else
+  float t[L] = {};
+  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+  return VF::loadu(t);
+#endif
+}
+
+// Numbers j .. j + L of a ggml 4-bit block's 16 bytes `qs`: the low nibbles are numbers 0-15,
+// the high ones 16-31 (j in [0, 32), a multiple of L).
+inline VF dec_q4(const uint8_t* qs, int64_t j) {
+  const int64_t byte = j & 15;
+  const int shift = j >= 16 ? 4 : 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + byte)));
+  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(15)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + byte)));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, shift), _mm256_set1_epi32(15)));
+#else
+  float t[L];
+  for (int64_t i = 0; i < L; ++i) t[i] = static_cast<float>((qs[byte + i] >> shift) & 15);
+  return VF::loadu(t);
+#endif
+}
+
+// n (even, <= L) NF4 numbers from their n / 2 bytes at p (the first of a byte in its high
+// nibble), as code values.
+inline VF dec_nf4(const uint8_t* p, int64_t n, const float* code16) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m128i b = n >= 16 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))
+                            : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << (n / 2)) - 1), p);
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // b0 b0 b1 b1 ...
+  const __m512i shifts = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32(15));
+  return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(code16));
+#elif defined(CPU_CAPABILITY_AVX2)
+  int32_t w = 0;
+  std::memcpy(&w, p, n >= 8 ? 4 : n / 2);
+  const __m128i b = _mm_cvtsi32_si128(w);
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+  const __m256i shifts = _mm256_set_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+  const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), _mm256_set1_epi32(15));
+  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(code16), idx);
+  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(code16 + 8), idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 -> sign
+#else
+  float t[L] = {};
+  for (int64_t i = 0; i < n; ++i) t[i] = code16[(p[i / 2] >> (i % 2 ? 0 : 4)) & 15];
+  return VF::loadu(t);
+#endif
+}
+
+inline VF loadx(const float* x, int64_t n) { return n >= L ? VF::loadu(x) : VF::loadu(x, n); }
+
+// NF4 absmax of block b (double quantization undone).
+inline float nf4_absmax(const QWeight& w, int64_t b) {
+  return w.code8[w.absmax_q[b]] * w.scale[b / kNf4NestedBlock] + w.offset;
+}
+
+inline const uint8_t* row_bytes(const QWeight& w, int64_t n) {
+  switch (w.format) {
+    case QFormat::Int8: return w.data + n * w.K;
+    case QFormat::Nf4: return w.data + n * w.K / 2;
+    case QFormat::Q4_1: return w.data + n * (w.K / 32) * 20;
+    case QFormat::Q8_0: return w.data + n * (w.K / 32) * 34;
+  }
+  return w.data;
+}
+
+inline int64_t row_size(const QWeight& w) {
+  switch (w.format) {
+    case QFormat::Int8: return w.K;
+    case QFormat::Nf4: return w.K / 2;
+    case QFormat::Q4_1: return (w.K / 32) * 20;
+    case QFormat::Q8_0: return (w.K / 32) * 34;
+  }
+  return w.K;
+}
+
+// The rows of x as the row kernels read them: fp32 (zero-padded), and for NF4 on AVX-512 each
+// 32-block of x with its even-indexed numbers first, then the odd ones (`xp`): the order in
+// which the high and the low nibbles of 16 NF4 bytes come out, so the bytes need no
+// interleaving. Computed once per call.
+template <int64_t M>
+struct XRows {
+  const float* x[M];
+  const float* xp[M];
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kWide = true;
+
+// The AVX-512 row kernels. Each keeps every product of a block in its own register and the
+// blocks' scaled sums in two accumulators taken in turn: with one accumulator a row is a chain
+// of dependent fused multiply-adds (4 cycles each), which on the Zen 4 held int8 at 1.4 ms per
+// 4096 x 4096 on one core against 0.5 ms once the chains were split.
+
+inline __m512 i8x16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int64_t M>
+void row_dot_int8(const QWeight& w, const int8_t* q, const XRows<M>& x, float scale, float* out) {
+  const int64_t K = w.K;
+  __m512 acc[M][4];
+  for (int64_t m = 0; m < M; ++m)
+    for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    const __m512 w0 = i8x16(q + k), w1 = i8x16(q + k + 16), w2 = i8x16(q + k + 32), w3 = i8x16(q + k + 48);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x.x[m] + k;
+      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc[m][1]);
+      acc[m][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), acc[m][2]);
+      acc[m][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xm + 48), acc[m][3]);
+    }
+  }
+  for (; k < K; k += 16) {
+    const int64_t c = std::min<int64_t>(16, K - k);
+    const __mmask16 mk = static_cast<__mmask16>((1u << c) - 1);
+    const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + k)));
+    for (int64_t m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x.x[m] + k), acc[m][0]);
+  }
+  for (int64_t m = 0; m < M; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3]))) * scale;
+}
+
+// Q8_0 (K % 32 == 0): 34-byte blocks, fp16 d then 32 int8.
+template <int64_t M>
+void row_dot_q8_0(const QWeight& w, const uint8_t* r, const XRows<M>& x, float* out) {
+  __m512 acc[M][2];
+  for (int64_t m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0, b = 0; k < w.K; k += 32, r += 34, ++b) {
+    const __m512 dv = _mm512_set1_ps(half_to_float(r));
+    const int8_t* q = reinterpret_cast<const int8_t*>(r + 2);
+    const __m512 w0 = i8x16(q), w1 = i8x16(q + 16);
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512 blk =
+          _mm512_fmadd_ps(w1, _mm512_loadu_ps(x.x[m] + k + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(x.x[m] + k)));
+      acc[m][b & 1] = _mm512_fmadd_ps(blk, dv, acc[m][b & 1]);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+// Q4_1 (K % 32 == 0) and NF4 (K % 32 == 0) share one inner step: 16 bytes widened to 16 lanes,
+// and two lookups in a 16-value table held in a register (vpermps reads only an index's low 4
+// bits, so the byte itself indexes its low nibble and the byte shifted right by 4 its high one).
+// The table is built per block with the block's scale folded in — Q4_1: d i + m for i = 0..15;
+// NF4: code[i] times the block's absmax — so the looked-up values are the weights themselves
+// and go straight into the accumulators. Q4_1's low nibbles are numbers 0-15 of the block and
+// the high ones 16-31; NF4's high nibbles are the even numbers and the low ones the odd, which
+// is why NF4 reads x in the even-then-odd order (XRows::xp).
+template <int64_t M>
+void row_dot_q4_1(const QWeight& w, const uint8_t* r, const XRows<M>& x, float* out) {
+  __m512 acc[M][4];
+  for (int64_t m = 0; m < M; ++m)
+    for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t k = 0, b = 0; k < w.K; k += 32, r += 20, ++b) {
+    const __m512 lut = _mm512_fmadd_ps(iota, _mm512_set1_ps(half_to_float(r)), _mm512_set1_ps(half_to_float(r + 2)));
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 4)));
+    const __m512 lo = _mm512_permutexvar_ps(v, lut);
+    const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+    const int u = 2 * (b & 1);
+    for (int64_t m = 0; m < M; ++m) {
+      acc[m][u] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x.x[m] + k), acc[m][u]);
+      acc[m][u + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x.x[m] + k + 16), acc[m][u + 1]);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+}
+
+template <int64_t M>
+void row_dot_nf4(const QWeight& w, int64_t n, const XRows<M>& x, float* out) {
+  const int64_t K = w.K, e0 = n * K;
+  __m512 acc[M][4];
+  for (int64_t m = 0; m < M; ++m)
+    for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
+  const __m512 code = _mm512_loadu_ps(w.code16);
+  for (int64_t k = 0; k < K;) {
+    const int64_t b = (e0 + k) / kNf4Block;
+    const int64_t end = std::min(K, (b + 1) * kNf4Block - e0);
+    const __m512 lut = _mm512_mul_ps(code, _mm512_set1_ps(nf4_absmax(w, b)));
+    for (int64_t j = k; j < end; j += 32) {
+      const __m512i v =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.data + (e0 + j) / 2)));
+      const __m512 wh = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+      const __m512 wl = _mm512_permutexvar_ps(v, lut);
+      const int u = (j & 32) ? 2 : 0;
+      for (int64_t m = 0; m < M; ++m) {
+        acc[m][u] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(x.xp[m] + j), acc[m][u]);
+        acc[m][u + 1] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(x.xp[m] + j + 16), acc[m][u + 1]);
+      }
+    }
+    k = end;
+  }
+  for (int64_t m = 0; m < M; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+}
+#else
+constexpr bool kWide = false;
+#endif
+
+// out[m] = x[m] . W[n] for M rows of x (fp32, each K long).
+template <int64_t M>
+void row_dot(const QWeight& w, int64_t n, const XRows<M>& xr, float* out) {
+  const int64_t K = w.K;
+  const uint8_t* r = row_bytes(w, n);
+#if defined(CPU_CAPABILITY_AVX512)
+  switch (w.format) {
+    case QFormat::Int8: return row_dot_int8<M>(w, reinterpret_cast<const int8_t*>(r), xr, w.scale[n], out);
+    case QFormat::Q8_0: return row_dot_q8_0<M>(w, r, xr, out);
+    case QFormat::Q4_1: return row_dot_q4_1<M>(w, r, xr, out);
+    case QFormat::Nf4:
+      if (K % 32 == 0) return row_dot_nf4<M>(w, n, xr, out);
+      break;
+  }
+#endif
+  const float* const* x = xr.x;
+  VF acc[M];
+  for (int64_t m = 0; m < M; ++m) acc[m] = VF(0.f);
+  switch (w.format) {
+    case QFormat::Int8: {
+      const int8_t* q = reinterpret_cast<const int8_t*>(r);
+      for (int64_t k = 0; k < K; k += L) {
+        const int64_t c = std::min(L, K - k);
+        const VF wv = dec_i8(q + k, c);
+        for (int64_t m = 0; m < M; ++m) acc[m] = at::vec::fmadd(wv, loadx(x[m] + k, c), acc[m]);
+      }
+      for (int64_t m = 0; m < M; ++m) out[m] = hsum(acc[m]) * w.scale[n];
+      return;
+    }
+    case QFormat::Q8_0: {
+      for (int64_t k = 0; k < K; k += 32, r += 34) {
+        const VF d(half_to_float(r));
+        const int8_t* q = reinterpret_cast<const int8_t*>(r + 2);
+        VF blk[M];
+        for (int64_t m = 0; m < M; ++m) blk[m] = VF(0.f);
+        for (int64_t j = 0; j < 32; j += L) {
+          const VF wv = dec_i8(q + j, L);
+          for (int64_t m = 0; m < M; ++m) blk[m] = at::vec::fmadd(wv, VF::loadu(x[m] + k + j), blk[m]);
+        }
+        for (int64_t m = 0; m < M; ++m) acc[m] = at::vec::fmadd(blk[m], d, acc[m]);
+      }
+      break;
+    }
+    case QFormat::Q4_1: {
+      VF accm[M];
+      for (int64_t m = 0; m < M; ++m) accm[m] = VF(0.f);
+      for (int64_t k = 0; k < K; k += 32, r += 20) {
+        const VF d(half_to_float(r)), mn(half_to_float(r + 2));
+        const uint8_t* qs = r + 4;
+        VF bq[M], bx[M];
+        for (int64_t m = 0; m < M; ++m) bq[m] = bx[m] = VF(0.f);
+        for (int64_t j = 0; j < 32; j += L) {
+          const VF qv = dec_q4(qs, j);
+          for (int64_t m = 0; m < M; ++m) {
+            const VF xv = VF::loadu(x[m] + k + j);
+            bq[m] = at::vec::fmadd(qv, xv, bq[m]);
+            bx[m] = bx[m] + xv;
+          }
+        }
+        // sum (q d + m) x = d sum q x + m sum x
+        for (int64_t m = 0; m < M; ++m) {
+          acc[m] = at::vec::fmadd(bq[m], d, acc[m]);
+          accm[m] = at::vec::fmadd(bx[m], mn, accm[m]);
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) acc[m] = acc[m] + accm[m];
+      break;
+    }
+    case QFormat::Nf4: {
+      const int64_t e0 = n * K;  // flat index of the row's first number (blocks run across rows)
+      for (int64_t k = 0; k < K;) {
+        const int64_t b = (e0 + k) / kNf4Block;
+        const int64_t end = std::min(K, (b + 1) * kNf4Block - e0);
+        const uint8_t* p = w.data + (e0 + k) / 2;
+        VF blk[M];
+        for (int64_t m = 0; m < M; ++m) blk[m] = VF(0.f);
+        for (int64_t j = k; j < end; j += L, p += L / 2) {
+          const int64_t c = std::min(L, end - j);
+          const VF cv = dec_nf4(p, c, w.code16);
+          for (int64_t m = 0; m < M; ++m) blk[m] = at::vec::fmadd(cv, loadx(x[m] + j, c), blk[m]);
+        }
+        const VF a(nf4_absmax(w, b));
+        for (int64_t m = 0; m < M; ++m) acc[m] = at::vec::fmadd(blk[m], a, acc[m]);
+        k = end;
+      }
+      break;
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) out[m] = hsum(acc[m]);
+}
+
+// W's row n decoded into out (K fp32).
+void row_decode(const QWeight& w, int64_t n, float* out) {
+  const int64_t K = w.K;
+  const uint8_t* r = row_bytes(w, n);
+  switch (w.format) {
+    case QFormat::Int8: {
+      const int8_t* q = reinterpret_cast<const int8_t*>(r);
+      const VF s(w.scale[n]);
+      int64_t k = 0;
+      for (; k + L <= K; k += L) (dec_i8(q + k, L) * s).store(out + k);
+      if (k < K) (dec_i8(q + k, K - k) * s).store(out + k, K - k);
+      return;
+    }
+    case QFormat::Q8_0:
+      for (int64_t k = 0; k < K; k += 32, r += 34) {
+        const VF d(half_to_float(r));
+        const int8_t* q = reinterpret_cast<const int8_t*>(r + 2);
+        for (int64_t j = 0; j < 32; j += L) (dec_i8(q + j, L) * d).store(out + k + j);
+      }
+      return;
+    case QFormat::Q4_1:
+      for (int64_t k = 0; k < K; k += 32, r += 20) {
+        const VF d(half_to_float(r)), mn(half_to_float(r + 2));
+        for (int64_t j = 0; j < 32; j += L) at::vec::fmadd(dec_q4(r + 4, j), d, mn).store(out + k + j);
+      }
+      return;
+    case QFormat::Nf4: {
+      const int64_t e0 = n * K;
+      for (int64_t k = 0; k < K;) {
+        const int64_t b = (e0 + k) / kNf4Block;
+        const int64_t end = std::min(K, (b + 1) * kNf4Block - e0);
+        const VF a(nf4_absmax(w, b));
+        const uint8_t* p = w.data + (e0 + k) / 2;
+        for (int64_t j = k; j < end; j += L, p += L / 2) {
+          const int64_t c = std::min(L, end - j);
+          (dec_nf4(p, c, w.code16) * a).store(out + j, c);
+        }
+        k = end;
+      }
+      return;
+    }
+  }
+}
+
+template <typename T, int64_t M>
+void gemv_rows(const QWeight& w, const T* x, T* y, int64_t n0, int64_t n1) {
+  const int64_t K = w.K, N = w.N;
+  // x as fp32, each row padded to a whole number of vectors (ggml blocks read 32 at a time).
+  const int64_t Kp = (K + 31) / 32 * 32 + L;
+  std::vector<float> xf(M * Kp, 0.f);
+  XRows<M> xr;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) xf[m * Kp + k] = static_cast<float>(x[m * K + k]);
+    xr.x[m] = xf.data() + m * Kp;
+  }
+  std::vector<float> xp;
+  if (kWide && w.format == QFormat::Nf4 && K % 32 == 0) {
+    xp.assign(M * K, 0.f);
+    for (int64_t m = 0; m < M; ++m) {
+      float* o = xp.data() + m * K;
+      for (int64_t c = 0; c < K; c += 32)
+        for (int64_t i = 0; i < 16; ++i) {
+          o[c + i] = xr.x[m][c + 2 * i];
+          o[c + 16 + i] = xr.x[m][c + 2 * i + 1];
+        }
+      xr.xp[m] = o;
+    }
+  }
+  const int64_t rs = row_size(w);
+  float out[M];
+  for (int64_t n = n0; n < n1; ++n) {
+    if (n + kPrefetchRows < n1) {
+      const char* p = reinterpret_cast<const char*>(row_bytes(w, n + kPrefetchRows));
+      for (int64_t b = 0; b < rs; b += 64) __builtin_prefetch(p + b, 0, 0);
+    }
+    row_dot<M>(w, n, xr, out);
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<T>(out[m]);
+  }
+}
+
+template <typename T>
+void qgemv(const QWeight& w, const T* x, T* y, int64_t M) {
+  at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int64_t mm = std::min(kMaxRows, M - m0);
+      const T* xm = x + m0 * w.K;
+      T* ym = y + m0 * w.N;
+      switch (mm) {
+        case 1: gemv_rows<T, 1>(w, xm, ym, n0, n1); break;
+        case 2: gemv_rows<T, 2>(w, xm, ym, n0, n1); break;
+        case 3: gemv_rows<T, 3>(w, xm, ym, n0, n1); break;
+        default: gemv_rows<T, 4>(w, xm, ym, n0, n1); break;
+      }
+    }
+  });
+}
+
+template <typename T>
+void qdequant_rows(const QWeight& w, int64_t n0, int64_t n1, T* out) {
+  std::vector<float> row;
+  if (!std::is_same<T, float>::value) row.resize(w.K + L);
+  for (int64_t n = n0; n < n1; ++n) {
+    T* o = out + (n - n0) * w.K;
+    if constexpr (std::is_same<T, float>::value) {
+      row_decode(w, n, o);
+    } else {
+      row_decode(w, n, row.data());
+      for (int64_t k = 0; k < w.K; ++k) o[k] = static_cast<T>(row[k]);
+    }
+  }
+}
+
+template void qgemv<float>(const QWeight&, const float*, float*, int64_t);
+template void qgemv<c10::BFloat16>(const QWeight&, const c10::BFloat16*, c10::BFloat16*, int64_t);
+template void qdequant_rows<float>(const QWeight&, int64_t, int64_t, float*);
+template void qdequant_rows<c10::BFloat16>(const QWeight&, int64_t, int64_t, c10::BFloat16*);
+
+}  // namespace CPU_CAPABILITY
+}  // namespace course

@@ -1,0 +1,179 @@
+//! `y = x Wᵀ` with `W` stored quantized (量化), beside its reference (decode `W` in plain tch
+//! ops, then a matmul in fp32). Kernels: `kernels/ops/qmatmul{,_cpu}.cpp`.
+//!
+//! Four storage formats, all `(N, K)` = (out, in):
+//! - **int8**: `q` int8 `(N, K)` and one fp32 scale per row, `w = q · s`.
+//! - **NF4** (QLoRA, bitsandbytes): 64-number blocks of the flattened weight, 4-bit indices into
+//!   16 code values (two a byte, the first in the high nibble), each block scaled by its absmax;
+//!   the absmaxes themselves stored as bytes into a 256-value code, times an fp32 scale per 256
+//!   blocks, plus their mean (`offset`): `w = code16[i] · (code8[a_b] · s_{b/256} + offset)`.
+//! - **Q4_1** (ggml): blocks of 32 along a row, 20 bytes each: fp16 `d`, fp16 `m`, 16 bytes of
+//!   nibbles (numbers 0-15 in the low nibbles, 16-31 in the high ones), `w = q · d + m`.
+//! - **Q8_0** (ggml): blocks of 32, 34 bytes: fp16 `d` and 32 int8, `w = q · d`.
+//!
+//! [`qlinear`] runs on the CPU with fp32 or bf16 inputs (the output has the input's dtype, the
+//! sums are fp32). A few rows (decoding) go through a GEMV that decodes `W` in registers; more
+//! rows through tiles of `W` decoded once for all rows and ATen's GEMM. It is differentiable with
+//! respect to `x` only (the base of LoRA / QLoRA is frozen): the backward decodes `W` for one
+//! matmul and frees it, and the graph holds only the quantized bytes.
+
+use crate::sys::ffi;
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+/// A quantized weight's storage format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QFormat {
+    Int8,
+    Nf4,
+    Q4_1,
+    Q8_0,
+}
+
+impl QFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            QFormat::Int8 => "int8",
+            QFormat::Nf4 => "nf4",
+            QFormat::Q4_1 => "q4_1",
+            QFormat::Q8_0 => "q8_0",
+        }
+    }
+    fn id(self) -> i32 {
+        match self {
+            QFormat::Int8 => 0,
+            QFormat::Nf4 => 1,
+            QFormat::Q4_1 => 2,
+            QFormat::Q8_0 => 3,
+        }
+    }
+}
+
+/// The tensors of one quantized weight `(n, k)`, as the kernels read them (see the module doc).
+#[derive(Debug)]
+pub struct QTensors {
+    pub format: QFormat,
+    pub n: i64,
+    pub k: i64,
+    /// int8: `q` int8 `(n, k)`; NF4: `n k / 2` bytes; ggml: `n` rows of blocks as bytes.
+    pub data: Tensor,
+    /// int8: fp32 per row; NF4: the fp32 nested absmaxes.
+    pub scale: Option<Tensor>,
+    /// NF4: one byte per block of 64.
+    pub absmax_q: Option<Tensor>,
+    /// NF4: the 256 fp32 values the absmax bytes index.
+    pub code8: Option<Tensor>,
+    /// NF4: the 16 fp32 NF4 values.
+    pub code16: Option<Tensor>,
+    /// NF4: the mean of the absmaxes, added back.
+    pub offset: f64,
+}
+
+impl QTensors {
+    /// Bytes held by the weight (data and every side tensor).
+    pub fn bytes(&self) -> i64 {
+        let b = |t: &Option<Tensor>| t.as_ref().map_or(0, |t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64);
+        self.data.numel() as i64 * self.data.kind().elt_size_in_bytes() as i64
+            + b(&self.scale)
+            + b(&self.absmax_q)
+            + b(&self.code8)
+            + b(&self.code16)
+    }
+
+    pub fn device(&self) -> Device {
+        self.data.device()
+    }
+
+    /// A shallow copy (the same storage).
+    pub fn shallow_clone(&self) -> QTensors {
+        let s = |t: &Option<Tensor>| t.as_ref().map(|t| t.shallow_clone());
+        QTensors {
+            format: self.format,
+            n: self.n,
+            k: self.k,
+            data: self.data.shallow_clone(),
+            scale: s(&self.scale),
+            absmax_q: s(&self.absmax_q),
+            code8: s(&self.code8),
+            code16: s(&self.code16),
+            offset: self.offset,
+        }
+    }
+
+    fn ptrs(&self) -> [ffi::CTensor; 5] {
+        let p = |t: &Option<Tensor>| t.as_ref().map_or(std::ptr::null_mut(), ffi::ptr);
+        [ffi::ptr(&self.data), p(&self.scale), p(&self.absmax_q), p(&self.code8), p(&self.code16)]
+    }
+}
+
+/// `x Wᵀ` over a quantized `W`.
+///
+/// # Shapes
+/// `x`: `(..., k)` -> `(..., n)`
+pub fn qlinear(x: &Tensor, w: &QTensors) -> Result<Tensor> {
+    let ptrs = w.ptrs();
+    let mut out = std::ptr::null_mut();
+    // SAFETY: live tch tensors (or nulls) for the duration of the call; the array outlives it.
+    ffi::check(unsafe {
+        ffi::course_qlinear(w.format.id(), ffi::ptr(x), ptrs.as_ptr(), w.offset, w.n, w.k, &mut out)
+    })?;
+    Ok(ffi::take(out))
+}
+
+/// `W` decoded by the kernels, `(n, k)` in fp32 or bf16.
+pub fn qdequantize(w: &QTensors, kind: Kind) -> Result<Tensor> {
+    let k = match kind {
+        Kind::Float => 0,
+        Kind::BFloat16 => 1,
+        other => bail!("qdequantize: kind must be Float or BFloat16, got {other:?}"),
+    };
+    let ptrs = w.ptrs();
+    let mut out = std::ptr::null_mut();
+    // SAFETY: as in qlinear.
+    ffi::check(unsafe { ffi::course_qdequantize(w.format.id(), ptrs.as_ptr(), w.offset, w.n, w.k, k, &mut out) })?;
+    Ok(ffi::take(out))
+}
+
+/// Reference for [`qdequantize`]: `W` in fp32, decoded by plain tch ops from the definitions.
+pub fn qdequantize_reference(w: &QTensors) -> Result<Tensor> {
+    let need = |t: &Option<Tensor>, what: &str| match t {
+        Some(t) => Ok(t.shallow_clone()),
+        None => bail!("{}: the weight has no {what}", w.format.name()),
+    };
+    let (n, k) = (w.n, w.k);
+    Ok(match w.format {
+        QFormat::Int8 => w.data.to_kind(Kind::Float) * need(&w.scale, "scale")?.unsqueeze(1),
+        QFormat::Nf4 => {
+            let nb = n * k / 64;
+            let a = need(&w.absmax_q, "absmax_q")?.to_kind(Kind::Int64);
+            let group = Tensor::arange(nb, (Kind::Int64, w.device())).floor_divide_scalar(256);
+            let absmax = need(&w.code8, "code8")?.index_select(0, &a)
+                * need(&w.scale, "scale")?.index_select(0, &group)
+                + w.offset;
+            let p = w.data.to_kind(Kind::Int64);
+            let idx = Tensor::stack(&[p.floor_divide_scalar(16), p.remainder(16)], 1).reshape([-1]);
+            let vals = need(&w.code16, "code16")?.index_select(0, &idx).view([nb, 64]);
+            (vals * absmax.unsqueeze(1)).reshape([n, k])
+        }
+        QFormat::Q4_1 | QFormat::Q8_0 => {
+            let bb = if w.format == QFormat::Q4_1 { 20 } else { 34 };
+            let blocks = w.data.view([-1, bb]);
+            let f16 = |o: i64| blocks.narrow(1, o, 2).contiguous().view_dtype(Kind::Half).to_kind(Kind::Float);
+            let d = f16(0);
+            if w.format == QFormat::Q4_1 {
+                let qs = blocks.narrow(1, 4, 16).to_kind(Kind::Int64);
+                let q = Tensor::cat(&[qs.remainder(16), qs.floor_divide_scalar(16)], 1).to_kind(Kind::Float);
+                (q * d + f16(2)).reshape([n, k])
+            } else {
+                let q = blocks.narrow(1, 2, 32).contiguous().view_dtype(Kind::Int8).to_kind(Kind::Float);
+                (q * d).reshape([n, k])
+            }
+        }
+    })
+}
+
+/// Reference for [`qlinear`]: `W` decoded by [`qdequantize_reference`], then `x Wᵀ` in fp32,
+/// rounded to `x`'s dtype.
+pub fn qlinear_reference(x: &Tensor, w: &QTensors) -> Result<Tensor> {
+    Ok(x.to_kind(Kind::Float).matmul(&qdequantize_reference(w)?.tr()).to_kind(x.kind()))
+}

@@ -1,0 +1,177 @@
+//! The quantized-weight kernels (`ops::qmatmul`) against their references: W decoded in plain
+//! tch ops then a matmul in fp32, over shapes that are not multiples of the blocks, every row
+//! count of the GEMV and the GEMM path, fp32 and bf16 inputs, each instruction set; the backward
+//! against the reference's autograd; int8 against torch's own `_weight_int8pack_mm`; the Q4_1
+//! and Q8_0 decoding of SmolLM2's GGUF against the GGUF reader's dequantizer (itself checked
+//! against gguf-py); and the errors.
+
+mod common;
+
+use common::run_under_every_cpu_variant;
+use course::io::gguf::GgufFile;
+use course::nn::quant::{ggml_weight, Int8Weight, Nf4Weight};
+use course::ops::qmatmul::{qdequantize, qdequantize_reference, qlinear, qlinear_reference, QFormat, QTensors};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+fn cpu(kind: Kind) -> (Kind, Device) {
+    (kind, Device::Cpu)
+}
+
+/// A ggml weight built by our own quantizer (io::gguf::quantize) from random numbers.
+fn ggml_random(format: QFormat, n: i64, k: i64) -> QTensors {
+    let w = Tensor::randn([n, k], cpu(Kind::Float)) * 0.05;
+    let v: Vec<f32> = Vec::try_from(w.reshape([-1])).unwrap();
+    let ty = match format {
+        QFormat::Q4_1 => course::io::gguf::GgmlType::Q4_1,
+        _ => course::io::gguf::GgmlType::Q8_0,
+    };
+    let bytes = course::io::gguf::quantize(ty, &v).unwrap();
+    ggml_weight(format, Tensor::from_slice(&bytes), n, k).unwrap()
+}
+
+fn weights(n: i64, k: i64) -> Vec<QTensors> {
+    let w = Tensor::randn([n, k], cpu(Kind::Float)) * 0.05;
+    let mut out = vec![Int8Weight::quantize(&w).unwrap().tensors()];
+    if k % 2 == 0 && (n * k) % 64 == 0 {
+        out.push(Nf4Weight::quantize(&w).unwrap().tensors());
+    }
+    if k % 32 == 0 {
+        out.push(ggml_random(QFormat::Q4_1, n, k));
+        out.push(ggml_random(QFormat::Q8_0, n, k));
+    }
+    out
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_kind(Kind::Float);
+    let b = b.to_kind(Kind::Float);
+    let scale = b.abs().max().double_value(&[]).max(1e-6);
+    (a - b).abs().max().double_value(&[]) / scale
+}
+
+#[test]
+fn decoding_equals_the_reference_in_every_format() {
+    tch::manual_seed(1);
+    // (24, 40): NF4 blocks straddle rows; (37, 77): int8 only, odd sizes; (9, 96), (3, 576).
+    for (n, k) in [(24, 40), (37, 77), (9, 96), (3, 576), (130, 64)] {
+        for w in weights(n, k) {
+            let r = qdequantize_reference(&w).unwrap();
+            let d = qdequantize(&w, Kind::Float).unwrap();
+            assert_eq!(d.size(), [n, k]);
+            let e = max_rel(&d, &r);
+            assert!(e < 1e-6, "{} ({n}, {k}): dequantize differs by {e}", w.format.name());
+            let b = qdequantize(&w, Kind::BFloat16).unwrap();
+            assert_eq!(b.kind(), Kind::BFloat16);
+            assert!(max_rel(&b, &r) < 8e-3, "{} bf16", w.format.name());
+        }
+    }
+}
+
+#[test]
+fn qlinear_equals_the_reference_for_every_row_count_and_dtype() {
+    tch::manual_seed(2);
+    for (n, k) in [(24, 40), (37, 77), (70, 96), (5, 576), (300, 128)] {
+        for w in weights(n, k) {
+            // 1-4 rows: the GEMV; 5, 17, 2x9: the GEMM path (panels).
+            for shape in [vec![1, k], vec![2, k], vec![3, k], vec![4, k], vec![5, k], vec![17, k], vec![2, 9, k]] {
+                let x = Tensor::randn(shape.as_slice(), cpu(Kind::Float));
+                let want = qlinear_reference(&x, &w).unwrap();
+                let got = qlinear(&x, &w).unwrap();
+                assert_eq!(got.size(), want.size());
+                let e = max_rel(&got, &want);
+                assert!(e < 2e-5, "{} ({n}, {k}) rows {shape:?}: fp32 differs by {e}", w.format.name());
+                let xb = x.to_kind(Kind::BFloat16);
+                let gb = qlinear(&xb, &w).unwrap();
+                assert_eq!(gb.kind(), Kind::BFloat16);
+                let wb = qlinear_reference(&xb, &w).unwrap();
+                let e = max_rel(&gb, &wb);
+                assert!(e < 3e-2, "{} ({n}, {k}) rows {shape:?}: bf16 differs by {e}", w.format.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn the_backward_to_the_input_equals_the_references_autograd() {
+    tch::manual_seed(3);
+    for w in weights(48, 96) {
+        for rows in [3, 40] {
+            let mut x = Tensor::randn([rows, 96], cpu(Kind::Float)).set_requires_grad(true);
+            let g = Tensor::randn([rows, 48], cpu(Kind::Float));
+            (qlinear(&x, &w).unwrap() * &g).sum(Kind::Float).backward();
+            let ours = x.grad().copy();
+            x.zero_grad();
+            (qlinear_reference(&x, &w).unwrap() * &g).sum(Kind::Float).backward();
+            let e = max_rel(&ours, &x.grad());
+            assert!(e < 2e-5, "{} rows {rows}: input gradient differs by {e}", w.format.name());
+        }
+    }
+}
+
+#[test]
+fn int8_equals_torchs_own_int8_pack_mm() {
+    tch::manual_seed(4);
+    let w = Tensor::randn([96, 256], cpu(Kind::Float));
+    let q = Int8Weight::quantize(&w).unwrap();
+    for rows in [1, 7] {
+        let x = Tensor::randn([rows, 256], cpu(Kind::Float));
+        let torch = x.internal_weight_int8pack_mm(&q.q, &q.scale);
+        let ours = qlinear(&x, &q.tensors()).unwrap();
+        let e = max_rel(&ours, &torch);
+        assert!(e < 2e-5, "rows {rows}: differs from torch's _weight_int8pack_mm by {e}");
+    }
+}
+
+#[test]
+fn smollm2_blocks_decode_as_the_gguf_reader_decodes_them() {
+    let path = Path::new("data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let f = GgufFile::open(path).unwrap();
+    for (name, format) in [("blk.0.ffn_down.weight", QFormat::Q4_1), ("token_embd.weight", QFormat::Q8_0)] {
+        let info = f.require_tensor(name).unwrap();
+        let shape = info.shape(); // (out, in) as the reader gives it
+        let (n, k) = (shape[0], shape[1]);
+        let bytes = Tensor::from_slice(f.raw(info));
+        let w = ggml_weight(format, bytes, n, k).unwrap();
+        let ours = qdequantize(&w, Kind::Float).unwrap();
+        let reader = f.dequantize(name, Kind::Float).unwrap().view([n, k]);
+        let e = (&ours - &reader).abs().max().double_value(&[]);
+        assert!(e < 1e-6, "{name}: the kernel's decoding differs from the reader's by {e}");
+    }
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    let w = Int8Weight::quantize(&Tensor::randn([8, 64], cpu(Kind::Float))).unwrap().tensors();
+    let err = |r: anyhow::Result<Tensor>| format!("{:#}", r.err().expect("must fail"));
+    let m = err(qlinear(&Tensor::randn([2, 64], cpu(Kind::Double)), &w));
+    assert!(m.contains("float32 or bfloat16") && m.contains("Double"), "{m}");
+    let m = err(qlinear(&Tensor::randn([2, 63], cpu(Kind::Float)), &w));
+    assert!(m.contains("last dimension is 63") && m.contains("in_features 64"), "{m}");
+    let mut bad = w.shallow_clone();
+    bad.data = bad.data.to_kind(Kind::Uint8);
+    let m = err(qlinear(&Tensor::randn([2, 64], cpu(Kind::Float)), &bad));
+    assert!(m.contains("q must be Char"), "{m}");
+    let mut short = w.shallow_clone();
+    short.scale = Some(Tensor::ones([7], cpu(Kind::Float)));
+    let m = err(qlinear(&Tensor::randn([2, 64], cpu(Kind::Float)), &short));
+    assert!(m.contains("scale holds 7 numbers, expected 8"), "{m}");
+    let m = format!("{:#}", ggml_weight(QFormat::Q4_1, Tensor::zeros([20], cpu(Kind::Uint8)), 1, 48).err().unwrap());
+    assert!(m.contains("not a multiple of ggml's block of 32"), "{m}");
+    let m = format!("{:#}", ggml_weight(QFormat::Q4_1, Tensor::zeros([21], cpu(Kind::Uint8)), 1, 32).err().unwrap());
+    assert!(m.contains("takes 20 bytes"), "{m}");
+    let nf = Nf4Weight::quantize(&Tensor::randn([4, 48], cpu(Kind::Float))).unwrap().tensors();
+    let mut odd = nf.shallow_clone();
+    odd.absmax_q = None;
+    let m = err(qlinear(&Tensor::randn([1, 48], cpu(Kind::Float)), &odd));
+    assert!(m.contains("absmax_q is missing"), "{m}");
+}
+
+#[test]
+fn every_cpu_variant_gives_the_same_values() {
+    run_under_every_cpu_variant(&[
+        "decoding_equals_the_reference_in_every_format",
+        "qlinear_equals_the_reference_for_every_row_count_and_dtype",
+        "the_backward_to_the_input_equals_the_references_autograd",
+    ]);
+}
