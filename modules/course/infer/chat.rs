@@ -6,7 +6,7 @@
 
 use crate::io::gguf::{GgmlType, GgufFile, GgufWriter, Value, ValueType};
 use crate::io::gguf_tokenizer::{tokenizer_from_gguf, SpecialTokens};
-use crate::models::llama::{gguf_names, permute_rope_rows, Llama};
+use crate::models::llama::{gguf_names, permute_rope_rows, Llama, WeightFormat};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::nn::VarStore;
@@ -96,13 +96,27 @@ impl ChatModel {
     /// Loads a `.gguf` file or a model directory (`config.json`, `model.safetensors`,
     /// `tokenizer.json`, `tokenizer_config.json` with the chat template), in `kind`.
     pub fn load(path: &Path, kind: Kind, device: Device) -> Result<Self> {
+        Self::load_as(path, kind, device, WeightFormat::Dense)
+    }
+
+    /// [`Self::load`] with the weights stored as `format` (`Llama::from_gguf_as`; a model
+    /// directory is quantized after loading, and has no Q4_1 blocks to keep).
+    pub fn load_as(path: &Path, kind: Kind, device: Device, format: WeightFormat) -> Result<Self> {
         let mut vs = VarStore::new(device);
         let (model, tokenizer, template) = if path.is_file() {
             let f = GgufFile::open(path)?;
-            let model = Llama::from_gguf(&mut vs, &f, kind)?;
+            let model = Llama::from_gguf_as(&mut vs, &f, kind, format)?;
             (model, tokenizer_from_gguf(&f)?, ChatTemplate::from_gguf(&f)?)
         } else {
-            let model = Llama::from_dir(&mut vs, path, kind)?;
+            let mut model = Llama::from_dir(&mut vs, path, kind)?;
+            match format {
+                WeightFormat::Dense => {}
+                WeightFormat::Q4_1 => bail!(
+                    "{}: q4_1 keeps a GGUF file's own blocks, and a model directory has none (use int8 or nf4, or the .gguf)",
+                    path.display()
+                ),
+                other => model.quantize(other).with_context(|| path.display().to_string())?,
+            }
             let tj = path.join("tokenizer.json");
             let tokenizer = Tokenizer::from_file(&tj).map_err(|e| anyhow::anyhow!("{}: {e}", tj.display()))?;
             let tc = path.join("tokenizer_config.json");

@@ -13,6 +13,7 @@ use crate::io::hf::{self, ModelDir};
 use crate::io::peft::{Adapter, AdapterConfig, TargetMatcher};
 use crate::nn::lora::{Lora, LoraSpec};
 use crate::nn::norm::{rms_norm, RmsNorm};
+use crate::nn::quant::{ggml_weight, Int8Weight, Nf4Weight, QFormat, QTensors};
 use crate::ops;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -238,6 +239,53 @@ struct Layer {
     gate_up: Option<Tensor>,
     /// LoRA updates by projection, in [`LORA_TARGETS`]' order (see [`Llama::add_lora`]).
     lora: [Option<Lora>; 7],
+    /// The four products' weights stored quantized, once [`Llama::quantize`] or
+    /// [`Llama::from_gguf_as`] replaced the dense ones (which are then empty).
+    quant: Option<QuantLayer>,
+}
+
+/// A layer's stacked weights, quantized: q|k|v, o, gate|up, down.
+#[derive(Debug)]
+struct QuantLayer {
+    qkv: QTensors,
+    o: QTensors,
+    gate_up: QTensors,
+    down: QTensors,
+}
+
+/// A layer's four matrix products (the stacked ones once packed).
+#[derive(Clone, Copy, Debug)]
+enum Product {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+/// How the Llama's weights are stored. `Dense` is the VarStore's dtype (f32 or bf16); the others
+/// store every layer's four matrix products quantized and the tied embedding / head in 8 bits:
+/// int8 per row under `Int8` and `Nf4`, the file's own Q8_0 blocks under `Q4_1`. Norms stay
+/// dense (30 x 2 x 576 numbers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    Dense,
+    /// int8 with one scale per output row (absmax), quantized from the dense weights.
+    Int8,
+    /// NF4, 64-number blocks, double-quantized absmaxes (QLoRA's), quantized from the dense weights.
+    Nf4,
+    /// GGUF's Q4_1 blocks exactly as the file holds them (no re-quantization); needs a Q4_1 GGUF.
+    Q4_1,
+}
+
+impl WeightFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::Dense => "dense",
+            WeightFormat::Int8 => "int8",
+            WeightFormat::Nf4 => "nf4",
+            WeightFormat::Q4_1 => "q4_1",
+        }
+    }
 }
 
 /// The Llama's linear layers that LoRA can adapt, by peft's names, in [`Layer`]'s order.
@@ -348,6 +396,7 @@ impl Layer {
             qkv: None,
             gate_up: None,
             lora: Default::default(),
+            quant: None,
         }
     }
 }
@@ -368,6 +417,10 @@ pub struct Llama {
     adapter: Option<AdapterConfig>,
     /// The updates are folded into the base weights ([`Llama::merge_lora`]): the forward skips them.
     lora_merged: bool,
+    /// How the weights are stored ([`Llama::quantize`]).
+    format: WeightFormat,
+    /// The tied embedding / head, quantized (then `embed` is empty).
+    head_q: Option<QTensors>,
 }
 
 impl Llama {
@@ -385,6 +438,8 @@ impl Llama {
             fused: true,
             adapter: None,
             lora_merged: false,
+            format: WeightFormat::Dense,
+            head_q: None,
             cfg: cfg.clone(),
         })
     }
@@ -455,15 +510,17 @@ impl Llama {
         let (b, t) = (x.size()[0], x.size()[1]);
         let hd = c.head_dim();
         let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
-        let (q, k, v) = match &layer.qkv {
+        let stacked = layer.quant.is_some() || (layer.qkv.is_some() && !layer.q.requires_grad());
+        let (q, k, v) = match stacked {
             // One product for q, k and v, and one rotation for q and k together.
-            Some(qkv) if !layer.q.requires_grad() => {
-                let all = self.adapt_stacked(l, lin(x, qkv), x, &[Q, K, V], &[h * hd, kv * hd, kv * hd], train);
+            true => {
+                let qkv = self.product(l, Product::Qkv, x);
+                let all = self.adapt_stacked(l, qkv, x, &[Q, K, V], &[h * hd, kv * hd, kv * hd], train);
                 let all = all.view([b, t, h + 2 * kv, hd]).transpose(1, 2);
                 let qk = self.rope.apply(&all.narrow(1, 0, h + kv), start);
                 (qk.narrow(1, 0, h), qk.narrow(1, h, kv), all.narrow(1, h + kv, kv))
             }
-            _ => {
+            false => {
                 let heads = |w: &Tensor, p: usize, n: i64| {
                     adapt(lin(x, w), self.lora(l, p), x, train).view([b, t, n, hd]).transpose(1, 2)
                 };
@@ -501,7 +558,55 @@ impl Llama {
             None => sdpa(&q, &k, &v),
         };
         let y = y.transpose(1, 2).contiguous().view([b, t, c.num_attention_heads * hd]);
-        adapt(lin(&y, &layer.o), self.lora(l, O), &y, train)
+        adapt(self.product(l, Product::O, &y), self.lora(l, O), &y, train)
+    }
+
+    /// Layer `l`'s matrix product `which` of `x`: through `ops::qlinear` when the layer is
+    /// quantized, `ops::linear` over the dense (stacked, for q|k|v and gate|up) weight otherwise.
+    fn product(&self, l: usize, which: Product, x: &Tensor) -> Tensor {
+        let layer = &self.layers[l];
+        if let Some(q) = &layer.quant {
+            let w = match which {
+                Product::Qkv => &q.qkv,
+                Product::O => &q.o,
+                Product::GateUp => &q.gate_up,
+                Product::Down => &q.down,
+            };
+            return ops::qlinear(x, w).unwrap_or_else(|e| panic!("Llama quantized linear: {e:#}"));
+        }
+        let w = match which {
+            Product::Qkv => layer.qkv.as_ref().expect("a stacked product needs a packed model"),
+            Product::O => &layer.o,
+            Product::GateUp => layer.gate_up.as_ref().expect("a stacked product needs a packed model"),
+            Product::Down => &layer.down,
+        };
+        lin(x, w)
+    }
+
+    /// Token embeddings `(B, T, C)` of `ids` `(B, T)`, in the weights' dtype.
+    fn embed_tokens(&self, ids: &Tensor) -> Tensor {
+        let Some(q) = &self.head_q else {
+            return Tensor::embedding(&self.embed, ids, -1, false, false);
+        };
+        // The selected rows of the quantized table, decoded (rows are whole blocks in both
+        // int8 and Q8_0).
+        let flat = ids.reshape([-1]);
+        let rows = q.data.view([q.n, -1]).index_select(0, &flat);
+        let sub = QTensors {
+            format: q.format,
+            n: flat.size()[0],
+            k: q.k,
+            data: rows.contiguous(),
+            scale: q.scale.as_ref().map(|s| s.index_select(0, &flat)),
+            absmax_q: None,
+            code8: None,
+            code16: None,
+            offset: 0.0,
+        };
+        let mut shape = ids.size();
+        shape.push(q.k);
+        let kind = if self.kind() == Kind::BFloat16 { Kind::BFloat16 } else { Kind::Float };
+        ops::qdequantize(&sub, kind).unwrap_or_else(|e| panic!("Llama embedding: {e:#}")).view(shape.as_slice())
     }
 
     /// Final hidden states `(B, T, C)` for `ids` `(B, T)`. With a cache the tokens continue the
@@ -523,7 +628,7 @@ impl Llama {
                 if cache.is_some() { "KV cache" } else { "model" }
             );
         }
-        let mut x = Tensor::embedding(&self.embed, ids, -1, false, false); // (B, T, C), the weights' dtype
+        let mut x = self.embed_tokens(ids); // (B, T, C), the weights' dtype
         if self.fused_applies(&x)? {
             return self.hidden_fused(x, start, cache);
         }
@@ -533,17 +638,19 @@ impl Llama {
             x = x + a;
             let h = layer.post_attention_layernorm.forward(&x);
             let f = self.cfg.intermediate_size;
-            let g = match &layer.gate_up {
-                Some(gu) if !layer.gate.requires_grad() => {
-                    let gu = self.adapt_stacked(l, lin(&h, gu), &h, &[GATE, UP], &[f, f], train);
+            let stacked = layer.quant.is_some() || (layer.gate_up.is_some() && !layer.gate.requires_grad());
+            let g = match stacked {
+                true => {
+                    let gu = self.product(l, Product::GateUp, &h);
+                    let gu = self.adapt_stacked(l, gu, &h, &[GATE, UP], &[f, f], train);
                     gu.narrow(-1, 0, f).silu() * gu.narrow(-1, f, f)
                 }
-                _ => {
+                false => {
                     let gate = adapt(lin(&h, &layer.gate), self.lora(l, GATE), &h, train);
                     gate.silu() * adapt(lin(&h, &layer.up), self.lora(l, UP), &h, train)
                 }
             };
-            x = &x + adapt(lin(&g, &layer.down), self.lora(l, DOWN), &g, train);
+            x = &x + adapt(self.product(l, Product::Down, &g), self.lora(l, DOWN), &g, train);
         }
         if let Some(c) = cache {
             c.len = start + t;
@@ -570,8 +677,7 @@ impl Llama {
         }
         let frozen = |t: &Tensor| !t.requires_grad();
         let layers_ok = self.layers.iter().all(|l| {
-            l.qkv.is_some()
-                && l.gate_up.is_some()
+            (l.quant.is_some() || (l.qkv.is_some() && l.gate_up.is_some()))
                 && [
                     &l.q,
                     &l.k,
@@ -606,7 +712,7 @@ impl Llama {
             };
             let a = if one_token {
                 let cache = cache.as_deref_mut().expect("one_token implies a cache");
-                let qkv = lin(&hn, layer.qkv.as_ref().expect("fused_applies checked qkv"));
+                let qkv = self.product(l, Product::Qkv, &hn);
                 let y = ops::decode_attention(
                     &qkv,
                     &self.rope.cos,
@@ -617,13 +723,13 @@ impl Llama {
                     h,
                     kv,
                 )?;
-                lin(&y, &layer.o)
+                self.product(l, Product::O, &y)
             } else {
                 self.attention(l, &hn, start, cache.as_deref_mut(), false)
             };
             let hn = ops::add_rms_norm_(&mut x, &a, &layer.post_attention_layernorm.ws, eps)?;
-            let gu = lin(&hn, layer.gate_up.as_ref().expect("fused_applies checked gate_up"));
-            pending = Some(lin(&ops::swiglu(&gu)?, &layer.down));
+            let gu = self.product(l, Product::GateUp, &hn);
+            pending = Some(self.product(l, Product::Down, &ops::swiglu(&gu)?));
         }
         if let Some(c) = cache {
             c.len = start + t;
@@ -636,6 +742,9 @@ impl Llama {
 
     /// Logits `(..., V)` of hidden states `(..., C)`.
     pub fn head(&self, h: &Tensor) -> Tensor {
+        if let Some(q) = &self.head_q {
+            return ops::qlinear(h, q).unwrap_or_else(|e| panic!("Llama head: {e:#}"));
+        }
         lin(h, self.lm_head.as_ref().unwrap_or(&self.embed))
     }
 
@@ -708,6 +817,168 @@ impl Llama {
         }
     }
 
+    /// How the weights are stored.
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// Bytes of every weight the model holds: dense parameters in their dtype plus the quantized
+    /// tensors (blocks, scales, codes).
+    pub fn weight_bytes(&self) -> i64 {
+        let dense = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        let mut n = dense(&self.embed) + dense(&self.norm.ws) + self.lm_head.as_ref().map_or(0, dense);
+        n += self.head_q.as_ref().map_or(0, |q| q.bytes());
+        for l in &self.layers {
+            n += dense(&l.input_layernorm.ws) + dense(&l.post_attention_layernorm.ws);
+            match &l.quant {
+                Some(q) => n += q.qkv.bytes() + q.o.bytes() + q.gate_up.bytes() + q.down.bytes(),
+                None => {
+                    n += [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].into_iter().map(dense).sum::<i64>();
+                }
+            }
+        }
+        n
+    }
+
+    /// Replaces the dense weights of every layer's four products with `format` (`Int8` or
+    /// `Nf4`) quantized from them, and the tied embedding / head with int8 per row; the dense
+    /// tensors are freed (and the quantized ones never train). The model must be packed, without an adapter: a
+    /// LoRA adapter added afterwards (QLoRA) trains over the quantized base. For `Q4_1` load with
+    /// [`Self::from_gguf_as`], which keeps the file's blocks.
+    pub fn quantize(&mut self, format: WeightFormat) -> Result<()> {
+        let quant = |w: &Tensor| -> Result<QTensors> {
+            Ok(match format {
+                WeightFormat::Int8 => Int8Weight::quantize(w)?.tensors(),
+                WeightFormat::Nf4 => Nf4Weight::quantize(w)?.tensors(),
+                other => bail!(
+                    "Llama::quantize: {} weights come from a GGUF (from_gguf_as), not from dense ones",
+                    other.name()
+                ),
+            })
+        };
+        self.check_quantizable()?;
+        let _g = tch::no_grad_guard();
+        for l in &mut self.layers {
+            let (qkv, gu) = (l.qkv.as_ref().expect("packed"), l.gate_up.as_ref().expect("packed"));
+            l.quant =
+                Some(QuantLayer { qkv: quant(qkv)?, o: quant(&l.o)?, gate_up: quant(gu)?, down: quant(&l.down)? });
+        }
+        if self.cfg.tie_word_embeddings {
+            self.head_q = Some(Int8Weight::quantize(&self.embed)?.tensors());
+        }
+        self.drop_dense();
+        self.format = format;
+        Ok(())
+    }
+
+    fn check_quantizable(&self) -> Result<()> {
+        if self.format != WeightFormat::Dense {
+            bail!("the model's weights are already {}", self.format.name());
+        }
+        if self.device != Device::Cpu {
+            bail!("quantized weights run on the CPU (this build's kernels), the model is on {:?}", self.device);
+        }
+        if self.adapter.is_some() {
+            bail!("quantize the base before adding a LoRA adapter (QLoRA trains the adapter over the quantized base)");
+        }
+        if self.layers.iter().any(|l| l.qkv.is_none()) {
+            bail!("quantize needs a packed model (as the loaders give it)");
+        }
+        Ok(())
+    }
+
+    /// Frees the dense tensors that quantized ones replaced (kept as empty tensors, so the
+    /// VarStore's variables and their dtype stay).
+    fn drop_dense(&mut self) {
+        let kind = self.kind();
+        let empty = || Tensor::empty([0], (kind, Device::Cpu));
+        for l in &mut self.layers {
+            for w in [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down] {
+                w.set_data(&empty());
+            }
+            l.qkv = None;
+            l.gate_up = None;
+        }
+        if self.head_q.is_some() {
+            self.embed.set_data(&empty());
+        }
+    }
+
+    /// [`Self::from_gguf`], then the weights stored as `format`: `Dense` as `kind`; `Int8` and
+    /// `Nf4` quantized from the dequantized file ([`Self::quantize`]); `Q4_1` the file's own
+    /// blocks (every layer's projections must be Q4_1 in it, the embedding Q8_0 or Q4_1), Q and
+    /// K rows moved whole from llama.cpp's RoPE order — no number is re-quantized. `kind` is then
+    /// the dtype of everything else (norms, activations).
+    pub fn from_gguf_as(vs: &mut VarStore, f: &GgufFile, kind: Kind, format: WeightFormat) -> Result<Self> {
+        let mut m = Self::from_gguf(vs, f, kind)?;
+        match format {
+            WeightFormat::Dense => {}
+            WeightFormat::Int8 | WeightFormat::Nf4 => m.quantize(format)?,
+            WeightFormat::Q4_1 => {
+                m.check_quantizable()?;
+                let c = m.cfg.clone();
+                let blocks = |name: &str, want: &[crate::io::gguf::GgmlType]| -> Result<(Tensor, i64, i64)> {
+                    let info = f.require_tensor(name)?;
+                    if !want.contains(&info.ty) {
+                        bail!(
+                            "{}: tensor {name:?} is {}, and q4_1 keeps the file's blocks: it needs {}",
+                            f.path().display(),
+                            info.ty.name(),
+                            want.iter().map(|t| t.name()).collect::<Vec<_>>().join(" or ")
+                        );
+                    }
+                    let s = info.shape();
+                    Ok((Tensor::from_slice(f.raw(info)).view([s[0], -1]), s[0], s[1]))
+                };
+                use crate::io::gguf::GgmlType::{Q4_1, Q8_0};
+                let q4 = |t: (Tensor, i64, i64)| ggml_weight(QFormat::Q4_1, t.0, t.1, t.2);
+                for l in 0..m.layers.len() {
+                    let name = |t: &str| format!("blk.{l}.{t}.weight");
+                    let (wq, nq, kq) = blocks(&name("attn_q"), &[Q4_1])?;
+                    let (wk, nk, _) = blocks(&name("attn_k"), &[Q4_1])?;
+                    let (wv, nv, _) = blocks(&name("attn_v"), &[Q4_1])?;
+                    // Whole rows (each a run of blocks) move back to Hugging Face's RoPE order.
+                    let wq = unpermute_rope_rows(&wq, c.num_attention_heads)?;
+                    let wk = unpermute_rope_rows(&wk, c.num_key_value_heads)?;
+                    let qkv = Tensor::cat(&[wq, wk, wv], 0);
+                    let (wg, ng, kg) = blocks(&name("ffn_gate"), &[Q4_1])?;
+                    let (wu, nu, _) = blocks(&name("ffn_up"), &[Q4_1])?;
+                    let gu = Tensor::cat(&[wg, wu], 0);
+                    m.layers[l].quant = Some(QuantLayer {
+                        qkv: ggml_weight(QFormat::Q4_1, qkv.reshape([-1]), nq + nk + nv, kq)?,
+                        o: q4(blocks(&name("attn_output"), &[Q4_1])?)?,
+                        gate_up: ggml_weight(QFormat::Q4_1, gu.reshape([-1]), ng + nu, kg)?,
+                        down: q4(blocks(&name("ffn_down"), &[Q4_1])?)?,
+                    });
+                }
+                if c.tie_word_embeddings {
+                    let info = f.require_tensor("token_embd.weight")?;
+                    let fmt = match info.ty {
+                        Q8_0 => QFormat::Q8_0,
+                        _ => QFormat::Q4_1,
+                    };
+                    let (t, n, k) = blocks("token_embd.weight", &[Q8_0, Q4_1])?;
+                    m.head_q = Some(ggml_weight(fmt, t.reshape([-1]), n, k)?);
+                }
+                m.drop_dense();
+                m.format = WeightFormat::Q4_1;
+            }
+        }
+        Ok(m)
+    }
+
+    /// `(out, in)` of projection `p` (an index into [`LORA_TARGETS`]).
+    fn proj_shape(&self, p: usize) -> [i64; 2] {
+        let c = &self.cfg;
+        let (q, kv, d, f) = (
+            c.num_attention_heads * c.head_dim(),
+            c.num_key_value_heads * c.head_dim(),
+            c.hidden_size,
+            c.intermediate_size,
+        );
+        [[q, d], [kv, d], [kv, d], [d, q], [f, d], [f, d], [d, f]][p]
+    }
+
     /// Layer `l`'s base weight of projection `p` (`(out, in)`).
     fn base_weight(&self, l: usize, p: usize) -> &Tensor {
         let x = &self.layers[l];
@@ -743,7 +1014,7 @@ impl Llama {
                 if !matcher.matches(&name, false) {
                     continue;
                 }
-                let w = self.base_weight(l, p).size();
+                let w = self.proj_shape(p);
                 let path = name.split('.').fold(root.clone(), |path, part| &path / part);
                 let lora = Lora::new(&path, w[1], w[0], spec);
                 trainable += lora.num_params();
@@ -811,6 +1082,14 @@ impl Llama {
         }
         if self.lora_merged == merge {
             bail!("the LoRA adapter is already {}", if merge { "merged" } else { "unmerged" });
+        }
+        if self.format != WeightFormat::Dense {
+            // Folding B A into 4- or 8-bit weights would re-quantize them and lose most of the
+            // update (a rank-8 change is far below one quantization step of most weights).
+            bail!(
+                "merging a LoRA adapter into {} weights is refused: it would re-quantize them; load the base dense (f32 or bf16), merge there, then quantize the merged model",
+                self.format.name()
+            );
         }
         let _g = tch::no_grad_guard();
         for l in 0..self.layers.len() {
