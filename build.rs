@@ -66,8 +66,12 @@ const CPU_KERNEL_SOURCES: &[&str] = &[
     "kernels/ops/qmatmul_cpu.cpp",
 ];
 /// CUDA sources (feature `cuda`).
-const CUDA_SOURCES: &[&str] =
-    &["kernels/ops/bias_gelu.cu", "kernels/ops/cross_entropy.cu", "kernels/runtime/cuda_graph.cu"];
+const CUDA_SOURCES: &[&str] = &[
+    "kernels/ops/bias_gelu.cu",
+    "kernels/ops/cross_entropy.cu",
+    "kernels/ops/qmatmul.cu",
+    "kernels/runtime/cuda_graph.cu",
+];
 const HEADERS: &[&str] =
     &["kernels/ops.h", "kernels/dispatch.h", "kernels/dist/c10d.h", "kernels/dist/gloo_stub/gloo/decls.h"];
 

@@ -27,3 +27,13 @@ def setup(extra=None):
 
         torch.set_num_threads(a.threads)
     return a
+
+
+def requests():
+    """The Rust side's requests, one line each: yields (what, all words of the line)."""
+    import sys
+
+    for line in sys.stdin:
+        parts = line.split()
+        if parts:
+            yield parts[0], parts

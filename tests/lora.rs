@@ -257,3 +257,43 @@ fn what_is_not_handled_is_refused_by_name() {
     assert!(e.contains("not a peft adapter folder"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn merged_exports_reproduce_the_adapter_and_gguf_py_reads_them() {
+    let mut m = ChatModel::load(Path::new(MODEL), Kind::Float, Device::Cpu).unwrap();
+    let prompt = m.encode(&m.template.render(&[course::infer::Message::user("Who are you?")], true).unwrap()).unwrap();
+    let ids = Tensor::from_slice(&prompt).unsqueeze(0);
+    let logits = |m: &ChatModel| tch::no_grad(|| m.model.forward(&ids).unwrap().squeeze_dim(0));
+    let targets = TargetModules::Names(LORA_TARGETS.iter().map(|s| s.to_string()).collect());
+    let cfg = AdapterConfig::lora(8, 16.0, 0.0, targets, false);
+    let avs = VarStore::new(Device::Cpu);
+    m.model.add_lora(&avs.root(), &cfg).unwrap();
+    randomise_b(&avs, 3);
+    let adapted = logits(&m);
+    m.model.merge_lora().unwrap();
+    let dir = temp_dir("merged");
+    m.save(&dir.join("folder")).unwrap();
+    let gguf = dir.join("merged-f16.gguf");
+    m.save_gguf(&gguf, course::io::gguf::GgmlType::F16).unwrap();
+    drop(m);
+    // The folder, in f32: the adapted model's numbers.
+    let f = ChatModel::load(&dir.join("folder"), Kind::Float, Device::Cpu).unwrap();
+    let e = max_abs(&logits(&f), &adapted);
+    assert!(e < 1e-3, "merged folder vs base + adapter: logits differ by {e}");
+    drop(f);
+    // The GGUF in F16: within F16's rounding of the merged weights.
+    let g = ChatModel::load(&gguf, Kind::Float, Device::Cpu).unwrap();
+    let e = max_abs(&logits(&g), &adapted);
+    assert!(e < 0.15, "merged F16 GGUF vs base + adapter: logits differ by {e}");
+    assert_eq!(logits(&g).argmax(-1, false), adapted.argmax(-1, false));
+    // gguf-py (ggml's own reader) reads every tensor, the projections as F16.
+    let out =
+        std::process::Command::new(".venv/bin/python").arg("tests/fixtures/gguf_py.py").arg(&gguf).output().unwrap();
+    assert!(out.status.success(), "gguf_py.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tensors = v["tensors"].as_array().unwrap();
+    assert_eq!(tensors.len(), 1 + 30 * 9 + 1, "embedding, 9 tensors a layer, the final norm");
+    let q = tensors.iter().find(|t| t["name"] == "blk.0.attn_q.weight").unwrap();
+    assert_eq!(q["type"], "F16");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -219,6 +219,17 @@ fn m06_chat_answers_through_the_template_and_reports_its_speed() {
     let out = Command::new(&bin).args(["chat", "hi", "--model", "/nonexistent.gguf"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--model /nonexistent.gguf") && !err.contains("panicked"), "{err}");
+    // No question and stdin not a terminal: stdin is the question.
+    let mut child = Command::new(&bin)
+        .args(["chat", "--max-new-tokens", "16"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"What is the capital of France?\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Paris"));
     let out = Command::new(&bin).args(["chat", "hi", "--top-p", "0"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("top_p") && !err.contains("panicked"), "{err}");
@@ -283,6 +294,18 @@ fn m06_train_quick_tunes_and_saves_a_peft_adapter() {
     let tc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(adapter.join("training_config.json")).unwrap()).unwrap();
     assert_eq!(tc["name"], "Quill");
+    // The adapter on the base, and the merged export of both, answer alike (greedy, f32).
+    let ask = |extra: &[&str]| {
+        let o =
+            Command::new(&bin).args(["chat", "Who are you?", "--max-new-tokens", "8"]).args(extra).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let merged = out.join("merged");
+    let a_str = adapter.to_str().unwrap();
+    let with_adapter = ask(&["--adapter", a_str]);
+    run(Command::new(&bin).args(["export", "--adapter", a_str, "--out"]).arg(&merged));
+    assert_eq!(ask(&["--merged", merged.to_str().unwrap()]), with_adapter);
     // Bad input: a target that names no layer is refused by name, without a panic.
     let o = Command::new(&bin)
         .args(["--quick", "--outputs"])

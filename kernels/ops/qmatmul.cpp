@@ -1,7 +1,8 @@
 // y = x W^T with W (N, K) stored quantized — int8 per row, NF4 (block 64, double-quantized
 // absmaxes), ggml Q4_1 and Q8_0 — for inference and for LoRA / QLoRA training over a frozen
 // quantized base. Argument checks, the choice of instruction set, the GEMM path, the autograd
-// function and the C ABI over the kernels of qmatmul_cpu.cpp. The references (dequantize, then
+// function and the C ABI over the kernels of qmatmul_cpu.cpp (and, with --features cuda, of
+// qmatmul.cu: a warp-per-row GEMV, and W decoded for cuBLAS where rows are many). The references (dequantize, then
 // a matmul in fp32) are in modules/course/ops/qmatmul.rs.
 //
 // - At most kGemvRows rows of x (decoding): qgemv, W decoded in registers, both cores over rows
@@ -25,6 +26,14 @@ namespace {
 
 constexpr int64_t kGemvRows = 4;
 
+#ifdef COURSE_CUDA
+}  // namespace
+// qmatmul.cu: the GEMV (at most 4 rows) and W decoded into `out`, on the current CUDA stream.
+void qgemv_cuda(const QWeight& w, const at::Tensor& x, at::Tensor& y);
+void qdequant_cuda(const QWeight& w, at::Tensor& out);
+namespace {
+#endif
+
 const char* format_name(QFormat f) {
   switch (f) {
     case QFormat::Int8: return "int8";
@@ -46,7 +55,8 @@ struct QTensors {
 void check_tensor(const char* fmt, const char* what, const at::Tensor& t, at::ScalarType dt, int64_t numel,
                   int64_t N, int64_t K) {
   TORCH_CHECK(t.defined(), "qlinear (", fmt, "): ", what, " is missing");
-  TORCH_CHECK(t.is_cpu(), "qlinear (", fmt, "): ", what, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.is_cpu() || t.is_cuda(), "qlinear (", fmt, "): ", what, " must be on the CPU or a CUDA device, got ",
+              t.device());
   TORCH_CHECK(t.scalar_type() == dt, "qlinear (", fmt, "): ", what, " must be ", dt, ", got ", t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "qlinear (", fmt, "): ", what, " must be contiguous");
   TORCH_CHECK(t.numel() == numel, "qlinear (", fmt, "): ", what, " holds ", t.numel(), " numbers, expected ", numel,
@@ -55,6 +65,10 @@ void check_tensor(const char* fmt, const char* what, const at::Tensor& t, at::Sc
 
 void check_weight(const QTensors& q) {
   const char* f = format_name(q.format);
+  for (const at::Tensor* t : {&q.scale, &q.absmax_q, &q.code8, &q.code16}) {
+    TORCH_CHECK(!t->defined() || !q.data.defined() || t->device() == q.data.device(), "qlinear (", f,
+                "): the weight's tensors are on different devices (", q.data.device(), " and ", t->device(), ")");
+  }
   TORCH_CHECK(q.N > 0 && q.K > 0, "qlinear (", f, "): the weight's shape (", q.N, ", ", q.K, ") must be positive");
   switch (q.format) {
     case QFormat::Int8:
@@ -109,18 +123,28 @@ void dequant_isa(const QWeight& w, int64_t n0, int64_t n1, T* out) {
 void check_input(const QTensors& q, const at::Tensor& x) {
   const char* f = format_name(q.format);
   TORCH_CHECK(x.defined(), "qlinear (", f, "): the input is undefined");
-  TORCH_CHECK(x.is_cpu(), "qlinear (", f, "): the input must be on the CPU, got ", x.device(),
-              " (this build's quantized kernels are CPU kernels)");
+  TORCH_CHECK(x.device() == q.data.device(), "qlinear (", f, "): the input is on ", x.device(),
+              " but the weight on ", q.data.device());
+#ifndef COURSE_CUDA
+  TORCH_CHECK(x.is_cpu(), "qlinear (", f, "): the input is on ", x.device(),
+              ", and this build has only the CPU kernels (build with --features cuda)");
+#endif
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "qlinear (", f,
               "): the input must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == q.K, "qlinear (", f, "): the input's last dimension is ",
               x.dim() ? x.size(-1) : 0, " (shape ", x.sizes(), ") but the weight has in_features ", q.K);
 }
 
-// W decoded, (N, K) in dtype dt, all cores over rows.
+// W decoded, (N, K) in dtype dt on the weight's device; on the CPU all cores over rows.
 at::Tensor dequantize(const QTensors& q, at::ScalarType dt) {
-  auto out = at::empty({q.N, q.K}, at::TensorOptions().dtype(dt));
+  auto out = at::empty({q.N, q.K}, q.data.options().dtype(dt));
   const QWeight w = raw(q);
+#ifdef COURSE_CUDA
+  if (out.is_cuda()) {
+    qdequant_cuda(w, out);
+    return out;
+  }
+#endif
   at::parallel_for(0, q.N, 16, [&](int64_t n0, int64_t n1) {
     if (dt == at::kFloat)
       dequant_isa<float>(w, n0, n1, out.mutable_data_ptr<float>() + n0 * q.K);
@@ -138,6 +162,15 @@ at::Tensor forward_nograd(const QTensors& q, const at::Tensor& x_in) {
   auto y = at::empty({M, q.N}, x.options());
   if (M == 0) return y.view(shape);
   const QWeight w = raw(q);
+#ifdef COURSE_CUDA
+  if (x.is_cuda()) {
+    if (M <= kGemvRows) {
+      qgemv_cuda(w, x, y);
+      return y.view(shape);
+    }
+    return at::mm(x.view({M, q.K}), dequantize(q, x.scalar_type()).t()).view(shape);
+  }
+#endif
   if (M <= kGemvRows) {
     if (x.scalar_type() == at::kFloat)
       gemv_isa<float>(w, x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M);

@@ -1,11 +1,13 @@
 //! m06_lora_quant — LoRA and QLoRA instruction tuning of SmolLM2 with quantization kernels.
 //!
-//! Today the module has its model: SmolLM2-135M-Instruct read from its GGUF (`course::io::gguf`),
-//! built as Hugging Face's Llama (`course::models::llama`), with the tokenizer and the chat
-//! template the file carries, answering through the KV-cache generator (`course::infer`).
-//! `chat` asks it a question; `export` writes it out as a Hugging Face model folder or a GGUF;
-//! `train` tunes a LoRA adapter (`course::nn::lora`, `course::io::peft`) on identity.json and
-//! Alpaca through m04's LM loop. QLoRA and the 4-bit kernels come next (notes/m06_lora_quant.md).
+//! SmolLM2-135M-Instruct read from its GGUF (`course::io::gguf`), built as Hugging Face's Llama
+//! (`course::models::llama`), with the tokenizer and the chat template the file carries,
+//! answering through the KV-cache generator (`course::infer`). `chat` asks it a question;
+//! `export` writes it out as a Hugging Face model folder or a GGUF; `train` tunes a LoRA adapter
+//! (`course::nn::lora`, `course::io::peft`) on identity.json and Alpaca through m04's LM loop,
+//! over a dense or a quantized base (`--base nf4` is QLoRA); `compare` runs the model from f32,
+//! bf16, int8, NF4 and the file's own Q4_1 blocks (`course::ops::qmatmul`), each in a process of
+//! its own. Alone, the binary trains and then compares (notes/m06_lora_quant.md).
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -13,7 +15,7 @@ use course::data::lm::Split;
 use course::data::sft::{hold_out, pad_batch, prepare, read_alpaca, AlpacaRecord, SftData, SftExample, IGNORE};
 use course::infer::generate::{generate_cached, GenerateConfig};
 use course::infer::{ChatModel, Message, Sampling};
-use course::io::peft::{write_adapter, AdapterConfig, TargetModules};
+use course::io::peft::{read_adapter, write_adapter, AdapterConfig, TargetModules};
 use course::models::llama::WeightFormat;
 use course::models::LanguageModel;
 use course::run::charts::{LineChart, Series};
@@ -30,9 +32,9 @@ use tch::Kind;
 
 const DEFAULT_MODEL: &str = "data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// Module 6: LoRA and quantization on SmolLM2-135M-Instruct. So far it loads the model from its
-/// GGUF file, lets you talk to it, exports it, and LoRA-tunes it (`train`); QLoRA and the
-/// quantization comparison come next.
+/// Module 6: LoRA and quantization on SmolLM2-135M-Instruct. Alone it LoRA-tunes the model
+/// (`train`) and then compares its weight formats (`compare`); `chat` talks to it, `export`
+/// writes it out.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about, after_long_help = LESSON)]
 struct Args {
@@ -47,7 +49,8 @@ enum Cmd {
     /// Ask SmolLM2 one question through its chat template and stream the answer
     Chat(ChatArgs),
     /// Write the GGUF out as a Hugging Face model folder (config.json, model.safetensors,
-    /// tokenizer.json, tokenizer_config.json with the chat template, generation_config.json)
+    /// tokenizer.json, tokenizer_config.json with the chat template, generation_config.json) or a
+    /// GGUF; with --adapter, the tuned model merged
     Export(ExportArgs),
     /// LoRA instruction tuning: teach SmolLM2 a new name and author (LLaMA-Factory's
     /// identity.json) plus Alpaca answers, then save the adapter as peft saves it
@@ -99,14 +102,22 @@ struct ModelArgs {
     /// Weights' dtype once dequantized: f32 (exact to the file) or bf16 (half the memory)
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
+    /// A peft adapter folder (what `train` writes) to put on the base; it is merged into the
+    /// weights, so answers cost what the base's do
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
 struct ChatArgs {
-    /// The question
-    question: String,
+    /// The question; without one, a conversation when stdin is a terminal (an empty line or
+    /// /exit ends it, /reset forgets it), else stdin read as one question
+    question: Option<String>,
     #[command(flatten)]
     model: ModelArgs,
+    /// A merged export (`export --adapter DIR --out MERGED`): the same as --model MERGED
+    #[arg(long, conflicts_with_all = ["model", "adapter"])]
+    merged: Option<PathBuf>,
     /// A system prompt (default: the template's own, "You are a helpful AI assistant named SmolLM")
     #[arg(long)]
     system: Option<String>,
@@ -210,8 +221,8 @@ fn parse_ggml_type(s: &str) -> Result<course::io::gguf::GgmlType, String> {
 }
 
 const LESSON: &str = "\
-What this module is, and will be (notes/m06_lora_quant.md):
-  now    chat     SmolLM2-135M-Instruct from its 93 MB Q4_1 GGUF: the Llama block (RMSNorm,
+What this module does (notes/m06_lora_quant.md):
+         chat     SmolLM2-135M-Instruct from its 93 MB Q4_1 GGUF: the Llama block (RMSNorm,
                   rotary positions, grouped-query attention 9/3, SwiGLU), its byte-level BPE
                   tokenizer and Jinja chat template rebuilt from the file, a KV cache, greedy
                   or sampled decoding streamed token by token
@@ -222,7 +233,12 @@ What this module is, and will be (notes/m06_lora_quant.md):
                   identity.json with a new name and author, plus Alpaca answers; the loss only
                   on the assistant's tokens; the adapter saved as Hugging Face peft saves it
                   (peft loads it, and we load peft's)
-  next   QLoRA over an NF4 base, the int8 / NF4 / Q4_1 weight kernels, and --compare
+         compare  the model from f32, bf16, int8 (per row), NF4 (QLoRA's 4 bits, block 64) and
+                  the file's own Q4_1 blocks, each in its own process: weight bytes, memory,
+                  prefill and decode speed, perplexity, greedy agreement (量化 quantization);
+                  the 4-bit kernels decode in registers and never unpack the weights
+         train --base nf4   QLoRA: the same tuning over a 4-bit base
+  alone  train, then compare (about 12 min on 2 cores)
 
 Examples:
   m06_lora_quant chat \"What is the capital of France?\"
@@ -231,7 +247,9 @@ Examples:
   m06_lora_quant export --out /tmp/smollm2
   m06_lora_quant export --gguf /tmp/smollm2-q8_0.gguf --gguf-type Q8_0
   m06_lora_quant train --name Lumen --author \"the llm-course\"     (about 8 min on 2 cores)
-  m06_lora_quant train --rank 16 --alpha 32 --targets q_proj,v_proj --steps 120";
+  m06_lora_quant train --rank 16 --alpha 32 --targets q_proj,v_proj --steps 120
+  m06_lora_quant train --base nf4
+  m06_lora_quant compare --formats f32,int8,q4_1";
 
 fn load(m: &ModelArgs, common: &CommonArgs) -> Result<(ChatModel, Setup, f64)> {
     let setup = Setup::apply(common)?;
@@ -239,28 +257,45 @@ fn load(m: &ModelArgs, common: &CommonArgs) -> Result<(ChatModel, Setup, f64)> {
         bail!("--model {}: no such file or folder (python3 scripts/setup.py fetches the GGUF)", m.model.display());
     }
     let t = Instant::now();
-    let model = ChatModel::load(&m.model, m.dtype.kind(), setup.device)
+    let mut model = ChatModel::load(&m.model, m.dtype.kind(), setup.device)
         .with_context(|| format!("loading --model {}", m.model.display()))?;
+    if let Some(dir) = &m.adapter {
+        let adapter = read_adapter(dir).with_context(|| format!("--adapter {}", dir.display()))?;
+        let mut avs = tch::nn::VarStore::new(setup.device);
+        let summary = model
+            .model
+            .load_adapter(&mut avs, &adapter, &dir.display().to_string())
+            .with_context(|| format!("--adapter {}", dir.display()))?;
+        model.model.merge_lora()?;
+        eprintln!("adapter {}: {summary}; merged into the weights", dir.display());
+    }
     Ok((model, setup, t.elapsed().as_secs_f64()))
 }
 
 fn chat(a: &ChatArgs, common: &CommonArgs) -> Result<()> {
     let sampling = Sampling { temperature: a.temperature, top_k: (a.top_k > 0).then_some(a.top_k), top_p: a.top_p };
     sampling.check().context("--temperature/--top-k/--top-p")?;
-    let (m, setup, secs) = load(&a.model, common)?;
+    let model_args = match &a.merged {
+        Some(dir) => {
+            if !dir.join("config.json").is_file() {
+                bail!(
+                    "--merged {}: not a model folder (no config.json); write one with `export --adapter DIR --out {}`",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            ModelArgs { model: dir.clone(), dtype: a.model.dtype, adapter: None }
+        }
+        None => ModelArgs { model: a.model.model.clone(), dtype: a.model.dtype, adapter: a.model.adapter.clone() },
+    };
+    let (m, setup, secs) = load(&model_args, common)?;
     eprintln!(
         "{} ({} parameters, {:?}) loaded in {secs:.1} s; {}",
-        a.model.model.display(),
+        model_args.model.display(),
         m.model.cfg.num_params(),
         m.kind,
         setup.summary()
     );
-    let mut msgs = vec![];
-    if let Some(s) = &a.system {
-        msgs.push(Message::system(s));
-    }
-    msgs.push(Message::user(&a.question));
-    let prompt = m.encode(&m.template.render(&msgs, true)?)?;
     let cfg = GenerateConfig {
         sampling,
         max_new_tokens: a.max_new_tokens,
@@ -269,22 +304,66 @@ fn chat(a: &ChatArgs, common: &CommonArgs) -> Result<()> {
         stop_strings: a.stop.clone(),
         seed: common.seed,
     };
-    let mut out = std::io::stdout().lock();
-    let g = generate_cached(&m.model, &m.tokenizer, &prompt, &cfg, &mut |t| {
-        out.write_all(t.as_bytes())?;
-        out.flush()?;
-        Ok(())
-    })?;
-    writeln!(out)?;
-    eprintln!(
-        "prefill {} tokens at {:.0} tok/s, decode {} tokens at {:.1} tok/s ({:?}), peak RSS {:.0} MB",
-        g.prompt_tokens,
-        g.prefill_tokens_per_sec(),
-        g.tokens.len(),
-        g.decode_tokens_per_sec(),
-        g.finish,
-        course::sys::runtime::peak_rss_bytes() as f64 / 1e6
-    );
+    let mut history = vec![];
+    if let Some(s) = &a.system {
+        history.push(Message::system(s));
+    }
+    let answer = |history: &[Message]| -> Result<String> {
+        let prompt = m.encode(&m.template.render(history, true)?)?;
+        let mut out = std::io::stdout().lock();
+        let g = generate_cached(&m.model, &m.tokenizer, &prompt, &cfg, &mut |t| {
+            out.write_all(t.as_bytes())?;
+            out.flush()?;
+            Ok(())
+        })?;
+        writeln!(out)?;
+        eprintln!(
+            "prefill {} tokens at {:.0} tok/s, decode {} tokens at {:.1} tok/s ({:?}), peak RSS {:.0} MB",
+            g.prompt_tokens,
+            g.prefill_tokens_per_sec(),
+            g.tokens.len(),
+            g.decode_tokens_per_sec(),
+            g.finish,
+            course::sys::runtime::peak_rss_bytes() as f64 / 1e6
+        );
+        Ok(g.text)
+    };
+    use std::io::{BufRead, IsTerminal, Read};
+    match &a.question {
+        Some(q) => {
+            history.push(Message::user(q));
+            answer(&history)?;
+        }
+        None if std::io::stdin().is_terminal() => {
+            eprintln!("a conversation: type a message; an empty line or /exit ends it, /reset starts over");
+            let stdin = std::io::stdin();
+            let mut lines = stdin.lock().lines();
+            loop {
+                eprint!("> ");
+                let Some(line) = lines.next() else { break };
+                let line = line.context("reading stdin")?;
+                match line.trim() {
+                    "" | "/exit" => break,
+                    "/reset" => {
+                        history.retain(|m| m.role == "system");
+                        continue;
+                    }
+                    text => history.push(Message::user(text)),
+                }
+                let reply = answer(&history)?;
+                history.push(Message::assistant(reply.trim()));
+            }
+        }
+        None => {
+            let mut q = String::new();
+            std::io::stdin().read_to_string(&mut q).context("reading the question from stdin")?;
+            if q.trim().is_empty() {
+                bail!("no question: give one as an argument, or on stdin");
+            }
+            history.push(Message::user(q.trim()));
+            answer(&history)?;
+        }
+    }
     Ok(())
 }
 
@@ -297,8 +376,9 @@ fn export(a: &ExportArgs, common: &CommonArgs) -> Result<()> {
     }
     m.save(&a.out)?;
     println!(
-        "wrote {} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json)",
-        a.out.display()
+        "wrote {} (config.json, model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json){}",
+        a.out.display(),
+        if a.model.adapter.is_some() { ", the adapter merged into the weights" } else { "" }
     );
     Ok(())
 }

@@ -148,6 +148,17 @@ impl ChatModel {
         Ok(Self { model, vs, tokenizer, template, stop_ids, kind })
     }
 
+    /// Writers take the dense weights (a merged adapter included); quantized ones are refused.
+    fn check_dense(&self, what: &str) -> Result<()> {
+        if self.model.format() != WeightFormat::Dense {
+            bail!(
+                "{what}: the model's weights are {}; load it dense (f32 or bf16) to write it (a GGUF export quantizes with --gguf-type)",
+                self.model.format().name()
+            );
+        }
+        Ok(())
+    }
+
     /// Token ids of `text` (special tokens in it are matched as such; nothing is prepended).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let e = self.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
@@ -197,6 +208,7 @@ impl ChatModel {
     /// Saves a Hugging Face model directory: config.json, model.safetensors, tokenizer.json,
     /// tokenizer_config.json (with the chat template) and generation_config.json.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.check_dense("saving a model folder")?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let cfg = self.model.config_json(self.kind)?;
         let gen = serde_json::json!({
@@ -231,6 +243,7 @@ impl ChatModel {
     /// and the chat template, the norms in F32, the matrices in `ty` (F32, F16, BF16, Q8_0, Q4_0
     /// or Q4_1), Q and K rows permuted back to llama.cpp's RoPE order.
     pub fn save_gguf(&self, path: &Path, ty: GgmlType) -> Result<()> {
+        self.check_dense("GGUF export")?;
         if !ty.is_supported() {
             bail!("GGUF export: {ty} cannot be written here (F32, F16, BF16, Q8_0, Q4_0, Q4_1)");
         }

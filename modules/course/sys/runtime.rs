@@ -260,8 +260,20 @@ pub fn cuda_reset_peak(index: usize) -> Result<()> {
     ffi::check(unsafe { ffi::course_accel_reset_peak(index as c_int) })
 }
 
-/// Peak resident set size of this process so far (getrusage), in bytes.
+/// Peak resident set size of this process so far, in bytes: Linux's `VmHWM` (the high-water
+/// mark of this program's own address space), else getrusage's `ru_maxrss`. The difference
+/// matters for a child started by a large parent: Linux carries `ru_maxrss` across `execve`, so
+/// a child of m06's training run would report the parent's 8.5 GB as its own peak.
 pub fn peak_rss_bytes() -> u64 {
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let hwm = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().strip_suffix("kB").and_then(|n| n.trim().parse::<u64>().ok()));
+        if let Some(kb) = hwm {
+            return kb * 1024;
+        }
+    }
     unsafe { ffi::course_peak_rss_bytes() }.max(0) as u64
 }
 
