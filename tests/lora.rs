@@ -297,3 +297,29 @@ fn merged_exports_reproduce_the_adapter_and_gguf_py_reads_them() {
     assert_eq!(q["type"], "F16");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_loss_over_target_rows_only_equals_the_cross_entropy_of_every_logit() {
+    // Llama::loss runs the head only where a target is set; the mean over those rows is
+    // PyTorch's cross-entropy with ignore_index -100 over all the logits.
+    tch::manual_seed(5);
+    let vs = VarStore::new(Device::Cpu);
+    let m = Llama::new(&vs.root(), &tiny()).unwrap();
+    let x = Tensor::randint(40, [2, 9], (Kind::Int64, Device::Cpu));
+    let y = x.roll([-1], [1]);
+    let _ = y.narrow(1, 0, 4).fill_(-100);
+    let ours = m.loss(&x, &y, false, false);
+    let logits = m.forward(&x).unwrap();
+    let want = logits.view([-1, 40]).cross_entropy_loss::<Tensor>(&y.view([-1]), None, tch::Reduction::Mean, -100, 0.0);
+    assert!((ours.double_value(&[]) - want.double_value(&[])).abs() < 1e-6);
+    // And the gradients agree.
+    ours.backward();
+    let g1: Vec<Tensor> = vs.trainable_variables().iter().map(|t| t.grad().copy()).collect();
+    for mut t in vs.trainable_variables() {
+        t.zero_grad();
+    }
+    want.backward();
+    for (a, t) in g1.iter().zip(vs.trainable_variables()) {
+        assert!((a - t.grad()).abs().max().double_value(&[]) < 1e-6);
+    }
+}

@@ -1217,8 +1217,14 @@ impl super::CausalLm for Llama {
 impl super::LanguageModel for Llama {
     /// Mean next-token cross-entropy in fp32; targets of -100 leave the mean (the prompt in
     /// instruction tuning). `train` turns LoRA's dropout on; `fused` selects the fused loss kernel.
+    /// The head runs only on the positions that have a target: in instruction tuning most are
+    /// the prompt's (-100), and the head (576 -> 49152) is the largest product of the model.
     fn loss(&self, x: &Tensor, y: &Tensor, train: bool, fused: bool) -> Tensor {
-        let logits = self.forward_t(x, train).unwrap_or_else(|e| panic!("Llama forward: {e:#}"));
-        crate::nn::loss::next_token_loss(&logits, y, fused)
+        let h = self.hidden_t(x, None, train).unwrap_or_else(|e| panic!("Llama forward: {e:#}"));
+        let c = self.cfg.hidden_size;
+        let yf = y.reshape([-1]);
+        let keep = yf.ne(crate::ops::IGNORE_INDEX).nonzero().squeeze_dim(1);
+        let rows = h.reshape([-1, c]).index_select(0, &keep);
+        crate::nn::loss::next_token_loss(&self.head(&rows), &yf.index_select(0, &keep), fused)
     }
 }
