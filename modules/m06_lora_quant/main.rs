@@ -636,6 +636,7 @@ struct Leg {
     weight_bytes: i64,
     load_seconds: f64,
     rss_after_load: u64,
+    /// Peak resident size through loading and decoding (before the perplexity batches).
     peak_rss: u64,
     prefill_tokens_per_s: f64,
     decode_tokens_per_s: f64,
@@ -681,19 +682,8 @@ fn compare_leg(a: &CompareArgs, common: &CommonArgs, name: &str) -> Result<()> {
     course::sys::runtime::trim_freed_memory();
     let rss_after_load = course::sys::runtime::current_rss_bytes();
 
-    // Quality: held-out Alpaca answers (every tenth record, as `train` holds them out) and Hamlet.
-    let alpaca = read_alpaca(&course::data::registry::require("llamafactory", "alpaca_en_demo.json")?)?;
-    let (_, held) = hold_out(&alpaca, 10, 0);
-    let held = if quick { held[..4].to_vec() } else { held };
-    let ex: Vec<_> = held.iter().map(|r| m.encode_for_training(&r.messages())).collect::<Result<_>>()?;
-    let ex = prepare(ex, 256, "held-out Alpaca")?;
-    let pad = m.model.cfg.eos_token_id.unwrap_or(0);
-    let alpaca_nll = exact_loss(&m, &ex, 256, pad);
-    let alpaca_tokens = ex.iter().map(|e| e.targets.iter().filter(|&&t| t != IGNORE).count()).sum::<usize>() as f64;
-    let text = m.encode(&hamlet_slice(if quick { 800 } else { 6000 })?)?;
-    let (shakespeare_nll, shakespeare_tokens) = window_nll(&m, &text);
-
     // Speed: a 128-token prefill (best of 3), then greedy decoding of each prompt.
+    let text = m.encode(&hamlet_slice(if quick { 800 } else { 6000 })?)?;
     let prompt_len = if quick { 32 } else { 128 };
     let prefill = &text[..prompt_len.min(text.len())];
     let mut best = f64::MAX;
@@ -709,6 +699,7 @@ fn compare_leg(a: &CompareArgs, common: &CommonArgs, name: &str) -> Result<()> {
         ..Default::default()
     };
     let (mut greedy, mut decoded, mut decode_secs) = (vec![], 0usize, 0.0);
+    let alpaca = read_alpaca(&course::data::registry::require("llamafactory", "alpaca_en_demo.json")?)?;
     for r in alpaca.iter().take(if quick { 1 } else { a.prompts }) {
         let prompt = m.encode(&m.template.render(&[Message::user(&r.prompt())], true)?)?;
         let g = generate_cached(&m.model, &m.tokenizer, &prompt, &cfg, &mut |_| Ok(()))?;
@@ -716,12 +707,25 @@ fn compare_leg(a: &CompareArgs, common: &CommonArgs, name: &str) -> Result<()> {
         decode_secs += g.decode_secs;
         greedy.push(g.tokens);
     }
+    // The peak of loading and serving, before the perplexity runs batch their logits.
+    let peak_rss = course::sys::runtime::peak_rss_bytes();
+
+    // Quality: held-out Alpaca answers (every tenth record, as `train` holds them out) and Hamlet.
+    let (_, held) = hold_out(&alpaca, 10, 0);
+    let held = if quick { held[..4].to_vec() } else { held };
+    let ex: Vec<_> = held.iter().map(|r| m.encode_for_training(&r.messages())).collect::<Result<_>>()?;
+    let ex = prepare(ex, 256, "held-out Alpaca")?;
+    let pad = m.model.cfg.eos_token_id.unwrap_or(0);
+    let alpaca_nll = exact_loss(&m, &ex, 256, pad);
+    let alpaca_tokens = ex.iter().map(|e| e.targets.iter().filter(|&&t| t != IGNORE).count()).sum::<usize>() as f64;
+    let (shakespeare_nll, shakespeare_tokens) = window_nll(&m, &text);
+
     let leg = Leg {
         format: name.to_string(),
         weight_bytes: m.model.weight_bytes(),
         load_seconds,
         rss_after_load,
-        peak_rss: course::sys::runtime::peak_rss_bytes(),
+        peak_rss,
         prefill_tokens_per_s: prompt_len as f64 / best,
         decode_tokens_per_s: decoded as f64 / decode_secs.max(1e-9),
         alpaca_nll,

@@ -19,7 +19,7 @@ pub const MODULES: &[ModuleInfo] = &[
     ModuleInfo { name: "m03_transformer", title: "Transformer classification", teaches: "attention from scratch, tokenizers, encoder classifier, fine-tuning MiniLM", target: "BBC macro-F1 >= 0.95 (MiniLM), >= 0.90 (scratch); spam F1 >= 0.95", time_2core: "~9 min" },
     ModuleInfo { name: "m04_amp", title: "Mixed precision", teaches: "a GPT on Shakespeare, autocast bf16/fp16, GradScaler, clipping, accumulation, NaN checks, fused kernels, recomputation, profiling", target: "char val loss <= 1.90 in <= 10 min; --compare: bf16 >= 1.3x fp32", time_2core: "~7 min" },
     ModuleInfo { name: "m05_ddp", title: "Distributed data parallel", teaches: "c10d (Gloo/NCCL), torchrun-compatible launch, bucketed allreduce, DistributedSampler", target: "N=2 x batch b equals N=1 x batch 2b to 1e-5; DDP CNN >= 99% on MNIST", time_2core: "~3 min" },
-    ModuleInfo { name: "m06_lora_quant", title: "LoRA and quantization", teaches: "SmolLM2 from its GGUF: chat and export (built); LoRA and QLoRA adapters, int8 and 4-bit weight kernels (next)", target: "planned", time_2core: "planned" },
+    ModuleInfo { name: "m06_lora_quant", title: "LoRA and quantization", teaches: "SmolLM2 from its GGUF; LoRA and QLoRA instruction tuning with peft's files; int8, NF4 and Q4_1 weight kernels compared (in progress)", target: "planned", time_2core: "planned" },
     ModuleInfo { name: "m07_serving", title: "Serving", teaches: "generation engine, KV cache, an OpenAI-compatible server", target: "planned", time_2core: "planned" },
     ModuleInfo { name: "m08_rag", title: "Retrieval-augmented generation", teaches: "embeddings, vector search, grounded answers", target: "planned", time_2core: "planned" },
 ];
