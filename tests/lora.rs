@@ -284,8 +284,9 @@ fn merged_exports_reproduce_the_adapter_and_gguf_py_reads_them() {
     // The GGUF in F16: within F16's rounding of the merged weights.
     let g = ChatModel::load(&gguf, Kind::Float, Device::Cpu).unwrap();
     let e = max_abs(&logits(&g), &adapted);
+    // (No argmax check: A is drawn from the process-wide generator that parallel tests share, so
+    // near-ties differ from run to run; the bound on every logit is the check.)
     assert!(e < 0.15, "merged F16 GGUF vs base + adapter: logits differ by {e}");
-    assert_eq!(logits(&g).argmax(-1, false), adapted.argmax(-1, false));
     // gguf-py (ggml's own reader) reads every tensor, the projections as F16.
     let out =
         std::process::Command::new(".venv/bin/python").arg("tests/fixtures/gguf_py.py").arg(&gguf).output().unwrap();
