@@ -112,30 +112,34 @@ fn adapter() -> AdapterConfig {
     AdapterConfig::lora(4, 8.0, 0.0, TargetModules::Names(LORA_TARGETS.iter().map(|s| s.to_string()).collect()), false)
 }
 
-/// The adapter's gradients after one loss of `model` on a fixed batch (every B drawn at random
-/// first, the same for every caller).
-fn adapter_grads(model: &mut Llama, base: &mut VarStore) -> (f64, Vec<(String, Tensor)>) {
+/// The adapter's gradients after one loss of `model` on a fixed batch. The adapter's A and B are
+/// drawn at random (B too: peft's zero B would hide A's gradient), or copied from `like` — tests
+/// run in parallel and share tch's generator, so two draws with the same seed may differ.
+fn adapter_grads(
+    model: &mut Llama,
+    base: &mut VarStore,
+    like: Option<&VarStore>,
+) -> (f64, Vec<(String, Tensor)>, VarStore) {
     base.freeze();
-    let avs = VarStore::new(Device::Cpu);
-    tch::manual_seed(7);
+    let mut avs = VarStore::new(Device::Cpu);
     model.add_lora(&avs.root(), &adapter()).unwrap();
-    tch::manual_seed(8);
-    tch::no_grad(|| {
-        let mut vars: Vec<_> = avs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, mut t) in vars {
-            if name.contains("lora_B") {
-                t.copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.05));
+    match like {
+        Some(src) => avs.copy(src).unwrap(),
+        None => tch::no_grad(|| {
+            for (name, mut t) in avs.variables() {
+                if name.contains("lora_B") {
+                    t.copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.05));
+                }
             }
-        }
-    });
+        }),
+    }
     let x = Tensor::from_slice(&(0..24).map(|i| (i * 7) % 40).collect::<Vec<i64>>()).view([2, 12]);
     let y = x.roll([-1], [1]);
     let loss = model.loss(&x, &y, false, false);
     loss.backward();
     let mut g: Vec<(String, Tensor)> = avs.variables().into_iter().map(|(n, t)| (n, t.grad().copy())).collect();
     g.sort_by(|a, b| a.0.cmp(&b.0));
-    (loss.double_value(&[]), g)
+    (loss.double_value(&[]), g, avs)
 }
 
 #[test]
@@ -161,8 +165,8 @@ fn qlora_gradients_over_int8_equal_lora_over_the_dequantized_base() {
             }
         }
     });
-    let (lq, gq) = adapter_grads(&mut q, &mut qvs);
-    let (ld, gd) = adapter_grads(&mut d, &mut dvs);
+    let (lq, gq, avs) = adapter_grads(&mut q, &mut qvs, None);
+    let (ld, gd, _) = adapter_grads(&mut d, &mut dvs, Some(&avs));
     assert!((lq - ld).abs() < 1e-5, "loss {lq} vs {ld}");
     assert_eq!(gq.len(), gd.len());
     for ((n, a), (_, b)) in gq.iter().zip(&gd) {
