@@ -65,6 +65,8 @@ const CPU_KERNEL_SOURCES: &[&str] = &[
     "kernels/ops/llama_cpu.cpp",
     "kernels/ops/qmatmul_cpu.cpp",
 ];
+/// AMX tile kernels (x86-64): compiled once with -mamx-tile -mamx-bf16, no torch headers.
+const AMX_SOURCE: &str = "kernels/ops/qmatmul_amx.cpp";
 /// CUDA sources (feature `cuda`).
 const CUDA_SOURCES: &[&str] = &[
     "kernels/ops/bias_gelu.cu",
@@ -91,6 +93,7 @@ fn run() -> Result<(), String> {
         .chain(NCCL_SOURCES)
         .chain(CPU_KERNEL_SOURCES)
         .chain(CUDA_SOURCES)
+        .chain(std::iter::once(&AMX_SOURCE))
         .chain(HEADERS)
     {
         println!("cargo:rerun-if-changed={f}");
@@ -162,6 +165,13 @@ fn run() -> Result<(), String> {
             b.flag(f);
         }
         b.files(CPU_KERNEL_SOURCES).compile(&format!("course_cpu_{suffix}"));
+    }
+
+    // 2b. AMX tiles (x86-64 only): one file with the AMX flags, entered only after its run-time
+    // check (kernels/ops/qmatmul_amx.cpp).
+    if x86 {
+        let mut b = base("DEFAULT");
+        b.flag("-mamx-tile").flag("-mamx-bf16").file(AMX_SOURCE).compile("course_amx");
     }
 
     // 3. CUDA kernels.

@@ -14,13 +14,13 @@
 use anyhow::Result;
 mod benchkit;
 use course::nn::quant::{ggml_weight, Int8Weight, Nf4Weight};
-use course::ops::qmatmul::{qlinear, QFormat, QTensors};
+use course::ops::qmatmul::{amx, qlinear, set_amx, QFormat, QTensors};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// (M rows of x, K in, N out).
 const SHAPES: &[(i64, i64, i64)] =
-    &[(1, 4096, 4096), (1, 576, 576), (1, 576, 1536), (1, 1536, 576), (1, 576, 49152), (128, 576, 1536)];
+    &[(1, 4096, 4096), (1, 576, 576), (1, 576, 1536), (1, 1536, 576), (1, 576, 49152), (128, 576, 1536), (1536, 576, 1536)];
 
 fn time_ms(mut f: impl FnMut()) -> f64 {
     // About 40 ms per timed group, at least 3 calls.
@@ -102,11 +102,49 @@ fn contenders(m: i64, k: i64, n: i64) -> Vec<Contender> {
         ours.push(("q4_1 ours", ggml(QFormat::Q4_1, &w)));
         ours.push(("q8_0 ours", ggml(QFormat::Q8_0, &w)));
     }
+    let gemm = m > 4;
     for (name, q) in ours {
+        if gemm && (name.starts_with("int8") || name.starts_with("q4_1")) {
+            bf16_contenders(&mut out, name, &x, &w, &q);
+        }
         let x = x.shallow_clone();
         out.push(Contender { name, bytes: q.bytes(), run: Box::new(move || drop(qlinear(&x, &q).unwrap())) });
     }
     out
+}
+
+/// For the GEMM shapes (more than 4 rows): bf16 x through torch's own bf16 linear (oneDNN) and
+/// through our kernels with the AMX tiles on and off (where the CPU has none, both run the
+/// AVX-512 panels + ATen path).
+fn bf16_contenders(out: &mut Vec<Contender>, name: &'static str, x: &Tensor, w: &Tensor, q: &QTensors) {
+    if x.size()[0] <= 4 {
+        return;
+    }
+    let xb = x.to_kind(Kind::BFloat16);
+    if name.starts_with("int8") {
+        let (xb, wb) = (xb.shallow_clone(), w.to_kind(Kind::BFloat16));
+        out.push(Contender {
+            name: "bf16 (tch)",
+            bytes: wb.numel() as i64 * 2,
+            run: Box::new(move || drop(xb.linear::<Tensor>(&wb, None))),
+        });
+    }
+    let (amx_name, aten_name) = if name.starts_with("int8") {
+        ("int8 bf16 amx", "int8 bf16 aten")
+    } else {
+        ("q4_1 bf16 amx", "q4_1 bf16 aten")
+    };
+    for (label, on) in [(amx_name, true), (aten_name, false)] {
+        let (xb, q) = (xb.shallow_clone(), q.shallow_clone());
+        out.push(Contender {
+            name: label,
+            bytes: q.bytes(),
+            run: Box::new(move || {
+                set_amx(on);
+                drop(qlinear(&xb, &q).unwrap())
+            }),
+        });
+    }
 }
 
 fn main() -> Result<()> {
@@ -124,8 +162,9 @@ fn main() -> Result<()> {
         b.threads,
         course::sys::runtime::versions().cpu_capability
     );
+    println!("AMX GEMM: {}\n", amx().1);
     println!(
-        "{:>18} {:>11} {:>10} {:>9} {:>8} {:>7}   (medians of {rounds} rounds)",
+        "{:>18} {:>15} {:>10} {:>9} {:>8} {:>7}   (medians of {rounds} rounds)",
         "M x K -> N", "contender", "ms/call", "GB/s", "% roof", "x f32"
     );
     tch::manual_seed(0);
@@ -146,7 +185,7 @@ fn main() -> Result<()> {
                 let ratio = benchkit::median(ms[0].iter().zip(&ms[i]).map(|(f, o)| f / o).collect());
                 let gbs = c.bytes as f64 / (med * 1e-3) / 1e9;
                 println!(
-                    "{:>18} {:>11} {:>10.4} {:>9.1} {:>7.0}% {:>6.2}x",
+                    "{:>18} {:>15} {:>10.4} {:>9.1} {:>7.0}% {:>6.2}x",
                     format!("{m} x {k} -> {n}"),
                     c.name,
                     med,

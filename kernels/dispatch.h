@@ -54,6 +54,23 @@ struct QWeight {
   float offset;               // nf4: the absmaxes' mean
 };
 
+#if defined(__x86_64__)
+// qmatmul_amx.cpp: AMX tiles for the bf16 GEMM of qmatmul.cpp (Linux, x86-64).
+namespace amx {
+// Whether this process may use AMX tiles: the CPU has AMX-TILE and AMX-BF16, the kernel granted
+// the tile state (arch_prctl, asked once), and COURSE_AMX is not 0. describe() says which.
+bool ready();
+const char* describe();
+// bp: the bf16 rows w (nn of them, K each) in AMX's pair layout, in ceil(nn / 16) panels of 16
+// columns, each Kp / 2 rows of 16 dwords (k and k + 1 of one column in a dword), zero-padded.
+void pack_b(const uint16_t* w, int64_t nn, int64_t K, int64_t Kp, uint32_t* bp);
+// c (Mp, 16 np) fp32, ldc apart = a (Mp, Kp) bf16, lda apart, times the np packed panels bp;
+// Mp a multiple of 16, Kp of 32. Only after ready() said yes.
+void gemm_bf16(const uint16_t* a, int64_t lda, int64_t Mp, int64_t Kp, const uint32_t* bp, int64_t np, float* c,
+               int64_t ldc);
+}  // namespace amx
+#endif
+
 // Raw-pointer kernels: x (M, N) row-major, bias (N).
 #define COURSE_DECLARE_CPU_KERNELS(CAP)                                                                \
   namespace CAP {                                                                                      \

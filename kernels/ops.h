@@ -128,6 +128,7 @@ int64_t course_current_rss_bytes(void);
 char* course_linear(course_tensor input, course_tensor weight, course_tensor bias, course_tensor* out);
 // input (..., K) @ weight (N, K)^T through the skinny (few-row) kernel, CPU fp32 or bf16, no autograd.
 char* course_skinny_matmul(course_tensor input, course_tensor weight, course_tensor* out);
+int course_qmatmul_amx(int enable, char* why, int64_t cap);
 // 1 when course_linear would run oneDNN for this input, 0 when it runs at::linear.
 int course_linear_uses_onednn(course_tensor input);
 

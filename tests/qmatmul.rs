@@ -189,3 +189,51 @@ fn the_gemm_path_runs_under_inference_mode() {
     };
     assert!(max_rel(&got, &want) < 2e-5);
 }
+
+/// The AMX GEMM (bf16, more than 4 rows) in a fresh process, as the tile state must be asked of
+/// Linux before any thread touches a tile: a child runs `amx_child` with AMX allowed and with
+/// `COURSE_AMX=0`. Where /proc/cpuinfo lists amx_tile and amx_bf16, the first child must take the
+/// AMX path; elsewhere, and under COURSE_AMX=0 everywhere, both must fall back and say why. Both
+/// hold the values to the reference.
+#[test]
+fn the_amx_gemm_runs_in_a_fresh_process_or_falls_back_cleanly() {
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |f: &str| flags.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|w| w == f));
+    let cpu_has = cfg!(target_arch = "x86_64") && has("amx_tile") && has("amx_bf16") && has("avx512f");
+    for off in [false, true] {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "amx_child", "--ignored", "--nocapture"]).env_remove("ATEN_CPU_CAPABILITY");
+        if off {
+            cmd.env("COURSE_AMX", "0");
+        } else {
+            cmd.env_remove("COURSE_AMX");
+        }
+        let out = cmd.output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "COURSE_AMX off={off}:\n{text}");
+        let want = if cpu_has && !off { "amx gemm: on" } else { "amx gemm: off" };
+        assert!(text.contains(want), "expected `{want}` (cpu has AMX: {cpu_has}, COURSE_AMX=0: {off}):\n{text}");
+        if off {
+            assert!(text.contains("COURSE_AMX=0") || !cpu_has, "{text}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "the child half of the_amx_gemm_runs_in_a_fresh_process_or_falls_back_cleanly"]
+fn amx_child() {
+    tch::manual_seed(7);
+    // Rows, in, out off the tile grid (16 rows, 32 in, 16 out) and on it; several panels.
+    for (m, k, n) in [(5, 64, 16), (37, 96, 50), (33, 40, 24), (130, 576, 300), (64, 1536, 576)] {
+        for w in weights(n, k) {
+            let x = Tensor::randn([m, k], cpu(Kind::BFloat16));
+            let want = qlinear_reference(&x, &w).unwrap();
+            let got = qlinear(&x, &w).unwrap();
+            assert_eq!(got.kind(), Kind::BFloat16);
+            let e = max_rel(&got, &want);
+            assert!(e < 3e-2, "{} ({m}, {k}, {n}): bf16 differs by {e}", w.format.name());
+        }
+    }
+    let (on, why) = course::ops::qmatmul::amx();
+    println!("amx gemm: {} ({why})", if on { "on" } else { "off" });
+}

@@ -18,6 +18,10 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <atomic>
+#include <cstring>
+#include <vector>
+
 #include "dispatch.h"
 #include "ops.h"
 
@@ -154,6 +158,42 @@ at::Tensor dequantize(const QTensors& q, at::ScalarType dt) {
   return out;
 }
 
+#if defined(__x86_64__)
+// The AMX GEMM is used where amx::ready() and not switched off by course_qmatmul_set_amx (the
+// benchmark's A/B switch).
+std::atomic<bool> amx_wanted{true};
+// A cap below AVX-512 (ATEN_CPU_CAPABILITY) keeps the tiles off too.
+bool amx_enabled() {
+  return amx_wanted.load(std::memory_order_relaxed) && cpu_isa() == Isa::Avx512 && amx::ready();
+}
+
+// y (M, N) bf16 = x2 (M, K) bf16 W^T on AMX tiles: x copied once into a zero-padded (Mp, Kp)
+// buffer; per panel of W, its rows decoded to bf16 (the AVX-512 decoders), packed into AMX's pair
+// layout, multiplied into an fp32 (Mp, panel) block and rounded into y. No autograd or tensor
+// work happens in the workers.
+void gemm_amx(const QWeight& w, const at::Tensor& x2, at::Tensor& y, int64_t panel, int64_t panels) {
+  const int64_t M = x2.size(0), K = w.K, N = w.N;
+  const int64_t Kp = (K + 31) / 32 * 32, Mp = (M + 15) / 16 * 16;
+  std::vector<uint16_t> xp(Mp * Kp, 0);
+  const auto* xs = reinterpret_cast<const uint16_t*>(x2.const_data_ptr<c10::BFloat16>());
+  for (int64_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * Kp, xs + m * K, K * 2);
+  auto* ys = y.mutable_data_ptr<c10::BFloat16>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<c10::BFloat16> tile(panel * K);
+    std::vector<uint32_t> bp(panel / 16 * (Kp / 2) * 16);
+    std::vector<float> c(Mp * panel);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * panel, nn = std::min(panel, N - n0), np = (nn + 15) / 16;
+      dequant_isa<c10::BFloat16>(w, n0, n0 + nn, tile.data());
+      amx::pack_b(reinterpret_cast<const uint16_t*>(tile.data()), nn, K, Kp, bp.data());
+      amx::gemm_bf16(xp.data(), Kp, Mp, Kp, bp.data(), np, c.data(), np * 16);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < nn; ++n) ys[m * N + n0 + n] = static_cast<c10::BFloat16>(c[m * np * 16 + n]);
+    }
+  });
+}
+#endif
+
 at::Tensor forward_nograd(const QTensors& q, const at::Tensor& x_in) {
   auto x = x_in.contiguous();
   const int64_t M = x.numel() / q.K;
@@ -185,6 +225,12 @@ at::Tensor forward_nograd(const QTensors& q, const at::Tensor& x_in) {
   const int64_t panels = (q.N + panel - 1) / panel;
   auto x2 = x.view({M, q.K});
   const auto dt = x.scalar_type();
+#if defined(__x86_64__)
+  if (dt == at::kBFloat16 && amx_enabled()) {
+    gemm_amx(w, x2, y, panel, panels);
+    return y.view(shape);
+  }
+#endif
   // The caller's inference mode, for the worker threads (y is an inference tensor when the
   // caller is in inference mode, and only inference mode may write into one).
   const bool inference = c10::InferenceMode::is_enabled();
@@ -276,6 +322,31 @@ char* course_qlinear(int format, course_tensor input, course_tensor* tensors, do
     }
     *out = new at::Tensor(y);
   })
+}
+
+// Whether the bf16 GEMM runs on AMX tiles (1) or not (0), and why, into `why` (at most `cap`
+// bytes with the NUL). `enable` >= 0 first switches AMX on (1) or off (0) for this process (on
+// only takes where the CPU and the kernel allow it); -1 leaves it.
+int course_qmatmul_amx(int enable, char* why, int64_t cap) {
+#if defined(__x86_64__)
+  if (enable >= 0) course::amx_wanted.store(enable != 0);
+  std::string s = course::amx::describe();
+  if (course::amx::ready() && course::cpu_isa() != course::Isa::Avx512)
+    s = "off: ATen's CPU capability is below AVX-512 (ATEN_CPU_CAPABILITY)";
+  else if (!course::amx_wanted.load() && course::amx::ready())
+    s = "switched off by course_qmatmul_amx";
+  const int on = course::amx_enabled() ? 1 : 0;
+#else
+  (void)enable;
+  std::string s = "not on this CPU (not x86-64)";
+  const int on = 0;
+#endif
+  if (why && cap > 0) {
+    const size_t n = std::min<size_t>(s.size(), static_cast<size_t>(cap - 1));
+    std::memcpy(why, s.data(), n);
+    why[n] = 0;
+  }
+  return on;
 }
 
 // W decoded into a new (N, K) tensor; kind 0 float32, 1 bfloat16.

@@ -13,7 +13,8 @@
 //!
 //! [`qlinear`] runs on the CPU with fp32 or bf16 inputs (the output has the input's dtype, the
 //! sums are fp32). A few rows (decoding) go through a GEMV that decodes `W` in registers; more
-//! rows through tiles of `W` decoded once for all rows and ATen's GEMM. It is differentiable with
+//! rows through tiles of `W` decoded once for all rows and ATen's GEMM, or, for bf16 `x` on a CPU
+//! with AMX, our own AMX tile GEMM ([`amx`]). It is differentiable with
 //! respect to `x` only (the base of LoRA / QLoRA is frozen): the backward decodes `W` for one
 //! matmul and frees it, and the graph holds only the quantized bytes.
 
@@ -118,6 +119,28 @@ pub fn qlinear(x: &Tensor, w: &QTensors) -> Result<Tensor> {
         ffi::course_qlinear(w.format.id(), ffi::ptr(x), ptrs.as_ptr(), w.offset, w.n, w.k, &mut out)
     })?;
     Ok(ffi::take(out))
+}
+
+/// Whether [`qlinear`]'s bf16 GEMM (more than 4 rows of bf16 `x`) runs on AMX tiles in this
+/// process, and why: the CPU has AMX-TILE and AMX-BF16, Linux granted the tile state
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once, on first use), and
+/// neither `COURSE_AMX=0` nor [`set_amx`] turned it off. Elsewhere the AVX-512 path runs.
+pub fn amx() -> (bool, String) {
+    amx_call(-1)
+}
+
+/// Switches the AMX GEMM on or off for this process (on takes only where [`amx`] allows it);
+/// returns the state after the switch. The benchmark's A/B.
+pub fn set_amx(on: bool) -> (bool, String) {
+    amx_call(on as i32)
+}
+
+fn amx_call(enable: i32) -> (bool, String) {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer outlives the call and its length is passed; the callee NUL-terminates.
+    let on = unsafe { ffi::course_qmatmul_amx(enable, buf.as_mut_ptr().cast(), buf.len() as i64) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    (on != 0, String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
 /// `W` decoded by the kernels, `(n, k)` in fp32 or bf16.

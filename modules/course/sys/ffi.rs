@@ -78,6 +78,9 @@ extern "C" {
         k: i64,
         out: *mut CTensor,
     ) -> *mut c_char;
+    /// `enable`: 1 on, 0 off, -1 leave; returns whether the bf16 GEMM runs on AMX tiles and
+    /// writes why into `why` (NUL-terminated, at most `cap` bytes).
+    pub fn course_qmatmul_amx(enable: c_int, why: *mut c_char, cap: i64) -> c_int;
     pub fn course_qdequantize(
         format: c_int,
         tensors: *const CTensor,
