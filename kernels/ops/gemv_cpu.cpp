@@ -28,7 +28,8 @@ constexpr int64_t kMaxRows = 4;
 constexpr int64_t kRowsW = 4;
 // Software prefetch distance in rows of W. On the 2-core Zen 4, reading every weight of a
 // SmolLM2 token once from DRAM took 17-22 ms in bf16 without it and 13.6-15.6 ms with 8 rows
-// (examples of 3 interleaved runs; 4, 12, 16, 24, 32 and 64 rows were no better).
+// (examples of 3 interleaved runs; 4, 12, 16, 24, 32 and 64 rows were no better). Only where
+// nta_prefetch() says so (dispatch.h: they hurt on the Intel Xeon).
 constexpr int64_t kPrefetchRows = 8;
 
 // Two fp32 vectors (2 x VF::size() = 32 columns on AVX-512) of row `p` from column 0, n of them
@@ -56,6 +57,7 @@ inline float hsum(const VF& v) {
 template <typename T, int64_t M>
 void rows_block(const T* x, const T* w, T* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
   const int64_t n_end = n1;
+  const bool prefetch = nta_prefetch();
   constexpr int64_t L = VF::size(), S = 2 * L;
   // x as fp32 once per block, zero-padded to whole steps of S columns.
   const int64_t Kp = (K + S - 1) / S * S;
@@ -72,7 +74,7 @@ void rows_block(const T* x, const T* w, T* y, int64_t n0, int64_t n1, int64_t N,
       const int64_t len = std::min(S, K - k);
       VF wa[kRowsW], wb[kRowsW];
       for (int64_t r = 0; r < rows; ++r) load2(w + (n + r) * K + k, len, wa[r], wb[r]);
-      if (n + kPrefetchRows + kRowsW <= n_end) {
+      if (prefetch && n + kPrefetchRows + kRowsW <= n_end) {
         // The same columns kPrefetchRows rows on: the hardware prefetcher alone left the DRAM
         // stream at about 60 % of the two cores' read bandwidth.
         for (int64_t r = 0; r < kRowsW; ++r) {

@@ -35,7 +35,7 @@ using VF = Vectorized<float>;
 constexpr int64_t L = VF::size();
 
 constexpr int64_t kMaxRows = 4;       // rows of x per pass
-constexpr int64_t kPrefetchRows = 8;  // rows of W ahead (as in gemv_cpu.cpp)
+constexpr int64_t kPrefetchRows = 8;  // rows of W ahead, where nta_prefetch() (as in gemv_cpu.cpp)
 
 inline float half_to_float(const uint8_t* p) {
   uint16_t h;
@@ -430,9 +430,10 @@ void gemv_rows(const QWeight& w, const T* x, T* y, int64_t n0, int64_t n1) {
     }
   }
   const int64_t rs = row_size(w);
+  const bool prefetch = nta_prefetch();
   float out[M];
   for (int64_t n = n0; n < n1; ++n) {
-    if (n + kPrefetchRows < n1) {
+    if (prefetch && n + kPrefetchRows < n1) {
       const char* p = reinterpret_cast<const char*>(row_bytes(w, n + kPrefetchRows));
       for (int64_t b = 0; b < rs; b += 64) __builtin_prefetch(p + b, 0, 0);
     }
