@@ -77,6 +77,7 @@ struct QWeight {
   const float* code8;         // nf4: the 256-value code of the absmaxes
   const float* code16;        // nf4: the 16 NF4 values
   float offset;               // nf4: the absmaxes' mean
+  bool act8 = false;          // the GEMV may quantize x to int8 blocks (qmatmul_cpu.cpp, VNNI)
 };
 
 #if defined(__x86_64__)
@@ -127,6 +128,8 @@ void gemm_bf16(const uint16_t* a, int64_t lda, int64_t Mp, int64_t Kp, const uin
   void qgemv(const QWeight& w, const T* x, T* y, int64_t M);                                           \
   template <typename T>                                                                                \
   void qdequant_rows(const QWeight& w, int64_t n0, int64_t n1, T* out);                                \
+  /* whether qgemv takes the int8-activation (VNNI) path for w when w.act8 is set */                  \
+  bool qgemv_act8_supported(const QWeight& w);                                                         \
   }
 
 COURSE_DECLARE_CPU_KERNELS(DEFAULT)

@@ -10,7 +10,10 @@ mod common;
 use common::run_under_every_cpu_variant;
 use course::io::gguf::GgufFile;
 use course::nn::quant::{ggml_weight, Int8Weight, Nf4Weight};
-use course::ops::qmatmul::{qdequantize, qdequantize_reference, qlinear, qlinear_reference, QFormat, QTensors};
+use course::ops::qmatmul::{
+    int8_activations_supported, qdequantize, qdequantize_reference, qlinear, qlinear_int8_activations,
+    qlinear_int8_activations_reference, qlinear_reference, QFormat, QTensors,
+};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -167,9 +170,44 @@ fn bad_arguments_are_clear_errors() {
     assert!(m.contains("absmax_q is missing"), "{m}");
 }
 
+/// The GEMV with int8 activations (VNNI) against its reference (x quantized in tch as the kernel
+/// does, W decoded, fp32 matmul): odd and even block counts per row (the 256-bit last block),
+/// 1-4 rows, fp32 and bf16 x. Where the path does not apply (no VNNI, a cap below AVX-512, a
+/// K off the blocks, more than 4 rows) it must be qlinear exactly.
+#[test]
+fn int8_activations_equal_their_reference() {
+    tch::manual_seed(3);
+    for (n, k) in [(24, 64), (37, 96), (16, 576), (70, 1536), (9, 128), (300, 192), (5, 40)] {
+        for w in weights(n, k) {
+            let on = int8_activations_supported(w.format, k);
+            for rows in [1, 2, 3, 4, 7] {
+                let x = Tensor::randn([rows, k], cpu(Kind::Float));
+                let got = qlinear_int8_activations(&x, &w).unwrap();
+                if on && rows <= 4 {
+                    let want = qlinear_int8_activations_reference(&x, &w).unwrap();
+                    let e = max_rel(&got, &want);
+                    assert!(e < 1e-5, "{} ({n}, {k}) rows {rows}: differs from its reference by {e}", w.format.name());
+                    // The int8 rounding of x moves the result by about 1 % of its scale, not more.
+                    let e = max_rel(&got, &qlinear_reference(&x, &w).unwrap());
+                    assert!(e > 1e-7 && e < 3e-2, "{} ({n}, {k}) rows {rows}: {e} from the fp32 reference", w.format.name());
+                    let xb = x.to_kind(Kind::BFloat16);
+                    let gb = qlinear_int8_activations(&xb, &w).unwrap();
+                    assert_eq!(gb.kind(), Kind::BFloat16);
+                    let e = max_rel(&gb, &qlinear_int8_activations_reference(&xb, &w).unwrap());
+                    assert!(e < 1e-2, "{} ({n}, {k}) rows {rows}: bf16 differs by {e}", w.format.name());
+                } else {
+                    let e = max_rel(&got, &qlinear(&x, &w).unwrap());
+                    assert!(e == 0.0, "{} ({n}, {k}) rows {rows}: off the int8 path but {e} from qlinear", w.format.name());
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn every_cpu_variant_gives_the_same_values() {
     run_under_every_cpu_variant(&[
+        "int8_activations_equal_their_reference",
         "decoding_equals_the_reference_in_every_format",
         "qlinear_equals_the_reference_for_every_row_count_and_dtype",
         "the_backward_to_the_input_equals_the_references_autograd",

@@ -54,6 +54,7 @@ struct QTensors {
   int64_t N, K;
   at::Tensor data, scale, absmax_q, code8, code16;
   double offset;
+  bool act8 = false;  // the GEMV may quantize x to int8 blocks (qlinear_int8_activations)
 };
 
 void check_tensor(const char* fmt, const char* what, const at::Tensor& t, at::ScalarType dt, int64_t numel,
@@ -112,6 +113,7 @@ QWeight raw(const QTensors& q) {
   if (q.code8.defined()) w.code8 = q.code8.const_data_ptr<float>();
   if (q.code16.defined()) w.code16 = q.code16.const_data_ptr<float>();
   w.offset = static_cast<float>(q.offset);
+  w.act8 = q.act8;
   return w;
 }
 
@@ -119,6 +121,7 @@ template <typename T>
 void gemv_isa(const QWeight& w, const T* x, T* y, int64_t M) {
   COURSE_ISA_CALL(qgemv<T>, w, x, y, M)
 }
+bool act8_isa(const QWeight& w) { COURSE_ISA_CALL(qgemv_act8_supported, w) }
 template <typename T>
 void dequant_isa(const QWeight& w, int64_t n0, int64_t n1, T* out) {
   COURSE_ISA_CALL(qdequant_rows<T>, w, n0, n1, out)
@@ -291,10 +294,15 @@ struct QLinearFunction : public torch::autograd::Function<QLinearFunction> {
 // empty ones and come back undefined in the backward.
 at::Tensor placeholder(const at::Tensor& t) { return t.defined() ? t : at::empty({0}); }
 
+// format: the id (0 int8, 1 nf4, 2 q4_1, 3 q8_0), plus kAct8 for int8 activations in the GEMV.
+constexpr int kAct8 = 0x100;
+
 QTensors from_abi(int format, course_tensor* t, double offset, int64_t N, int64_t K) {
+  const bool act8 = format & kAct8;
+  format &= ~kAct8;
   TORCH_CHECK(format >= 0 && format <= 3, "qlinear: unknown format id ", format, " (0 int8, 1 nf4, 2 q4_1, 3 q8_0)");
   auto get = [&](int i) { return t[i] ? *static_cast<at::Tensor*>(t[i]) : at::Tensor(); };
-  QTensors q{static_cast<QFormat>(format), N, K, get(0), get(1), get(2), get(3), get(4), offset};
+  QTensors q{static_cast<QFormat>(format), N, K, get(0), get(1), get(2), get(3), get(4), offset, act8};
   check_weight(q);
   return q;
 }
@@ -347,6 +355,15 @@ int course_qmatmul_amx(int enable, char* why, int64_t cap) {
     why[n] = 0;
   }
   return on;
+}
+
+// Whether the GEMV (at most 4 rows of x) of a weight of this format (id) and in_features K takes
+// the int8-activation path when asked (AVX-512 VNNI; K % 32 == 0, NF4 K % 64 == 0): 1 or 0.
+int course_qgemv_int8_activations(int format, int64_t K) {
+  course::QWeight w{};
+  w.format = static_cast<course::QFormat>(format & 0xFF);
+  w.K = K;
+  return format >= 0 && (format & 0xFF) <= 3 && course::act8_isa(w) ? 1 : 0;
 }
 
 // W decoded into a new (N, K) tensor; kind 0 float32, 1 bfloat16.

@@ -18,10 +18,13 @@
 #include <c10/util/Half.h>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -266,8 +269,277 @@ void row_dot_nf4(const QWeight& w, int64_t n, const XRows<M>& x, float* out) {
   for (int64_t m = 0; m < M; ++m)
     out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
 }
+
+// ---- int8 activations (llama.cpp's route, opt-in through QWeight::act8): each row of x is
+// quantized to int8 in blocks (32 numbers for ggml's formats, 64 for NF4: a scale d = absmax /
+// 127 and the block's sum s of q), and each block of W meets its block of x in VPDPBUSD, which
+// multiplies 64 unsigned by 64 signed bytes and adds them in fours into 16 int32 lanes: one
+// instruction for what the fp32 path does in eight. The weights enter as unsigned bytes: Q4_1's
+// nibbles as they are (0..15); Q8_0's int8 plus 128 (one xor), NF4's 16 code values as
+// round(127 c) + 128 through a byte shuffle; the 128 comes back out as 128 s per block. So
+//   Q4_1: d_w d_x sum(q_w q_x) + m_w d_x s;   Q8_0: d_w d_x (sum(u_w q_x) - 128 s);
+//   NF4:  (a / 127) d_x (sum(u_w q_x) - 128 s).
+// A step takes two blocks (Q4_1, Q8_0: 64 numbers; NF4: 128) in one 512-bit register, x laid out
+// to match the order the weight bytes come apart in; a row's last block, when the count is odd,
+// goes through 256-bit registers. Needs AVX-512 VNNI (cpuid), K % 32 == 0 (NF4: K % 64 == 0).
+#define COURSE_VNNI __attribute__((target("avx512vnni")))
+
+inline bool cpu_has_vnni() {
+  static const bool v = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((c >> 11) & 1);
+  }();
+  return v;
+}
+
+// One row of x quantized, in the order of the row kernel's steps.
+struct XQ {
+  std::vector<int8_t> q;   // K numbers
+  std::vector<float> dv;   // per full step, 16 lanes: d_x of the block each int32 lane sums
+  std::vector<float> d;    // per block: d_x
+  std::vector<float> ds;   // per block: d_x s
+};
+
+// The kernel's quantizer (the reference in ops/qmatmul.rs does the same in tch): d = absmax /
+// 127, q = round-half-even(x / d), 0 where the block is all zeros.
+void quantize_x(const float* x, int64_t K, QFormat f, XQ& o) {
+  const int64_t B = f == QFormat::Nf4 ? 64 : 32, nb = K / B;
+  std::vector<int8_t> nat(K);
+  o.q.resize(K);
+  o.d.resize(nb);
+  o.ds.resize(nb);
+  for (int64_t b = 0; b < nb; ++b) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < B; ++i) amax = std::max(amax, std::fabs(x[b * B + i]));
+    const float d = amax / 127.f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < B; ++i) {
+      const int32_t q = d > 0.f ? static_cast<int32_t>(std::nearbyint(x[b * B + i] / d)) : 0;
+      nat[b * B + i] = static_cast<int8_t>(std::max(-127, std::min(127, q)));
+      sum += nat[b * B + i];
+    }
+    o.d[b] = d;
+    o.ds[b] = d * static_cast<float>(sum);
+  }
+  // Steps of two blocks; lanes of block b+1 under the mask (Q4_1: int32 lanes 4-7 and 12-15;
+  // Q8_0, NF4: 8-15).
+  const uint32_t mask = f == QFormat::Q4_1 ? 0xF0F0u : 0xFF00u;
+  o.dv.assign(nb / 2 * 16, 0.f);
+  for (int64_t b = 0; b + 2 <= nb; b += 2) {
+    for (int l = 0; l < 16; ++l) o.dv[b / 2 * 16 + l] = o.d[b + ((mask >> l) & 1)];
+    const int8_t* q0 = nat.data() + b * B;
+    const int8_t* q1 = q0 + B;
+    int8_t* out = o.q.data() + b * B;
+    if (f == QFormat::Q4_1) {  // [q0 0-15 | q1 0-15 | q0 16-31 | q1 16-31]: low nibbles, then high
+      std::memcpy(out, q0, 16);
+      std::memcpy(out + 16, q1, 16);
+      std::memcpy(out + 32, q0 + 16, 16);
+      std::memcpy(out + 48, q1 + 16, 16);
+    } else if (f == QFormat::Nf4) {  // [q0 even | q1 even | q0 odd | q1 odd]: high nibbles, then low
+      for (int i = 0; i < 32; ++i) {
+        out[i] = q0[2 * i];
+        out[32 + i] = q1[2 * i];
+        out[64 + i] = q0[2 * i + 1];
+        out[96 + i] = q1[2 * i + 1];
+      }
+    } else {
+      std::memcpy(out, q0, 2 * B);
+    }
+  }
+  if (nb % 2) {  // the last block alone: natural order (Q4_1, Q8_0), [even | odd] (NF4)
+    const int64_t b = nb - 1;
+    const int8_t* q0 = nat.data() + b * B;
+    int8_t* out = o.q.data() + b * B;
+    if (f == QFormat::Nf4) {
+      for (int i = 0; i < 32; ++i) {
+        out[i] = q0[2 * i];
+        out[32 + i] = q0[2 * i + 1];
+      }
+    } else {
+      std::memcpy(out, q0, B);
+    }
+  }
+}
+
+inline float hsum256(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehdup_ps(s));  // s0 + s1, ., s2 + s3, .
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)));
+}
+
+template <int64_t M>
+COURSE_VNNI void row_dot_q4_1_vnni(const uint8_t* r, int64_t K, const XQ* x, float* out) {
+  const int64_t nb = K / 32;
+  __m512 acc[M][2];
+  float corr[M];
+  for (int64_t m = 0; m < M; ++m) {
+    acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    corr[m] = 0.f;
+  }
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2, r += 40) {
+    const __m256i v = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 4))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 24)), 1);
+    const __m512i w = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), m4);
+    const float d0 = half_to_float(r), m0 = half_to_float(r + 2), d1 = half_to_float(r + 20),
+                m1 = half_to_float(r + 22);
+    const __m512 dw = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+    const int u = (b >> 1) & 1;
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x[m].q.data() + b * 32));
+      acc[m][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].dv.data() + b / 2 * 16)),
+                                  acc[m][u]);
+      corr[m] += m0 * x[m].ds[b] + m1 * x[m].ds[b + 1];
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + corr[m];
+  if (b < nb) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 4));
+    const __m256i w = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1),
+                                       _mm256_set1_epi8(0x0F));
+    const float d0 = half_to_float(r), m0 = half_to_float(r + 2);
+    for (int64_t m = 0; m < M; ++m) {
+      const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
+                                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q.data() + b * 32)));
+      out[m] += d0 * x[m].d[b] * hsum256(_mm256_cvtepi32_ps(dot)) + m0 * x[m].ds[b];
+    }
+  }
+}
+
+template <int64_t M>
+COURSE_VNNI void row_dot_q8_0_vnni(const uint8_t* r, int64_t K, const XQ* x, float* out) {
+  const int64_t nb = K / 32;
+  __m512 acc[M][2];
+  float corr[M];
+  for (int64_t m = 0; m < M; ++m) {
+    acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    corr[m] = 0.f;
+  }
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2, r += 68) {
+    const __m512i w = _mm512_xor_si512(
+        _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 2))),
+                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 36)), 1),
+        bias);
+    const float d0 = half_to_float(r), d1 = half_to_float(r + 34);
+    const __m512 dw = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+    const int u = (b >> 1) & 1;
+    for (int64_t m = 0; m < M; ++m) {
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x[m].q.data() + b * 32));
+      acc[m][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].dv.data() + b / 2 * 16)),
+                                  acc[m][u]);
+      corr[m] -= 128.f * (d0 * x[m].ds[b] + d1 * x[m].ds[b + 1]);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + corr[m];
+  if (b < nb) {
+    const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 2)),
+                                       _mm256_set1_epi8(static_cast<char>(0x80)));
+    const float d0 = half_to_float(r);
+    for (int64_t m = 0; m < M; ++m) {
+      const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
+                                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q.data() + b * 32)));
+      out[m] += d0 * x[m].d[b] * hsum256(_mm256_cvtepi32_ps(dot)) - 128.f * d0 * x[m].ds[b];
+    }
+  }
+}
+
+// NF4 (K % 64 == 0, so a row holds whole blocks): the code as bytes, round(127 c) + 128.
+inline __m512i nf4_code_bytes(const float* code16) {
+  alignas(16) uint8_t t[16];
+  for (int i = 0; i < 16; ++i) t[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(127.f * code16[i])) + 128);
+  return _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
+}
+
+template <int64_t M>
+COURSE_VNNI void row_dot_nf4_vnni(const QWeight& w, int64_t n, const __m512i lut, const XQ* x, float* out) {
+  const int64_t K = w.K, nb = K / 64, b0 = n * nb;  // b0: the row's first block
+  const uint8_t* p = w.data + n * K / 2;
+  __m512 acc[M][2];
+  float corr[M];
+  for (int64_t m = 0; m < M; ++m) {
+    acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    corr[m] = 0.f;
+  }
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  int64_t j = 0;
+  for (; j + 2 <= nb; j += 2, p += 64) {
+    const __m512i bytes = _mm512_loadu_si512(p);
+    const __m512i wh = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4));
+    const __m512i wl = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, m4));
+    const float a0 = nf4_absmax(w, b0 + j) / 127.f, a1 = nf4_absmax(w, b0 + j + 1) / 127.f;
+    const __m512 sw = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a0), _mm512_set1_ps(a1));
+    const int u = (j >> 1) & 1;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xq = x[m].q.data() + j * 64;
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wh, _mm512_loadu_si512(xq)), wl,
+                                              _mm512_loadu_si512(xq + 64));
+      acc[m][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, _mm512_loadu_ps(x[m].dv.data() + j / 2 * 16)),
+                                  acc[m][u]);
+      corr[m] -= 128.f * (a0 * x[m].ds[j] + a1 * x[m].ds[j + 1]);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + corr[m];
+  if (j < nb) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i lut2 = _mm512_castsi512_si256(lut), m4y = _mm256_set1_epi8(0x0F);
+    const __m256i wh = _mm256_shuffle_epi8(lut2, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4y));
+    const __m256i wl = _mm256_shuffle_epi8(lut2, _mm256_and_si256(bytes, m4y));
+    const float a0 = nf4_absmax(w, b0 + j) / 127.f;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xq = x[m].q.data() + j * 64;
+      const __m256i dot = _mm256_dpbusd_epi32(
+          _mm256_dpbusd_epi32(_mm256_setzero_si256(), wh, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))), wl,
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
+      out[m] += a0 * x[m].d[j] * hsum256(_mm256_cvtepi32_ps(dot)) - 128.f * a0 * x[m].ds[j];
+    }
+  }
+}
+
+bool act8_ok(const QWeight& w) {
+  if (!cpu_has_vnni()) return false;
+  switch (w.format) {
+    case QFormat::Q4_1:
+    case QFormat::Q8_0: return w.K % 32 == 0;
+    case QFormat::Nf4: return w.K % 64 == 0;
+    default: return false;
+  }
+}
+
+template <typename T, int64_t M>
+void gemv_rows_act8(const QWeight& w, const T* x, T* y, int64_t n0, int64_t n1) {
+  const int64_t K = w.K, N = w.N;
+  XQ xq[M];
+  std::vector<float> xf(K);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(x[m * K + k]);
+    quantize_x(xf.data(), K, w.format, xq[m]);
+  }
+  const __m512i lut = w.format == QFormat::Nf4 ? nf4_code_bytes(w.code16) : _mm512_setzero_si512();
+  const int64_t rs = row_size(w);
+  const bool prefetch = nta_prefetch();
+  float out[M];
+  for (int64_t n = n0; n < n1; ++n) {
+    if (prefetch && n + kPrefetchRows < n1) {
+      const char* p = reinterpret_cast<const char*>(row_bytes(w, n + kPrefetchRows));
+      for (int64_t b = 0; b < rs; b += 64) __builtin_prefetch(p + b, 0, 0);
+    }
+    switch (w.format) {
+      case QFormat::Q4_1: row_dot_q4_1_vnni<M>(row_bytes(w, n), K, xq, out); break;
+      case QFormat::Q8_0: row_dot_q8_0_vnni<M>(row_bytes(w, n), K, xq, out); break;
+      default: row_dot_nf4_vnni<M>(w, n, lut, xq, out); break;
+    }
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<T>(out[m]);
+  }
+}
 #else
 constexpr bool kWide = false;
+bool act8_ok(const QWeight&) { return false; }
+template <typename T, int64_t M>
+void gemv_rows_act8(const QWeight&, const T*, T*, int64_t, int64_t) {}
 #endif
 
 // out[m] = x[m] . W[n] for M rows of x (fp32, each K long).
@@ -442,13 +714,25 @@ void gemv_rows(const QWeight& w, const T* x, T* y, int64_t n0, int64_t n1) {
   }
 }
 
+bool qgemv_act8_supported(const QWeight& w) { return act8_ok(w); }
+
 template <typename T>
 void qgemv(const QWeight& w, const T* x, T* y, int64_t M) {
+  const bool act8 = w.act8 && act8_ok(w);
   at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t mm = std::min(kMaxRows, M - m0);
       const T* xm = x + m0 * w.K;
       T* ym = y + m0 * w.N;
+      if (act8) {
+        switch (mm) {
+          case 1: gemv_rows_act8<T, 1>(w, xm, ym, n0, n1); break;
+          case 2: gemv_rows_act8<T, 2>(w, xm, ym, n0, n1); break;
+          case 3: gemv_rows_act8<T, 3>(w, xm, ym, n0, n1); break;
+          default: gemv_rows_act8<T, 4>(w, xm, ym, n0, n1); break;
+        }
+        continue;
+      }
       switch (mm) {
         case 1: gemv_rows<T, 1>(w, xm, ym, n0, n1); break;
         case 2: gemv_rows<T, 2>(w, xm, ym, n0, n1); break;

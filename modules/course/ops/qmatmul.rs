@@ -112,12 +112,14 @@ impl QTensors {
 /// # Shapes
 /// `x`: `(..., k)` -> `(..., n)`
 pub fn qlinear(x: &Tensor, w: &QTensors) -> Result<Tensor> {
+    qlinear_id(x, w, w.format.id())
+}
+
+fn qlinear_id(x: &Tensor, w: &QTensors, id: i32) -> Result<Tensor> {
     let ptrs = w.ptrs();
     let mut out = std::ptr::null_mut();
     // SAFETY: live tch tensors (or nulls) for the duration of the call; the array outlives it.
-    ffi::check(unsafe {
-        ffi::course_qlinear(w.format.id(), ffi::ptr(x), ptrs.as_ptr(), w.offset, w.n, w.k, &mut out)
-    })?;
+    ffi::check(unsafe { ffi::course_qlinear(id, ffi::ptr(x), ptrs.as_ptr(), w.offset, w.n, w.k, &mut out) })?;
     Ok(ffi::take(out))
 }
 
@@ -141,6 +143,49 @@ fn amx_call(enable: i32) -> (bool, String) {
     let on = unsafe { ffi::course_qmatmul_amx(enable, buf.as_mut_ptr().cast(), buf.len() as i64) };
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     (on != 0, String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+/// [`qlinear`] with int8 activations in the GEMV (at most 4 rows of `x`: decoding), llama.cpp's
+/// route: each row of `x` is quantized to int8 in blocks (32 numbers for Q4_1 and Q8_0, 64 for
+/// NF4; scale absmax / 127, round half to even) and meets `W` in AVX-512 VNNI byte dot products;
+/// NF4's code values enter as `round(127 c) / 127`. [`qlinear_int8_activations_reference`] is
+/// its reference. Where [`int8_activations_supported`] says no (another format, another CPU,
+/// more rows), this is [`qlinear`] exactly.
+pub fn qlinear_int8_activations(x: &Tensor, w: &QTensors) -> Result<Tensor> {
+    qlinear_id(x, w, w.format.id() | 0x100)
+}
+
+/// Whether [`qlinear_int8_activations`] quantizes `x` for a weight of this format and `k`:
+/// Q4_1 and Q8_0 with `k % 32 == 0`, NF4 with `k % 64 == 0`, on a CPU with AVX-512 VNNI (and
+/// ATen's capability at AVX-512).
+pub fn int8_activations_supported(format: QFormat, k: i64) -> bool {
+    // SAFETY: plain values in and out.
+    unsafe { ffi::course_qgemv_int8_activations(format.id(), k) != 0 }
+}
+
+/// Reference for [`qlinear_int8_activations`] where it applies: `x` quantized in tch as the
+/// kernel does it, `W` decoded by [`qdequantize_reference`] (NF4 with its code rounded to
+/// 127ths), then a matmul in fp32.
+pub fn qlinear_int8_activations_reference(x: &Tensor, w: &QTensors) -> Result<Tensor> {
+    let block = if w.format == QFormat::Nf4 { 64 } else { 32 };
+    if w.k % block != 0 || w.format == QFormat::Int8 {
+        bail!("int8 activations: {} with in_features {} has no int8-activation path", w.format.name(), w.k);
+    }
+    let xf = x.to_kind(Kind::Float);
+    let mut shape = xf.size();
+    let k = w.k;
+    let blocks = xf.reshape([-1, k / block, block]);
+    let d = blocks.abs().amax([2], true) / 127.0;
+    let q = (&blocks / d.clamp_min(f32::MIN_POSITIVE as f64)).round().clamp(-127, 127);
+    let xq = (q * &d).reshape([-1, k]);
+    let mut wr = w.shallow_clone();
+    if w.format == QFormat::Nf4 {
+        let code = w.code16.as_ref().map(|c| (c * 127.0).round() / 127.0);
+        wr.code16 = code;
+    }
+    shape.pop();
+    shape.push(w.n);
+    Ok(xq.matmul(&qdequantize_reference(&wr)?.tr()).reshape(shape.as_slice()).to_kind(x.kind()))
 }
 
 /// `W` decoded by the kernels, `(n, k)` in fp32 or bf16.

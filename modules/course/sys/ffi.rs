@@ -81,6 +81,8 @@ extern "C" {
     /// `enable`: 1 on, 0 off, -1 leave; returns whether the bf16 GEMM runs on AMX tiles and
     /// writes why into `why` (NUL-terminated, at most `cap` bytes).
     pub fn course_qmatmul_amx(enable: c_int, why: *mut c_char, cap: i64) -> c_int;
+    /// 1 where the GEMV of a weight of this format id and in_features takes the int8-activation path.
+    pub fn course_qgemv_int8_activations(format: c_int, k: i64) -> c_int;
     pub fn course_qdequantize(
         format: c_int,
         tensors: *const CTensor,
