@@ -1,8 +1,10 @@
 //! Benchmark (not a test): the quantized-weight kernels (`course::ops::qlinear`) against fp32
 //! (tch's `linear`, MKL) and torch's own quantized CPU ops (`_weight_int8pack_mm`, int8 per
 //! row; `_weight_int4pack_mm_for_cpu`, 4-bit with a scale and zero per group of 32), at 4096 x
-//! 4096 and at SmolLM2-135M's shapes. One token (M = 1, decoding: bound by reading W) and a
-//! prefill of 128 tokens (the GEMM path) at one shape.
+//! 4096 and at SmolLM2-135M's shapes. One token (M = 1, decoding: bound by reading W), also with
+//! int8 activations ("x8": VNNI byte dot products, where the CPU has them); a prefill of 128
+//! tokens and a training batch of 1,536 (the GEMM path), also with bf16 x through torch's bf16
+//! linear and our kernels with the AMX tiles on and off.
 //!
 //! `cargo bench --bench qmatmul [-- --rounds N] [-- --threads N]`
 //!
@@ -14,13 +16,22 @@
 use anyhow::Result;
 mod benchkit;
 use course::nn::quant::{ggml_weight, Int8Weight, Nf4Weight};
-use course::ops::qmatmul::{amx, qlinear, set_amx, QFormat, QTensors};
+use course::ops::qmatmul::{
+    amx, int8_activations_supported, qlinear, qlinear_int8_activations, set_amx, QFormat, QTensors,
+};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// (M rows of x, K in, N out).
-const SHAPES: &[(i64, i64, i64)] =
-    &[(1, 4096, 4096), (1, 576, 576), (1, 576, 1536), (1, 1536, 576), (1, 576, 49152), (128, 576, 1536), (1536, 576, 1536)];
+const SHAPES: &[(i64, i64, i64)] = &[
+    (1, 4096, 4096),
+    (1, 576, 576),
+    (1, 576, 1536),
+    (1, 1536, 576),
+    (1, 576, 49152),
+    (128, 576, 1536),
+    (1536, 576, 1536),
+];
 
 fn time_ms(mut f: impl FnMut()) -> f64 {
     // About 40 ms per timed group, at least 3 calls.
@@ -107,6 +118,19 @@ fn contenders(m: i64, k: i64, n: i64) -> Vec<Contender> {
         if gemm && (name.starts_with("int8") || name.starts_with("q4_1")) {
             bf16_contenders(&mut out, name, &x, &w, &q);
         }
+        if !gemm && int8_activations_supported(q.format, k) {
+            let (x, q) = (x.shallow_clone(), q.shallow_clone());
+            let label = match q.format {
+                QFormat::Q4_1 => "q4_1 x8 ours",
+                QFormat::Q8_0 => "q8_0 x8 ours",
+                _ => "nf4 x8 ours",
+            };
+            out.push(Contender {
+                name: label,
+                bytes: q.bytes(),
+                run: Box::new(move || drop(qlinear_int8_activations(&x, &q).unwrap())),
+            });
+        }
         let x = x.shallow_clone();
         out.push(Contender { name, bytes: q.bytes(), run: Box::new(move || drop(qlinear(&x, &q).unwrap())) });
     }
@@ -117,9 +141,6 @@ fn contenders(m: i64, k: i64, n: i64) -> Vec<Contender> {
 /// through our kernels with the AMX tiles on and off (where the CPU has none, both run the
 /// AVX-512 panels + ATen path).
 fn bf16_contenders(out: &mut Vec<Contender>, name: &'static str, x: &Tensor, w: &Tensor, q: &QTensors) {
-    if x.size()[0] <= 4 {
-        return;
-    }
     let xb = x.to_kind(Kind::BFloat16);
     if name.starts_with("int8") {
         let (xb, wb) = (xb.shallow_clone(), w.to_kind(Kind::BFloat16));
@@ -162,7 +183,7 @@ fn main() -> Result<()> {
         b.threads,
         course::sys::runtime::versions().cpu_capability
     );
-    println!("AMX GEMM: {}\n", amx().1);
+    println!("AMX GEMM: {} (the bench switches it per contender)\n", amx().1);
     println!(
         "{:>18} {:>15} {:>10} {:>9} {:>8} {:>7}   (medians of {rounds} rounds)",
         "M x K -> N", "contender", "ms/call", "GB/s", "% roof", "x f32"

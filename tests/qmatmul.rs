@@ -189,7 +189,11 @@ fn int8_activations_equal_their_reference() {
                     assert!(e < 1e-5, "{} ({n}, {k}) rows {rows}: differs from its reference by {e}", w.format.name());
                     // The int8 rounding of x moves the result by about 1 % of its scale, not more.
                     let e = max_rel(&got, &qlinear_reference(&x, &w).unwrap());
-                    assert!(e > 1e-7 && e < 3e-2, "{} ({n}, {k}) rows {rows}: {e} from the fp32 reference", w.format.name());
+                    assert!(
+                        e > 1e-7 && e < 3e-2,
+                        "{} ({n}, {k}) rows {rows}: {e} from the fp32 reference",
+                        w.format.name()
+                    );
                     let xb = x.to_kind(Kind::BFloat16);
                     let gb = qlinear_int8_activations(&xb, &w).unwrap();
                     assert_eq!(gb.kind(), Kind::BFloat16);
@@ -197,7 +201,11 @@ fn int8_activations_equal_their_reference() {
                     assert!(e < 1e-2, "{} ({n}, {k}) rows {rows}: bf16 differs by {e}", w.format.name());
                 } else {
                     let e = max_rel(&got, &qlinear(&x, &w).unwrap());
-                    assert!(e == 0.0, "{} ({n}, {k}) rows {rows}: off the int8 path but {e} from qlinear", w.format.name());
+                    assert!(
+                        e == 0.0,
+                        "{} ({n}, {k}) rows {rows}: off the int8 path but {e} from qlinear",
+                        w.format.name()
+                    );
                 }
             }
         }
@@ -229,10 +237,10 @@ fn the_gemm_path_runs_under_inference_mode() {
 }
 
 /// The AMX GEMM (bf16, more than 4 rows) in a fresh process, as the tile state must be asked of
-/// Linux before any thread touches a tile: a child runs `amx_child` with AMX allowed and with
-/// `COURSE_AMX=0`. Where /proc/cpuinfo lists amx_tile and amx_bf16, the first child must take the
-/// AMX path; elsewhere, and under COURSE_AMX=0 everywhere, both must fall back and say why. Both
-/// hold the values to the reference.
+/// Linux before any thread touches a tile: a child runs `amx_child` with `COURSE_AMX=1` and one
+/// with `COURSE_AMX=0`. Where /proc/cpuinfo lists amx_tile and amx_bf16, the first child must take
+/// the AMX path; elsewhere, and under COURSE_AMX=0 everywhere, both must fall back and say why.
+/// Both hold the values to the reference.
 #[test]
 fn the_amx_gemm_runs_in_a_fresh_process_or_falls_back_cleanly() {
     let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -241,11 +249,7 @@ fn the_amx_gemm_runs_in_a_fresh_process_or_falls_back_cleanly() {
     for off in [false, true] {
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
         cmd.args(["--exact", "amx_child", "--ignored", "--nocapture"]).env_remove("ATEN_CPU_CAPABILITY");
-        if off {
-            cmd.env("COURSE_AMX", "0");
-        } else {
-            cmd.env_remove("COURSE_AMX");
-        }
+        cmd.env("COURSE_AMX", if off { "0" } else { "1" });
         let out = cmd.output().unwrap();
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success() && text.contains("1 passed"), "COURSE_AMX off={off}:\n{text}");

@@ -162,9 +162,15 @@ at::Tensor dequantize(const QTensors& q, at::ScalarType dt) {
 }
 
 #if defined(__x86_64__)
-// The AMX GEMM is used where amx::ready() and not switched off by course_qmatmul_set_amx (the
-// benchmark's A/B switch).
-std::atomic<bool> amx_wanted{true};
+// The AMX GEMM is opt-in: COURSE_AMX=1, or course_qmatmul_amx(1) (the benchmark's A/B switch).
+// On the Intel Xeon it measured slower than the default path, whose ATen bf16 GEMM (oneDNN) runs
+// on AMX tiles itself: 0.90 against 0.63 ms for 128 x 576 -> 1536 (benches/qmatmul.rs), as our
+// decode-and-pack of W is not yet vectorised.
+bool amx_default() {
+  const char* e = std::getenv("COURSE_AMX");
+  return e && std::strcmp(e, "1") == 0;
+}
+std::atomic<bool> amx_wanted{amx_default()};
 // A cap below AVX-512 (ATEN_CPU_CAPABILITY) keeps the tiles off too.
 bool amx_enabled() {
   return amx_wanted.load(std::memory_order_relaxed) && cpu_isa() == Isa::Avx512 && amx::ready();
@@ -334,7 +340,8 @@ char* course_qlinear(int format, course_tensor input, course_tensor* tensors, do
 
 // Whether the bf16 GEMM runs on AMX tiles (1) or not (0), and why, into `why` (at most `cap`
 // bytes with the NUL). `enable` >= 0 first switches AMX on (1) or off (0) for this process (on
-// only takes where the CPU and the kernel allow it); -1 leaves it.
+// only takes where the CPU and the kernel allow it); -1 leaves it. Asking (any `enable`) makes
+// the one arch_prctl request for the tile state.
 int course_qmatmul_amx(int enable, char* why, int64_t cap) {
 #if defined(__x86_64__)
   if (enable >= 0) course::amx_wanted.store(enable != 0);
@@ -342,7 +349,7 @@ int course_qmatmul_amx(int enable, char* why, int64_t cap) {
   if (course::amx::ready() && course::cpu_isa() != course::Isa::Avx512)
     s = "off: ATen's CPU capability is below AVX-512 (ATEN_CPU_CAPABILITY)";
   else if (!course::amx_wanted.load() && course::amx::ready())
-    s = "switched off by course_qmatmul_amx";
+    s = "available, off (opt-in: COURSE_AMX=1 or set_amx(true))";
   const int on = course::amx_enabled() ? 1 : 0;
 #else
   (void)enable;

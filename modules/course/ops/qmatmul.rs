@@ -14,7 +14,7 @@
 //! [`qlinear`] runs on the CPU with fp32 or bf16 inputs (the output has the input's dtype, the
 //! sums are fp32). A few rows (decoding) go through a GEMV that decodes `W` in registers; more
 //! rows through tiles of `W` decoded once for all rows and ATen's GEMM, or, for bf16 `x` on a CPU
-//! with AMX, our own AMX tile GEMM ([`amx`]). It is differentiable with
+//! with AMX and when asked for, our own AMX tile GEMM ([`amx`]). It is differentiable with
 //! respect to `x` only (the base of LoRA / QLoRA is frozen): the backward decodes `W` for one
 //! matmul and frees it, and the graph holds only the quantized bytes.
 
@@ -123,10 +123,12 @@ fn qlinear_id(x: &Tensor, w: &QTensors, id: i32) -> Result<Tensor> {
     Ok(ffi::take(out))
 }
 
-/// Whether [`qlinear`]'s bf16 GEMM (more than 4 rows of bf16 `x`) runs on AMX tiles in this
-/// process, and why: the CPU has AMX-TILE and AMX-BF16, Linux granted the tile state
-/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once, on first use), and
-/// neither `COURSE_AMX=0` nor [`set_amx`] turned it off. Elsewhere the AVX-512 path runs.
+/// Whether [`qlinear`]'s bf16 GEMM (more than 4 rows of bf16 `x`) runs on our AMX tiles in this
+/// process, and why. It is opt-in (`COURSE_AMX=1` or [`set_amx`]): on the Intel Xeon the default
+/// path, `W` decoded in panels for ATen's bf16 GEMM (oneDNN, on AMX itself), measured faster.
+/// It takes where the CPU has AMX-TILE and AMX-BF16 and Linux granted the tile state
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once, by this call or the
+/// first use); `COURSE_AMX=0` refuses it outright.
 pub fn amx() -> (bool, String) {
     amx_call(-1)
 }
