@@ -298,6 +298,7 @@ struct XQ {
   std::vector<float> dv;   // per full step, 16 lanes: d_x of the block each int32 lane sums
   std::vector<float> d;    // per block: d_x
   std::vector<float> ds;   // per block: d_x s
+  std::vector<float> dsp;  // per full step, 4 lanes: Q4_1 (0, ds_b, 0, ds_b+1), Q8_0 (ds_b, ds_b+1, 0, 0)
 };
 
 // The kernel's quantizer (the reference in ops/qmatmul.rs does the same in tch): d = absmax /
@@ -325,8 +326,17 @@ void quantize_x(const float* x, int64_t K, QFormat f, XQ& o) {
   // Q8_0, NF4: 8-15).
   const uint32_t mask = f == QFormat::Q4_1 ? 0xF0F0u : 0xFF00u;
   o.dv.assign(nb / 2 * 16, 0.f);
+  o.dsp.assign(nb / 2 * 4, 0.f);
   for (int64_t b = 0; b + 2 <= nb; b += 2) {
     for (int l = 0; l < 16; ++l) o.dv[b / 2 * 16 + l] = o.d[b + ((mask >> l) & 1)];
+    float* dsp = o.dsp.data() + b / 2 * 4;
+    if (f == QFormat::Q4_1) {
+      dsp[1] = o.ds[b];
+      dsp[3] = o.ds[b + 1];
+    } else {
+      dsp[0] = o.ds[b];
+      dsp[1] = o.ds[b + 1];
+    }
     const int8_t* q0 = nat.data() + b * B;
     const int8_t* q1 = q0 + B;
     int8_t* out = o.q.data() + b * B;
@@ -361,6 +371,11 @@ void quantize_x(const float* x, int64_t K, QFormat f, XQ& o) {
   }
 }
 
+inline float hsum128(__m128 s) {
+  const __m128 t = _mm_add_ps(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)));
+}
+
 inline float hsum256(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehdup_ps(s));  // s0 + s1, ., s2 + s3, .
@@ -371,11 +386,14 @@ template <int64_t M>
 COURSE_VNNI void row_dot_q4_1_vnni(const uint8_t* r, int64_t K, const XQ* x, float* out) {
   const int64_t nb = K / 32;
   __m512 acc[M][2];
+  __m128 corr4[M];
   float corr[M];
   for (int64_t m = 0; m < M; ++m) {
     acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    corr4[m] = _mm_setzero_ps();
     corr[m] = 0.f;
   }
+  const __m512i didx = _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0);
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2, r += 40) {
@@ -383,18 +401,23 @@ COURSE_VNNI void row_dot_q4_1_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
         _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 4))),
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 24)), 1);
     const __m512i w = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), m4);
-    const float d0 = half_to_float(r), m0 = half_to_float(r + 2), d1 = half_to_float(r + 20),
-                m1 = half_to_float(r + 22);
-    const __m512 dw = _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+    // The two blocks' (d, m) in one conversion: (d0, m0, d1, m1); d0 to lanes of block b, d1 to
+    // those of b + 1; the m's meet (0, ds_b, 0, ds_b+1) in a 4-lane sum.
+    uint32_t h0, h1;
+    std::memcpy(&h0, r, 4);
+    std::memcpy(&h1, r + 20, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<int64_t>(h0 | (static_cast<uint64_t>(h1) << 32))));
+    const __m512 dw = _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dm));
     const int u = (b >> 1) & 1;
     for (int64_t m = 0; m < M; ++m) {
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x[m].q.data() + b * 32));
       acc[m][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].dv.data() + b / 2 * 16)),
                                   acc[m][u]);
-      corr[m] += m0 * x[m].ds[b] + m1 * x[m].ds[b + 1];
+      corr4[m] = _mm_fmadd_ps(dm, _mm_loadu_ps(x[m].dsp.data() + b / 2 * 4), corr4[m]);
     }
   }
-  for (int64_t m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + corr[m];
+  for (int64_t m = 0; m < M; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + hsum128(corr4[m]) + corr[m];
   if (b < nb) {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 4));
     const __m256i w = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1),
@@ -412,11 +435,14 @@ template <int64_t M>
 COURSE_VNNI void row_dot_q8_0_vnni(const uint8_t* r, int64_t K, const XQ* x, float* out) {
   const int64_t nb = K / 32;
   __m512 acc[M][2];
+  __m128 corr4[M];
   float corr[M];
   for (int64_t m = 0; m < M; ++m) {
     acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    corr4[m] = _mm_setzero_ps();
     corr[m] = 0.f;
   }
+  const __m512i didx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2, r += 68) {
@@ -424,17 +450,22 @@ COURSE_VNNI void row_dot_q8_0_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
         _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 2))),
                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 36)), 1),
         bias);
-    const float d0 = half_to_float(r), d1 = half_to_float(r + 34);
-    const __m512 dw = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+    // (d0, d1) in one conversion; the 128 s terms as a 4-lane sum against (ds_b, ds_b+1, 0, 0).
+    uint16_t h0, h1;
+    std::memcpy(&h0, r, 2);
+    std::memcpy(&h1, r + 34, 2);
+    const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h0 | (static_cast<uint32_t>(h1) << 16))));
+    const __m512 dw = _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dd));
     const int u = (b >> 1) & 1;
     for (int64_t m = 0; m < M; ++m) {
       const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x[m].q.data() + b * 32));
       acc[m][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].dv.data() + b / 2 * 16)),
                                   acc[m][u]);
-      corr[m] -= 128.f * (d0 * x[m].ds[b] + d1 * x[m].ds[b + 1]);
+      corr4[m] = _mm_fmadd_ps(dd, _mm_loadu_ps(x[m].dsp.data() + b / 2 * 4), corr4[m]);
     }
   }
-  for (int64_t m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + corr[m];
+  for (int64_t m = 0; m < M; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) - 128.f * hsum128(corr4[m]) + corr[m];
   if (b < nb) {
     const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 2)),
                                        _mm256_set1_epi8(static_cast<char>(0x80)));
