@@ -79,6 +79,43 @@ fn smollm2_in_the_files_own_blocks_equals_the_dequantized_model() {
     assert_eq!(greedy(&dense), greedy(&q));
 }
 
+/// `Llama::set_int8_activations`: decoding one token at a time through the int8-activation GEMV
+/// stays within the activations' rounding of the exact path (and really takes it where the CPU
+/// has VNNI), while a prefill (more than 4 rows: the exact GEMM) is unchanged to the bit.
+#[test]
+fn int8_activations_change_decoding_by_their_rounding_only() {
+    let exact = load(WeightFormat::Q4_1);
+    let mut x8 = load(WeightFormat::Q4_1);
+    x8.model.set_int8_activations(true);
+    let x = ids(&exact, TEXT);
+    let (a, b) = tch::no_grad(|| (exact.model.forward(&x).unwrap(), x8.model.forward(&x).unwrap()));
+    assert_eq!((&a - &b).abs().max().double_value(&[]), 0.0, "a prefill must take the exact path");
+    let decode = |m: &ChatModel| {
+        let mut cache = m.model.new_cache(1, 64);
+        let ids: Vec<i64> = Vec::try_from(x.reshape([-1])).unwrap();
+        let mut out = vec![];
+        for &t in &ids {
+            out.push(tch::no_grad(|| m.model.step(&Tensor::from_slice(&[t]).unsqueeze(0), &mut cache).unwrap()));
+        }
+        Tensor::cat(&out, 0)
+    };
+    let (a, b) = (decode(&exact), decode(&x8));
+    let scale = a.abs().max().double_value(&[]);
+    let e = (&a - &b).abs().max().double_value(&[]) / scale;
+    let agree =
+        a.argmax(-1, false).eq_tensor(&b.argmax(-1, false)).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    if course::ops::qmatmul::int8_activations_supported(course::ops::QFormat::Q4_1, 576) {
+        assert!(
+            e > 0.0 && e < 0.05,
+            "int8 activations moved {} decoded tokens' logits by {e} of their scale",
+            a.size()[0]
+        );
+        assert!(agree >= 0.9, "the argmax agreed at only {agree} of the positions");
+    } else {
+        assert_eq!(e, 0.0, "without VNNI the int8-activation path must be the exact one");
+    }
+}
+
 #[test]
 fn int8_and_nf4_stay_within_their_error_on_real_text() {
     let dense = load(WeightFormat::Dense);

@@ -579,24 +579,28 @@ fn full(common: &CommonArgs) -> Result<()> {
 
 // ---- the quantization comparison -------------------------------------------------------------
 
-/// The formats `compare` knows: the weights' storage and the dtype of everything else.
-const FORMATS: &[(&str, WeightFormat, Kind)] = &[
-    ("f32", WeightFormat::Dense, Kind::Float),
-    ("bf16", WeightFormat::Dense, Kind::BFloat16),
-    ("int8", WeightFormat::Int8, Kind::Float),
-    ("nf4", WeightFormat::Nf4, Kind::Float),
-    ("q4_1", WeightFormat::Q4_1, Kind::Float),
+/// The formats `compare` knows: the weights' storage, the dtype of everything else, and whether
+/// decoding quantizes the activations to int8 (`_x8`: VNNI byte dot products, llama.cpp's route;
+/// prefill and the perplexities are the plain format's, as more rows take the exact path).
+const FORMATS: &[(&str, WeightFormat, Kind, bool)] = &[
+    ("f32", WeightFormat::Dense, Kind::Float, false),
+    ("bf16", WeightFormat::Dense, Kind::BFloat16, false),
+    ("int8", WeightFormat::Int8, Kind::Float, false),
+    ("nf4", WeightFormat::Nf4, Kind::Float, false),
+    ("q4_1", WeightFormat::Q4_1, Kind::Float, false),
+    ("nf4_x8", WeightFormat::Nf4, Kind::Float, true),
+    ("q4_1_x8", WeightFormat::Q4_1, Kind::Float, true),
 ];
 
 fn parse_formats(list: &str) -> Result<Vec<&'static str>> {
     let mut out = vec![];
     for f in list.split(',').map(str::trim).filter(|f| !f.is_empty()) {
-        match FORMATS.iter().find(|(n, _, _)| *n == f) {
-            Some((n, _, _)) if !out.contains(n) => out.push(*n),
+        match FORMATS.iter().find(|(n, ..)| *n == f) {
+            Some((n, ..)) if !out.contains(n) => out.push(*n),
             Some(_) => bail!("--formats: {f:?} is listed twice"),
             None => bail!(
                 "--formats: {f:?} is not one of {}",
-                FORMATS.iter().map(|(n, _, _)| *n).collect::<Vec<_>>().join(", ")
+                FORMATS.iter().map(|(n, ..)| *n).collect::<Vec<_>>().join(", ")
             ),
         }
     }
@@ -612,7 +616,8 @@ struct CompareArgs {
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// Formats, comma-separated, each run in a process of its own: f32, bf16 (dense weights),
-    /// int8 (per output row), nf4 (QLoRA's 4-bit, block 64), q4_1 (the file's own blocks)
+    /// int8 (per output row), nf4 (QLoRA's 4-bit, block 64), q4_1 (the file's own blocks);
+    /// nf4_x8 and q4_1_x8 decode with int8 activations (VNNI dot products, llama.cpp's route)
     #[arg(long, default_value = "f32,bf16,int8,nf4,q4_1")]
     formats: String,
     /// Prompts whose greedy continuations are compared with f32's, and timed
@@ -673,11 +678,13 @@ fn window_nll(m: &ChatModel, ids: &[i64]) -> (f64, f64) {
 
 fn compare_leg(a: &CompareArgs, common: &CommonArgs, name: &str) -> Result<()> {
     let setup = Setup::apply(common)?;
-    let &(_, format, kind) = FORMATS.iter().find(|f| f.0 == name).with_context(|| format!("unknown format {name}"))?;
+    let &(_, format, kind, act8) =
+        FORMATS.iter().find(|f| f.0 == name).with_context(|| format!("unknown format {name}"))?;
     let quick = common.quick;
     let t = Instant::now();
-    let m = ChatModel::load_as(&a.model, kind, setup.device, format)
+    let mut m = ChatModel::load_as(&a.model, kind, setup.device, format)
         .with_context(|| format!("loading --model {} as {name}", a.model.display()))?;
+    m.model.set_int8_activations(act8);
     let load_seconds = t.elapsed().as_secs_f64();
     course::sys::runtime::trim_freed_memory();
     let rss_after_load = course::sys::runtime::current_rss_bytes();

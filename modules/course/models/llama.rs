@@ -421,6 +421,8 @@ pub struct Llama {
     format: WeightFormat,
     /// The tied embedding / head, quantized (then `embed` is empty).
     head_q: Option<QTensors>,
+    /// Decoding multiplies quantized weights with int8 activations ([`Llama::set_int8_activations`]).
+    int8_activations: bool,
 }
 
 impl Llama {
@@ -440,6 +442,7 @@ impl Llama {
             lora_merged: false,
             format: WeightFormat::Dense,
             head_q: None,
+            int8_activations: false,
             cfg: cfg.clone(),
         })
     }
@@ -572,7 +575,7 @@ impl Llama {
                 Product::GateUp => &q.gate_up,
                 Product::Down => &q.down,
             };
-            return ops::qlinear(x, w).unwrap_or_else(|e| panic!("Llama quantized linear: {e:#}"));
+            return self.qlin(x, w).unwrap_or_else(|e| panic!("Llama quantized linear: {e:#}"));
         }
         let w = match which {
             Product::Qkv => layer.qkv.as_ref().expect("a stacked product needs a packed model"),
@@ -666,6 +669,22 @@ impl Llama {
         self.fused = on;
     }
 
+    /// Decode (at most 4 rows a product) through `ops::qlinear_int8_activations`: x quantized to
+    /// int8 blocks and VNNI byte dot products against Q4_1, Q8_0 or NF4 weights, llama.cpp's
+    /// route. Off by default; it changes nothing for dense or int8 weights, for prefill and
+    /// training (more rows), or on a CPU without AVX-512 VNNI.
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.int8_activations = on;
+    }
+
+    fn qlin(&self, x: &Tensor, w: &QTensors) -> Result<Tensor> {
+        if self.int8_activations {
+            ops::qlinear_int8_activations(x, w)
+        } else {
+            ops::qlinear(x, w)
+        }
+    }
+
     fn fused_applies(&self, x: &Tensor) -> Result<bool> {
         let lora_active = self.adapter.is_some() && !self.lora_merged;
         if !self.fused
@@ -743,7 +762,7 @@ impl Llama {
     /// Logits `(..., V)` of hidden states `(..., C)`.
     pub fn head(&self, h: &Tensor) -> Tensor {
         if let Some(q) = &self.head_q {
-            return ops::qlinear(h, q).unwrap_or_else(|e| panic!("Llama head: {e:#}"));
+            return self.qlin(h, q).unwrap_or_else(|e| panic!("Llama head: {e:#}"));
         }
         lin(h, self.lm_head.as_ref().unwrap_or(&self.embed))
     }
