@@ -46,6 +46,7 @@ const CPP_SOURCES: &[&str] = &[
     "kernels/ops/linear.cpp",
     "kernels/ops/llama.cpp",
     "kernels/ops/qmatmul.cpp",
+    "kernels/ops/dropout.cpp",
     "kernels/runtime/shim.cpp",
     "kernels/runtime/profiler.cpp",
     "kernels/runtime/recompute.cpp",
@@ -64,6 +65,7 @@ const CPU_KERNEL_SOURCES: &[&str] = &[
     "kernels/ops/gemv_cpu.cpp",
     "kernels/ops/llama_cpu.cpp",
     "kernels/ops/qmatmul_cpu.cpp",
+    "kernels/ops/dropout_cpu.cpp",
 ];
 /// AMX tile kernels (x86-64): compiled once with -mamx-tile -mamx-bf16, no torch headers.
 const AMX_SOURCE: &str = "kernels/ops/qmatmul_amx.cpp";

@@ -9,7 +9,8 @@
 //! `cargo bench --bench lora_sft [-- --rounds N] [-- --steps N] [-- --threads N]`
 //!
 //! The sides take turns round by round; tokens/s counts batch x length per step (padding
-//! included, the same on both sides).
+//! included, the same on both sides). Each round also runs our step with tch's dropout in place
+//! of the counter-based kernel (`ops::dropout`), the A/B of that kernel.
 
 use anyhow::Result;
 mod benchkit;
@@ -91,7 +92,7 @@ fn main() -> Result<()> {
     // Warm-up, then the rounds.
     ours(1)?;
     py.ask(&format!("step {} 1", batch_file.display()))?;
-    let (mut a, mut p) = (vec![], vec![]);
+    let (mut a, mut p, mut t) = (vec![], vec![], vec![]);
     for r in 0..rounds {
         let (o, q) = if r % 2 == 0 {
             (ours(steps)?, py.ask(&format!("step {} {steps}", batch_file.display()))?)
@@ -99,9 +100,18 @@ fn main() -> Result<()> {
             let q = py.ask(&format!("step {} {steps}", batch_file.display()))?;
             (ours(steps)?, q)
         };
-        println!("round {r}: ours {o:.0} tok/s, transformers + peft {q:.0} tok/s, {:.2}x", o / q);
+        // Ours again with tch's dropout (a stored Bernoulli mask) in place of the counter-based one.
+        course::ops::dropout::set_counter_based(false);
+        let od = ours(steps)?;
+        course::ops::dropout::set_counter_based(true);
+        println!(
+            "round {r}: ours {o:.0} tok/s ({od:.0} with tch's dropout), transformers + peft {q:.0} tok/s, {:.2}x ({:.2}x)",
+            o / q,
+            od / q
+        );
         a.push(o);
         p.push(q);
+        t.push(od / q);
     }
     let ratios: Vec<f64> = a.iter().zip(&p).map(|(o, q)| o / q).collect();
     let lo = ratios.iter().cloned().fold(f64::MAX, f64::min);
@@ -112,6 +122,7 @@ fn main() -> Result<()> {
         benchkit::median(p),
         benchkit::median(ratios.clone())
     );
+    println!("with tch's dropout instead of the counter-based one: {:.2}x", benchkit::median(t));
     let _ = std::fs::remove_file(&batch_file);
     Ok(())
 }

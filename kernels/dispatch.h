@@ -1,5 +1,5 @@
 // Run-time choice among the CPU kernels compiled once per instruction set (build.rs compiles
-// bias_gelu_cpu.cpp, cross_entropy_cpu.cpp, gemv_cpu.cpp, llama_cpu.cpp and qmatmul_cpu.cpp with CPU_CAPABILITY = DEFAULT, AVX2 and AVX512), following ATen's own
+// bias_gelu_cpu.cpp, cross_entropy_cpu.cpp, gemv_cpu.cpp, llama_cpu.cpp, qmatmul_cpu.cpp and dropout_cpu.cpp with CPU_CAPABILITY = DEFAULT, AVX2 and AVX512), following ATen's own
 // dispatch: at::get_cpu_capability() reads the CPU and honours ATEN_CPU_CAPABILITY.
 #pragma once
 #include <ATen/Version.h>
@@ -128,6 +128,9 @@ void gemm_bf16(const uint16_t* a, int64_t lda, int64_t Mp, int64_t Kp, const uin
   void qgemv(const QWeight& w, const T* x, T* y, int64_t M);                                           \
   template <typename T>                                                                                \
   void qdequant_rows(const QWeight& w, int64_t n0, int64_t n1, T* out);                                \
+  /* dropout_cpu.cpp: y = x * scale where fmix32(i * 0x9E3779B9 + key) >> 8 >= threshold, else 0 */ \
+  template <typename T>                                                                                \
+  void dropout_apply(const T* x, T* y, int64_t n, uint32_t key, uint32_t threshold, float scale);      \
   /* whether qgemv takes the int8-activation (VNNI) path for w when w.act8 is set */                  \
   bool qgemv_act8_supported(const QWeight& w);                                                         \
   }

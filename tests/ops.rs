@@ -1,7 +1,9 @@
 //! The fused bias+GELU op against its plain-tch reference: values and both gradients on fresh
 //! random inputs for f32, f64 and bf16, with dtype-dependent tolerances, and its error messages.
 //! The same for the fused softmax cross-entropy (f32, f64, bf16, f16; ignored rows; logits of
-//! +-1e4; a finite-difference check in f64).
+//! +-1e4; a finite-difference check in f64). And the counter-based dropout: its mask against the
+//! same hash computed in tch's int64 ops, its backward against the reference's autograd, and the
+//! share it drops against p.
 
 use course::ops::{bias_gelu, bias_gelu_backward, bias_gelu_forward, bias_gelu_reference};
 use course::ops::{cross_entropy, cross_entropy_backward, cross_entropy_forward, cross_entropy_reference};
@@ -136,6 +138,7 @@ fn every_cpu_kernel_variant_agrees() {
     run_under_every_cpu_variant(&[
         "forward_matches_reference_for_every_dtype",
         "gradients_match_reference_for_every_dtype",
+        "dropout_equals_its_reference_forward_and_backward",
     ]);
 }
 
@@ -384,4 +387,53 @@ fn cross_entropy_bad_arguments_give_clear_errors() {
         let e = err(cross_entropy(&x.to_device(Device::Cuda(0)), &t));
         assert!(e.contains("logits are on cuda:0 but targets are on cpu"), "{e}");
     }
+}
+
+#[test]
+fn dropout_equals_its_reference_forward_and_backward() {
+    use course::ops::dropout::{dropout_reference, dropout_with_seed};
+    for (shape, p, seed) in [(vec![7, 33], 0.05, 1i64), (vec![3, 100_003], 0.1, -42), (vec![1536, 576], 0.5, i64::MAX)]
+    {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let x = Tensor::randn(shape.as_slice(), (kind, Device::Cpu)).set_requires_grad(true);
+            let y = dropout_with_seed(&x, p, seed).unwrap();
+            let xr = x.detach().copy().set_requires_grad(true);
+            let yr = dropout_reference(&xr, p, seed).unwrap();
+            assert_eq!(y.kind(), kind);
+            let e = (&y - &yr).abs().max().double_value(&[]);
+            assert_eq!(e, 0.0, "{shape:?} p {p} {kind:?}: forward differs from the reference by {e}");
+            let g = Tensor::randn(shape.as_slice(), (kind, Device::Cpu));
+            (&y * &g).sum(Kind::Float).backward();
+            (&yr * &g).sum(Kind::Float).backward();
+            let e = (x.grad() - xr.grad()).abs().max().double_value(&[]);
+            assert_eq!(e, 0.0, "{shape:?} p {p} {kind:?}: the recomputed mask's gradient differs by {e}");
+        }
+    }
+}
+
+#[test]
+fn dropout_drops_p_of_the_numbers_and_a_new_seed_draws_a_new_mask() {
+    use course::ops::dropout::{dropout, dropout_with_seed};
+    let n = 1 << 22;
+    let x = Tensor::ones([n], (Kind::Float, Device::Cpu));
+    for p in [0.05, 0.1, 0.5] {
+        let y = dropout_with_seed(&x, p, 7).unwrap();
+        let dropped = y.eq(0.0).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+        let sigma = (p * (1.0 - p) / n as f64).sqrt();
+        assert!((dropped - p).abs() < 5.0 * sigma, "p {p}: dropped {dropped} (5 sigma = {})", 5.0 * sigma);
+        // The kept numbers are scaled so that the mean is kept.
+        let kept = y.max().double_value(&[]);
+        assert!((kept - 1.0 / (1.0 - p)).abs() < 1e-6, "p {p}: kept numbers are {kept}");
+    }
+    let a = dropout_with_seed(&x, 0.5, 1).unwrap().eq(0.0);
+    let b = dropout_with_seed(&x, 0.5, 2).unwrap().eq(0.0);
+    let same = a.eq_tensor(&b).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    assert!((same - 0.5).abs() < 0.01, "two seeds' masks agree at {same} of the places, not about half");
+    // Off when not training or p = 0; seeded from tch's generator otherwise.
+    assert_eq!(dropout(&x, 0.3, false).unwrap().sum(Kind::Double).double_value(&[]), n as f64);
+    assert_eq!(dropout(&x, 0.0, true).unwrap().sum(Kind::Double).double_value(&[]), n as f64);
+    let err = dropout_with_seed(&x, 1.0, 1).unwrap_err().to_string();
+    assert!(err.contains("p = 1") && err.contains("[0, 1)"), "{err}");
+    let err = dropout_with_seed(&x.to_kind(Kind::Double), 0.1, 1).unwrap_err().to_string();
+    assert!(err.contains("float32 or bfloat16"), "{err}");
 }

@@ -66,7 +66,9 @@ impl Lora {
     /// The update alone, `(dropout(x) Aᵀ) Bᵀ · s` in fp32, for `x` `(..., in)`.
     pub fn delta(&self, x: &Tensor, train: bool) -> Tensor {
         let x = x.to_kind(Kind::Float);
-        let x = if train && self.spec.dropout > 0.0 { x.dropout(self.spec.dropout, true) } else { x };
+        // The counter-based dropout (mask recomputed in the backward, nothing stored).
+        let x = crate::ops::dropout::dropout(&x, self.spec.dropout, train)
+            .unwrap_or_else(|e| panic!("LoRA dropout: {e:#}"));
         x.matmul(&self.a.tr()).matmul(&self.b.tr()) * self.spec.scaling()
     }
 

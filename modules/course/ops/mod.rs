@@ -4,6 +4,7 @@
 pub mod adamw;
 pub mod bias_gelu;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod linear;
 pub mod llama;
 pub mod qmatmul;
