@@ -146,6 +146,13 @@ inline int64_t row_size(const QWeight& w) {
   return w.K;
 }
 
+// Where nta_prefetch(): W's row n + kPrefetchRows (rs bytes), while it is before n1.
+inline void prefetch_ahead(const QWeight& w, int64_t n, int64_t n1, int64_t rs, bool prefetch) {
+  if (!prefetch || n + kPrefetchRows >= n1) return;
+  const char* p = reinterpret_cast<const char*>(row_bytes(w, n + kPrefetchRows));
+  for (int64_t b = 0; b < rs; b += 64) __builtin_prefetch(p + b, 0, 0);
+}
+
 // The rows of x as the row kernels read them: fp32 (zero-padded), and for NF4 on AVX-512 each
 // 32-block of x with its even-indexed numbers first, then the odd ones (`xp`): the order in
 // which the high and the low nibbles of 16 NF4 bytes come out, so the bytes need no
@@ -376,10 +383,20 @@ inline float hsum128(__m128 s) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)));
 }
 
-inline float hsum256(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehdup_ps(s));  // s0 + s1, ., s2 + s3, .
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)));
+inline float hsum256(__m256 v) { return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }
+
+// One full step of the Q4_1 / Q8_0 rows: the weight bytes w of blocks b and b + 1 against each row
+// of x, scaled per lane by dw and x's d; the blocks' pair of scales s4 meets x's dsp lanes.
+template <int64_t M>
+COURSE_VNNI inline void pair_step(__m512i w, __m512 dw, __m128 s4, const XQ* x, int64_t b, __m512 (*acc)[2],
+                                  __m128* corr4) {
+  const int u = (b >> 1) & 1;
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x[m].q.data() + b * 32));
+    acc[m][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].dv.data() + b / 2 * 16)),
+                                acc[m][u]);
+    corr4[m] = _mm_fmadd_ps(s4, _mm_loadu_ps(x[m].dsp.data() + b / 2 * 4), corr4[m]);
+  }
 }
 
 template <int64_t M>
@@ -387,11 +404,9 @@ COURSE_VNNI void row_dot_q4_1_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
   const int64_t nb = K / 32;
   __m512 acc[M][2];
   __m128 corr4[M];
-  float corr[M];
   for (int64_t m = 0; m < M; ++m) {
     acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     corr4[m] = _mm_setzero_ps();
-    corr[m] = 0.f;
   }
   const __m512i didx = _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0);
   const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -407,17 +422,9 @@ COURSE_VNNI void row_dot_q4_1_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
     std::memcpy(&h0, r, 4);
     std::memcpy(&h1, r + 20, 4);
     const __m128 dm = _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<int64_t>(h0 | (static_cast<uint64_t>(h1) << 32))));
-    const __m512 dw = _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dm));
-    const int u = (b >> 1) & 1;
-    for (int64_t m = 0; m < M; ++m) {
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x[m].q.data() + b * 32));
-      acc[m][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].dv.data() + b / 2 * 16)),
-                                  acc[m][u]);
-      corr4[m] = _mm_fmadd_ps(dm, _mm_loadu_ps(x[m].dsp.data() + b / 2 * 4), corr4[m]);
-    }
+    pair_step<M>(w, _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dm)), dm, x, b, acc, corr4);
   }
-  for (int64_t m = 0; m < M; ++m)
-    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + hsum128(corr4[m]) + corr[m];
+  for (int64_t m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + hsum128(corr4[m]);
   if (b < nb) {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 4));
     const __m256i w = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1),
@@ -436,11 +443,9 @@ COURSE_VNNI void row_dot_q8_0_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
   const int64_t nb = K / 32;
   __m512 acc[M][2];
   __m128 corr4[M];
-  float corr[M];
   for (int64_t m = 0; m < M; ++m) {
     acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     corr4[m] = _mm_setzero_ps();
-    corr[m] = 0.f;
   }
   const __m512i didx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -455,17 +460,10 @@ COURSE_VNNI void row_dot_q8_0_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
     std::memcpy(&h0, r, 2);
     std::memcpy(&h1, r + 34, 2);
     const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h0 | (static_cast<uint32_t>(h1) << 16))));
-    const __m512 dw = _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dd));
-    const int u = (b >> 1) & 1;
-    for (int64_t m = 0; m < M; ++m) {
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x[m].q.data() + b * 32));
-      acc[m][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].dv.data() + b / 2 * 16)),
-                                  acc[m][u]);
-      corr4[m] = _mm_fmadd_ps(dd, _mm_loadu_ps(x[m].dsp.data() + b / 2 * 4), corr4[m]);
-    }
+    pair_step<M>(w, _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dd)), dd, x, b, acc, corr4);
   }
   for (int64_t m = 0; m < M; ++m)
-    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) - 128.f * hsum128(corr4[m]) + corr[m];
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) - 128.f * hsum128(corr4[m]);
   if (b < nb) {
     const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 2)),
                                        _mm256_set1_epi8(static_cast<char>(0x80)));
@@ -554,10 +552,7 @@ void gemv_rows_act8(const QWeight& w, const T* x, T* y, int64_t n0, int64_t n1) 
   const bool prefetch = nta_prefetch();
   float out[M];
   for (int64_t n = n0; n < n1; ++n) {
-    if (prefetch && n + kPrefetchRows < n1) {
-      const char* p = reinterpret_cast<const char*>(row_bytes(w, n + kPrefetchRows));
-      for (int64_t b = 0; b < rs; b += 64) __builtin_prefetch(p + b, 0, 0);
-    }
+    prefetch_ahead(w, n, n1, rs, prefetch);
     switch (w.format) {
       case QFormat::Q4_1: row_dot_q4_1_vnni<M>(row_bytes(w, n), K, xq, out); break;
       case QFormat::Q8_0: row_dot_q8_0_vnni<M>(row_bytes(w, n), K, xq, out); break;
@@ -736,10 +731,7 @@ void gemv_rows(const QWeight& w, const T* x, T* y, int64_t n0, int64_t n1) {
   const bool prefetch = nta_prefetch();
   float out[M];
   for (int64_t n = n0; n < n1; ++n) {
-    if (prefetch && n + kPrefetchRows < n1) {
-      const char* p = reinterpret_cast<const char*>(row_bytes(w, n + kPrefetchRows));
-      for (int64_t b = 0; b < rs; b += 64) __builtin_prefetch(p + b, 0, 0);
-    }
+    prefetch_ahead(w, n, n1, rs, prefetch);
     row_dot<M>(w, n, xr, out);
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<T>(out[m]);
   }
