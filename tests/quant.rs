@@ -65,3 +65,63 @@ fn nf4_equals_bitsandbytes() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `trace((W - Q) H (W - Q)ᵀ)`: the squared output error on inputs whose `Σ xᵀx` is `h`.
+fn output_error(w: &Tensor, q: &Nf4Weight, h: &Tensor) -> f64 {
+    let d = (w - q.dequantize(Kind::Float)).to_kind(Kind::Double);
+    d.matmul(&h.to_kind(Kind::Double)).multiply(&d).sum(Kind::Double).double_value(&[])
+}
+
+#[test]
+fn gptq_with_uncorrelated_inputs_is_round_to_nearest_under_its_scales() {
+    tch::manual_seed(3);
+    let w = Tensor::randn([48, 192], (Kind::Float, Device::Cpu)) * 0.05;
+    let h = Tensor::eye(192, (Kind::Float, Device::Cpu)) * 7.0;
+    let g = Nf4Weight::quantize_gptq(&w, &h).unwrap();
+    // No correlation: no column's error can be absorbed by another, so every number is its own
+    // nearest code under the block scale GPTQ fixed (GPTQ's scale search clips within 0.7-1).
+    let s = g.absmax().view([-1, 1]);
+    let blocks = w.reshape([-1, 64]);
+    let scaled = (&blocks / &s).clamp(-1.0, 1.0);
+    let code = Tensor::from_slice(&course::nn::quant::NF4_CODE);
+    let dist = (scaled.unsqueeze(2) - code.view([1, 1, 16])).abs();
+    let nearest = code.index_select(0, &dist.argmin(2, false).reshape([-1])).view([-1, 64]) * &s;
+    assert!(max_abs(&g.dequantize(Kind::Float).reshape([-1, 64]), &nearest) < 1e-6);
+    let am = blocks.abs().amax([1], true);
+    let ratio = (&s / &am).view([-1]);
+    assert!(ratio.min().double_value(&[]) >= 0.69 && ratio.max().double_value(&[]) <= 1.01, "{ratio:?}");
+}
+
+#[test]
+fn gptq_lowers_the_output_error_of_correlated_inputs_below_round_to_nearest() {
+    tch::manual_seed(4);
+    let (n, k) = (64, 256);
+    let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05;
+    // Inputs with strongly correlated features and uneven energy, as a layer's activations are.
+    let mix = Tensor::randn([k, k], (Kind::Float, Device::Cpu)) / (k as f64).sqrt()
+        + Tensor::eye(k, (Kind::Float, Device::Cpu));
+    let x = Tensor::randn([2048, k], (Kind::Float, Device::Cpu)).matmul(&mix)
+        * Tensor::linspace(0.2, 3.0, k, (Kind::Float, Device::Cpu));
+    let h = x.tr().matmul(&x);
+    let rtn = output_error(&w, &Nf4Weight::quantize(&w).unwrap(), &h);
+    let g = Nf4Weight::quantize_gptq(&w, &h).unwrap();
+    let gptq = output_error(&w, &g, &h);
+    assert!(gptq < 0.6 * rtn, "output error: GPTQ {gptq:.4e} vs round-to-nearest {rtn:.4e}");
+    // Still NF4: every number is a code times its block's scale, and the kernels read it.
+    let xs = Tensor::randn([3, k], (Kind::Float, Device::Cpu));
+    let y = course::ops::qmatmul::qlinear(&xs, &g.tensors()).unwrap();
+    assert!(max_abs(&y, &xs.matmul(&g.dequantize(Kind::Float).tr())) < 1e-4);
+}
+
+#[test]
+fn gptq_refuses_what_it_cannot_quantize_by_name() {
+    let w = Tensor::zeros([8, 96], (Kind::Float, Device::Cpu));
+    let e = format!("{:#}", Nf4Weight::quantize_gptq(&w, &Tensor::eye(96, (Kind::Float, Device::Cpu))).unwrap_err());
+    assert!(e.contains("in_features 96") && e.contains("64"), "{e}");
+    let w = Tensor::zeros([8, 128], (Kind::Float, Device::Cpu));
+    let e = format!("{:#}", Nf4Weight::quantize_gptq(&w, &Tensor::eye(64, (Kind::Float, Device::Cpu))).unwrap_err());
+    assert!(e.contains("(128, 128)") && e.contains("[64, 64]"), "{e}");
+    let bad = Tensor::eye(128, (Kind::Float, Device::Cpu)) * f64::NAN;
+    let e = format!("{:#}", Nf4Weight::quantize_gptq(&w, &bad).unwrap_err());
+    assert!(e.contains("NaN"), "{e}");
+}

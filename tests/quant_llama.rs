@@ -258,3 +258,70 @@ fn what_quantized_weights_cannot_do_is_refused_by_name() {
     let e = format!("{:#}", m2.quantize(WeightFormat::Int8).unwrap_err());
     assert!(e.contains("before adding a LoRA adapter"), "{e}");
 }
+
+/// A small Llama whose widths are whole NF4 blocks (GPTQ needs in_features % 64 == 0).
+fn small_dense(vs: &VarStore) -> Llama {
+    let mut cfg = common::tiny_llama();
+    cfg.hidden_size = 64;
+    cfg.intermediate_size = 128;
+    let mut m = Llama::new(&vs.root(), &cfg).unwrap();
+    m.pack();
+    m
+}
+
+#[test]
+fn gptq_calibrated_nf4_stays_closer_to_the_dense_model_than_round_to_nearest() {
+    tch::manual_seed(5);
+    let src = VarStore::new(Device::Cpu);
+    let _ = small_dense(&src);
+    let copy_of = |vs: &mut VarStore| {
+        let m = small_dense(vs);
+        vs.copy(&src).unwrap();
+        vs.freeze();
+        m
+    };
+    let (mut dvs, mut gvs, mut rvs) =
+        (VarStore::new(Device::Cpu), VarStore::new(Device::Cpu), VarStore::new(Device::Cpu));
+    let dense = copy_of(&mut dvs);
+    let mut gptq = copy_of(&mut gvs);
+    let mut rtn = copy_of(&mut rvs);
+    let batch =
+        |seed: i64| Tensor::from_slice(&(0..96).map(|i| (i * seed + i / 3) % 40).collect::<Vec<i64>>()).view([2, 48]);
+    let batches = [batch(7), batch(11), batch(13)];
+    // Refused while the weights train.
+    let mut tvs = VarStore::new(Device::Cpu);
+    let training = small_dense(&tvs);
+    tvs.copy(&src).unwrap();
+    let e = format!("{:#}", training.calibrate(&batches).unwrap_err());
+    assert!(e.contains("freeze"), "{e}");
+
+    let calib = gptq.calibrate(&batches).unwrap();
+    assert_eq!(calib.tokens, 3 * 96);
+    assert_eq!(calib.hessians.len(), 2);
+    // Σ xᵀx is symmetric, positive semi-definite, and its trace is Σ |x|² > 0.
+    for h in calib.hessians.iter().flatten() {
+        assert!(max_abs_t(h, &h.tr()) <= 1e-3 * h.abs().max().double_value(&[]));
+        assert!(h.diagonal(0, 0, 1).min().double_value(&[]) > 0.0);
+    }
+    gptq.quantize_gptq(&calib).unwrap();
+    rtn.quantize(WeightFormat::Nf4).unwrap();
+    assert_eq!(gptq.format(), WeightFormat::Nf4);
+    let probe = batch(17);
+    let (d, g, r) =
+        tch::no_grad(|| (dense.forward(&probe).unwrap(), gptq.forward(&probe).unwrap(), rtn.forward(&probe).unwrap()));
+    let (eg, er) = (max_abs_t(&g, &d), max_abs_t(&r, &d));
+    let (mg, mr) = (
+        (&g - &d).square().mean(Kind::Float).double_value(&[]),
+        (&r - &d).square().mean(Kind::Float).double_value(&[]),
+    );
+    assert!(
+        mg < 0.8 * mr,
+        "mean squared logit error: GPTQ {mg:.3e} (max {eg:.3e}) vs round-to-nearest {mr:.3e} (max {er:.3e})"
+    );
+    let e = format!("{:#}", gptq.calibrate(&batches).unwrap_err());
+    assert!(e.contains("already nf4"), "{e}");
+}
+
+fn max_abs_t(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}

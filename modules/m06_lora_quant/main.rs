@@ -579,18 +579,24 @@ fn full(common: &CommonArgs) -> Result<()> {
 
 // ---- the quantization comparison -------------------------------------------------------------
 
-/// The formats `compare` knows: the weights' storage, the dtype of everything else, and whether
+/// The formats `compare` knows: the weights' storage, the dtype of everything else, whether
 /// decoding quantizes the activations to int8 (`_x8`: VNNI byte dot products, llama.cpp's route;
-/// prefill and the perplexities are the plain format's, as more rows take the exact path).
-const FORMATS: &[(&str, WeightFormat, Kind, bool)] = &[
-    ("f32", WeightFormat::Dense, Kind::Float, false),
-    ("bf16", WeightFormat::Dense, Kind::BFloat16, false),
-    ("int8", WeightFormat::Int8, Kind::Float, false),
-    ("nf4", WeightFormat::Nf4, Kind::Float, false),
-    ("q4_1", WeightFormat::Q4_1, Kind::Float, false),
-    ("nf4_x8", WeightFormat::Nf4, Kind::Float, true),
-    ("q4_1_x8", WeightFormat::Q4_1, Kind::Float, true),
+/// prefill and the perplexities are the plain format's, as more rows take the exact path), and
+/// whether NF4's codes are chosen by GPTQ against calibration inputs (`nf4_gptq`).
+const FORMATS: &[(&str, WeightFormat, Kind, bool, bool)] = &[
+    ("f32", WeightFormat::Dense, Kind::Float, false, false),
+    ("bf16", WeightFormat::Dense, Kind::BFloat16, false, false),
+    ("int8", WeightFormat::Int8, Kind::Float, false, false),
+    ("nf4", WeightFormat::Nf4, Kind::Float, false, false),
+    ("nf4_gptq", WeightFormat::Nf4, Kind::Float, false, true),
+    ("q4_1", WeightFormat::Q4_1, Kind::Float, false, false),
+    ("nf4_x8", WeightFormat::Nf4, Kind::Float, true, false),
+    ("q4_1_x8", WeightFormat::Q4_1, Kind::Float, true, false),
 ];
+
+/// Alpaca conversations GPTQ calibrates on: training records only (the held-out tenth never);
+/// with them, about 9,000 tokens of Moby-Dick in windows of 256.
+const CALIBRATION_EXAMPLES: usize = 64;
 
 fn parse_formats(list: &str) -> Result<Vec<&'static str>> {
     let mut out = vec![];
@@ -616,9 +622,10 @@ struct CompareArgs {
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// Formats, comma-separated, each run in a process of its own: f32, bf16 (dense weights),
-    /// int8 (per output row), nf4 (QLoRA's 4-bit, block 64), q4_1 (the file's own blocks);
-    /// nf4_x8 and q4_1_x8 decode with int8 activations (VNNI dot products, llama.cpp's route)
-    #[arg(long, default_value = "f32,bf16,int8,nf4,q4_1")]
+    /// int8 (per output row), nf4 (QLoRA's 4-bit, block 64), nf4_gptq (the same format, codes
+    /// chosen by GPTQ on Alpaca training conversations), q4_1 (the file's own blocks); nf4_x8 and
+    /// q4_1_x8 decode with int8 activations (VNNI dot products, llama.cpp's route)
+    #[arg(long, default_value = "f32,bf16,int8,nf4,nf4_gptq,q4_1")]
     formats: String,
     /// Prompts whose greedy continuations are compared with f32's, and timed
     #[arg(long, default_value_t = 6, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100))]
@@ -678,12 +685,39 @@ fn window_nll(m: &ChatModel, ids: &[i64]) -> (f64, f64) {
 
 fn compare_leg(a: &CompareArgs, common: &CommonArgs, name: &str) -> Result<()> {
     let setup = Setup::apply(common)?;
-    let &(_, format, kind, act8) =
+    let &(_, format, kind, act8, gptq) =
         FORMATS.iter().find(|f| f.0 == name).with_context(|| format!("unknown format {name}"))?;
     let quick = common.quick;
     let t = Instant::now();
-    let mut m = ChatModel::load_as(&a.model, kind, setup.device, format)
+    let load_format = if gptq { WeightFormat::Dense } else { format };
+    let mut m = ChatModel::load_as(&a.model, kind, setup.device, load_format)
         .with_context(|| format!("loading --model {} as {name}", a.model.display()))?;
+    let alpaca = read_alpaca(&course::data::registry::require("llamafactory", "alpaca_en_demo.json")?)?;
+    if gptq {
+        let (train, _) = hold_out(&alpaca, 10, 0);
+        let n = if quick { 2 } else { CALIBRATION_EXAMPLES };
+        let mut batches = train[..n.min(train.len())]
+            .iter()
+            .map(|r| Ok(tch::Tensor::from_slice(&m.encode_for_training(&r.messages())?.ids).unsqueeze(0)))
+            .collect::<Result<Vec<_>>>()?;
+        // And plain prose, a domain neither evaluation uses: windows of Moby-Dick.
+        let moby = course::data::registry::require("moby-dick", "data.txt")?;
+        let prose = std::fs::read_to_string(&moby).with_context(|| format!("reading {}", moby.display()))?;
+        let ids = m.encode(&prose.chars().skip(50_000).take(if quick { 2_000 } else { 40_000 }).collect::<String>())?;
+        let windows: Vec<i64> = ids[..ids.len() / 256 * 256].to_vec();
+        if !windows.is_empty() {
+            batches.push(tch::Tensor::from_slice(&windows).view([-1, 256]));
+        }
+        let c = Instant::now();
+        let calib = m.model.calibrate(&batches)?;
+        let h = c.elapsed().as_secs_f64();
+        m.model.quantize_gptq(&calib)?;
+        println!(
+            "{name}: calibrated on {} tokens ({n} training conversations, Moby-Dick) in {h:.1} s, GPTQ-rounded in {:.1} s",
+            calib.tokens,
+            c.elapsed().as_secs_f64() - h
+        );
+    }
     m.model.set_int8_activations(act8);
     let load_seconds = t.elapsed().as_secs_f64();
     course::sys::runtime::trim_freed_memory();
@@ -706,7 +740,6 @@ fn compare_leg(a: &CompareArgs, common: &CommonArgs, name: &str) -> Result<()> {
         ..Default::default()
     };
     let (mut greedy, mut decoded, mut decode_secs) = (vec![], 0usize, 0.0);
-    let alpaca = read_alpaca(&course::data::registry::require("llamafactory", "alpaca_en_demo.json")?)?;
     for r in alpaca.iter().take(if quick { 1 } else { a.prompts }) {
         let prompt = m.encode(&m.template.render(&[Message::user(&r.prompt())], true)?)?;
         let g = generate_cached(&m.model, &m.tokenizer, &prompt, &cfg, &mut |_| Ok(()))?;
@@ -833,7 +866,7 @@ fn compare(a: &CompareArgs, common: &CommonArgs, run: &mut Run) -> Result<()> {
         if !common.quick && base.format == "f32" {
             let goal = match f.as_str() {
                 "int8" => Some(1.0),
-                "nf4" | "q4_1" => Some(10.0),
+                "nf4" | "nf4_gptq" | "q4_1" => Some(10.0),
                 _ => None,
             };
             if let Some(g) = goal {

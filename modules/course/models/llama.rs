@@ -423,6 +423,18 @@ pub struct Llama {
     head_q: Option<QTensors>,
     /// Decoding multiplies quantized weights with int8 activations ([`Llama::set_int8_activations`]).
     int8_activations: bool,
+    /// While [`Llama::calibrate`] runs: each layer's four products' `Σ xᵀx` so far.
+    calib: std::sync::Mutex<Option<Vec<[Option<Tensor>; 4]>>>,
+}
+
+/// Each layer's matrix products' input second moments `Σ xᵀx` over calibration tokens, in the
+/// order q|k|v, o, gate|up, down (fp32; GPTQ's Hessians up to a factor): what
+/// [`Llama::quantize_gptq`] needs. From [`Llama::calibrate`].
+#[derive(Debug)]
+pub struct Calibration {
+    pub hessians: Vec<[Tensor; 4]>,
+    /// The token positions that went through each product.
+    pub tokens: i64,
 }
 
 impl Llama {
@@ -443,6 +455,7 @@ impl Llama {
             format: WeightFormat::Dense,
             head_q: None,
             int8_activations: false,
+            calib: std::sync::Mutex::new(None),
             cfg: cfg.clone(),
         })
     }
@@ -567,6 +580,19 @@ impl Llama {
     /// Layer `l`'s matrix product `which` of `x`: through `ops::qlinear` when the layer is
     /// quantized, `ops::linear` over the dense (stacked, for q|k|v and gate|up) weight otherwise.
     fn product(&self, l: usize, which: Product, x: &Tensor) -> Tensor {
+        if let Ok(mut g) = self.calib.lock() {
+            if let Some(acc) = g.as_mut() {
+                let k = x.size().last().copied().unwrap_or(0);
+                let x2 = x.reshape([-1, k]).to_kind(Kind::Float);
+                let slot = &mut acc[l][which as usize];
+                match slot {
+                    Some(a) => {
+                        let _ = a.addmm_(&x2.tr(), &x2);
+                    }
+                    None => *slot = Some(x2.tr().matmul(&x2)),
+                }
+            }
+        }
         let layer = &self.layers[l];
         if let Some(q) = &layer.quant {
             let w = match which {
@@ -887,6 +913,77 @@ impl Llama {
         }
         self.drop_dense();
         self.format = format;
+        Ok(())
+    }
+
+    /// Runs `batches` of token ids `(B, T)` through the model (no cache, no gradient) and returns
+    /// every layer's products' `Σ xᵀx` over those tokens ([`Calibration`], for
+    /// [`Self::quantize_gptq`]). The model must be dense, packed and frozen, as the loaders give
+    /// it (so that every product is one stacked matrix product).
+    pub fn calibrate(&self, batches: &[Tensor]) -> Result<Calibration> {
+        self.check_quantizable()?;
+        if batches.is_empty() {
+            bail!("Llama::calibrate: no calibration batches");
+        }
+        if self.layers.iter().any(|l| l.q.requires_grad()) {
+            bail!("Llama::calibrate: freeze the model first (its weights require gradients)");
+        }
+        *self.calib.lock().map_err(|_| anyhow::anyhow!("Llama::calibrate: a poisoned lock"))? =
+            Some((0..self.layers.len()).map(|_| [None, None, None, None]).collect());
+        let mut tokens = 0;
+        let ran = tch::no_grad(|| -> Result<()> {
+            for ids in batches {
+                let _ = self.hidden(ids, None)?;
+                tokens += ids.numel() as i64;
+            }
+            Ok(())
+        });
+        let acc = self.calib.lock().map_err(|_| anyhow::anyhow!("Llama::calibrate: a poisoned lock"))?.take();
+        ran?;
+        let mut hessians = vec![];
+        for (l, slots) in acc.unwrap_or_default().into_iter().enumerate() {
+            let [a, b, c, d] = slots;
+            let name = ["q|k|v", "o", "gate|up", "down"];
+            let mut got = [a, b, c, d].into_iter().enumerate().map(|(i, h)| {
+                h.with_context(|| format!("Llama::calibrate: layer {l}'s {} product saw no input", name[i]))
+            });
+            let mut next = || got.next().expect("four products");
+            hessians.push([next()?, next()?, next()?, next()?]);
+        }
+        Ok(Calibration { hessians, tokens })
+    }
+
+    /// [`Self::quantize`] to NF4 with GPTQ's rounding ([`Nf4Weight::quantize_gptq`]): each
+    /// product's codes chosen against its inputs' second moments from `calib`, the same format
+    /// and kernels as round-to-nearest NF4. The tied embedding / head is int8 per row, as in
+    /// [`Self::quantize`].
+    pub fn quantize_gptq(&mut self, calib: &Calibration) -> Result<()> {
+        self.check_quantizable()?;
+        if calib.hessians.len() != self.layers.len() {
+            bail!(
+                "Llama::quantize_gptq: the calibration covers {} layers, the model has {}",
+                calib.hessians.len(),
+                self.layers.len()
+            );
+        }
+        let _g = tch::no_grad_guard();
+        for (i, (l, h)) in self.layers.iter_mut().zip(&calib.hessians).enumerate() {
+            let q = |w: &Tensor, h: &Tensor, what: &str| -> Result<QTensors> {
+                Ok(Nf4Weight::quantize_gptq(w, h).with_context(|| format!("layer {i}'s {what}"))?.tensors())
+            };
+            let (qkv, gu) = (l.qkv.as_ref().expect("packed"), l.gate_up.as_ref().expect("packed"));
+            l.quant = Some(QuantLayer {
+                qkv: q(qkv, &h[0], "q|k|v")?,
+                o: q(&l.o, &h[1], "o_proj")?,
+                gate_up: q(gu, &h[2], "gate|up")?,
+                down: q(&l.down, &h[3], "down_proj")?,
+            });
+        }
+        if self.cfg.tie_word_embeddings {
+            self.head_q = Some(Int8Weight::quantize(&self.embed)?.tensors());
+        }
+        self.drop_dense();
+        self.format = WeightFormat::Nf4;
         Ok(())
     }
 

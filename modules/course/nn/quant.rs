@@ -183,36 +183,173 @@ impl Nf4Weight {
         let absmax = blocks.abs().amax([1], false);
         let inv = absmax.reciprocal().where_self(&absmax.gt(0.0), &Tensor::zeros_like(&absmax));
         let scaled = (&blocks * inv.unsqueeze(1)).clamp(-1.0, 1.0);
-        let q = nearest(&scaled.reshape([-1]), &NF4_CODE).to_kind(Kind::Uint8).view([-1, 2]);
-        let packed = (q.select(1, 0) * 16 + q.select(1, 1)).to_kind(Kind::Uint8);
-
-        // Double quantization of the absmaxes.
-        let offset = absmax.mean(Kind::Float).double_value(&[]) as f32;
-        let centred = &absmax - offset as f64;
-        let nb = centred.size()[0];
-        let groups = (nb + NESTED_BLOCK - 1) / NESTED_BLOCK;
-        let padded = centred.constant_pad_nd([0, groups * NESTED_BLOCK - nb]).view([groups, NESTED_BLOCK]);
-        let nested_absmax = padded.abs().amax([1], false);
-        let ninv = nested_absmax.reciprocal().where_self(&nested_absmax.gt(0.0), &Tensor::zeros_like(&nested_absmax));
-        let normed = (&padded * ninv.unsqueeze(1)).clamp(-1.0, 1.0).reshape([-1]).narrow(0, 0, nb);
-        let code = dynamic_map();
-        let absmax_q = nearest(&normed, &code).to_kind(Kind::Uint8);
-        Ok(Nf4Weight {
-            packed,
-            absmax_q,
-            nested_absmax,
-            offset,
-            nested_code: Tensor::from_slice(&code).to_device(w.device()),
-            shape: [out, inp],
-        })
+        let codes = nearest(&scaled.reshape([-1]), &NF4_CODE);
+        Ok(Self::assemble(&codes, &absmax, [out, inp]))
     }
 
+    /// The weight from its codes (indices 0..16, flattened `(out, in)` order) and the block
+    /// absmaxes, which are double-quantized here.
+    fn assemble(codes: &Tensor, absmax: &Tensor, shape: [i64; 2]) -> Nf4Weight {
+        let packed = pack_codes(codes);
+        let (absmax_q, nested_absmax, offset, nested_code) = double_quantize(absmax);
+        Nf4Weight { packed, absmax_q, nested_absmax, offset, nested_code, shape }
+    }
+
+    /// GPTQ (Frantar et al., 2022) onto NF4's grid: the same format and layout as
+    /// [`Self::quantize`], with the codes chosen to keep the layer's *output* on calibration
+    /// inputs close, not each number alone. `h` `(in, in)` is `Σ xᵀx` over the calibration
+    /// inputs `x` of this layer (GPTQ's Hessian of the squared output error, up to a factor).
+    ///
+    /// The block scales are fixed first (each block's absmax, double-quantized: the numbers the
+    /// kernels will multiply by, "static groups"); then the columns are rounded left to right,
+    /// and each column's rounding error is pushed onto the columns not yet rounded through the
+    /// Cholesky factor of `H⁻¹` (with 1 % of H's mean diagonal added, GPTQ's damping), in lazy
+    /// batches of 128 columns. With `h` a multiple of the identity the errors stay where they
+    /// are, and the codes are exactly [`Self::quantize`]'s. Blocks must not straddle rows:
+    /// `in % 64 == 0`.
+    pub fn quantize_gptq(w: &Tensor, h: &Tensor) -> Result<Nf4Weight> {
+        check_weight("nf4 gptq", w)?;
+        let (out, inp) = (w.size()[0], w.size()[1]);
+        if inp % NF4_BLOCK != 0 {
+            bail!("nf4 gptq: in_features {inp} is not a multiple of the {NF4_BLOCK}-number block");
+        }
+        if h.size() != [inp, inp] {
+            bail!("nf4 gptq: the Hessian must be ({inp}, {inp}) for this weight, got {:?}", h.size());
+        }
+        if h.device() != w.device() {
+            bail!("nf4 gptq: the weight is on {:?}, the Hessian on {:?}", w.device(), h.device());
+        }
+        let _g = tch::no_grad_guard();
+        let dev = w.device();
+        let mut wf = w.to_kind(Kind::Float).copy();
+        let importance =
+            h.diagonal(0, 0, 1).to_kind(Kind::Float).clamp_min(0.0).view([inp / NF4_BLOCK, NF4_BLOCK]).repeat([out, 1]);
+        let absmax = search_scales(&wf.reshape([-1, NF4_BLOCK]), &importance);
+        let (absmax_q, nested_absmax, offset, nested_code) = double_quantize(&absmax);
+        let scale = dequantize_absmax(&absmax_q, &nested_absmax, offset, &nested_code).view([out, inp / NF4_BLOCK]);
+        let positive = scale.gt(0.0);
+        let inv = scale.reciprocal().where_self(&positive, &Tensor::zeros_like(&scale));
+        let scale = scale.where_self(&positive, &Tensor::zeros_like(&scale));
+
+        let hd = h.to_kind(Kind::Double).copy();
+        if hd.isfinite().logical_not().any().int64_value(&[]) != 0 {
+            bail!("nf4 gptq: the Hessian holds a NaN or an infinity");
+        }
+        let dead = hd.diagonal(0, 0, 1).le(0.0);
+        let _ = hd.diagonal(0, 0, 1).masked_fill_(&dead, 1.0);
+        let _ = wf.masked_fill_(&dead.unsqueeze(0), 0.0);
+        // Columns in decreasing order of their inputs' energy (GPTQ's act-order): the columns that
+        // matter most are rounded first, while the most columns are left to absorb their errors.
+        // The scales were fixed above per block, so the order changes no block's scale.
+        let perm = hd.diagonal(0, 0, 1).argsort(0, true);
+        let hd = hd.index_select(0, &perm).index_select(1, &perm);
+        let wf = wf.index_select(1, &perm);
+        let cols = Tensor::arange(inp, (Kind::Int64, dev)).floor_divide_scalar(NF4_BLOCK).index_select(0, &perm);
+        let scale = scale.index_select(1, &cols);
+        let inv = inv.index_select(1, &cols);
+        let damp = 0.01 * hd.diagonal(0, 0, 1).mean(Kind::Double).double_value(&[]);
+        let hd = hd + Tensor::eye(inp, (Kind::Double, dev)) * damp;
+        let (chol, info) = hd.linalg_cholesky_ex(false, false);
+        if info.int64_value(&[]) != 0 {
+            bail!(
+                "nf4 gptq: the damped Hessian is not positive definite (Cholesky failed at {})",
+                info.int64_value(&[])
+            );
+        }
+        let u = chol.cholesky_inverse(false).linalg_cholesky(true).to_kind(Kind::Float);
+
+        let code16 = Tensor::from_slice(&NF4_CODE).to_device(dev);
+        let mids: Vec<f32> = NF4_CODE.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+        let mids = Tensor::from_slice(&mids).to_device(dev); // as in `nearest`
+        let codes = Tensor::zeros([out, inp], (Kind::Int64, dev));
+        const LAZY: i64 = 128;
+        for i1 in (0..inp).step_by(LAZY as usize) {
+            let cnt = LAZY.min(inp - i1);
+            let w1 = wf.narrow(1, i1, cnt).copy();
+            let err = Tensor::zeros([out, cnt], (Kind::Float, dev));
+            let u1 = u.narrow(0, i1, cnt).narrow(1, i1, cnt);
+            for i in 0..cnt {
+                let col = w1.select(1, i);
+                let j = i1 + i;
+                let idx = (&col * inv.select(1, j)).clamp(-1.0, 1.0).bucketize(&mids, false, false);
+                let q = code16.index_select(0, &idx) * scale.select(1, j);
+                codes.select(1, j).copy_(&idx);
+                let e = (&col - &q) / u1.double_value(&[i, i]);
+                let row = u1.select(0, i).narrow(0, i, cnt - i);
+                let mut tail = w1.narrow(1, i, cnt - i);
+                tail -= e.unsqueeze(1).matmul(&row.unsqueeze(0));
+                err.select(1, i).copy_(&e);
+            }
+            if i1 + cnt < inp {
+                let rest = inp - i1 - cnt;
+                let mut later = wf.narrow(1, i1 + cnt, rest);
+                later -= err.matmul(&u.narrow(0, i1, cnt).narrow(1, i1 + cnt, rest));
+            }
+        }
+        // Back to the weight's own column order.
+        let codes = codes.index_select(1, &perm.argsort(0, false));
+        Ok(Nf4Weight { packed: pack_codes(&codes), absmax_q, nested_absmax, offset, nested_code, shape: [out, inp] })
+    }
+}
+
+/// Each block's scale, chosen among 0.70–1.00 of its absmax (16 steps) as the one whose NF4
+/// rounding leaves the least squared error in the block, each number's error weighted by its
+/// column's input energy (`importance`, the Hessian's diagonal, as llama.cpp's imatrix weighs
+/// its scale search): clipping the block's largest number a little buys finer steps for the
+/// rest. Blocks and importance `(nb, 64)`.
+fn search_scales(blocks: &Tensor, importance: &Tensor) -> Tensor {
+    let absmax = blocks.abs().amax([1], false);
+    let mut best = absmax.copy();
+    let mut best_err = Tensor::full([blocks.size()[0]], f64::INFINITY, (Kind::Float, blocks.device()));
+    let code = Tensor::from_slice(&NF4_CODE).to_device(blocks.device());
+    for i in 0..=15 {
+        let s = &absmax * (0.70 + 0.02 * i as f64);
+        let inv = s.reciprocal().where_self(&s.gt(0.0), &Tensor::zeros_like(&s)).unsqueeze(1);
+        let idx = nearest(&(blocks * &inv).clamp(-1.0, 1.0), &NF4_CODE);
+        let q = code.index_select(0, &idx.reshape([-1])).view_as(blocks) * s.unsqueeze(1);
+        let err = ((blocks - q).square() * importance).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+        let better = err.lt_tensor(&best_err);
+        best = s.where_self(&better, &best);
+        best_err = err.where_self(&better, &best_err);
+    }
+    best
+}
+
+/// Two NF4 codes a byte, the first in the high nibble.
+fn pack_codes(codes: &Tensor) -> Tensor {
+    let q = codes.reshape([-1]).to_kind(Kind::Uint8).view([-1, 2]);
+    (q.select(1, 0) * 16 + q.select(1, 1)).to_kind(Kind::Uint8)
+}
+
+/// Double quantization of NF4's block absmaxes (QLoRA's second idea): minus their mean, in
+/// groups of 256, each group scaled by its own absmax into the 8-bit dynamic code. Returns the
+/// code bytes, the groups' fp32 scales, the mean, and the 256-value code.
+fn double_quantize(absmax: &Tensor) -> (Tensor, Tensor, f32, Tensor) {
+    let offset = absmax.mean(Kind::Float).double_value(&[]) as f32;
+    let centred = absmax - offset as f64;
+    let nb = centred.size()[0];
+    let groups = (nb + NESTED_BLOCK - 1) / NESTED_BLOCK;
+    let padded = centred.constant_pad_nd([0, groups * NESTED_BLOCK - nb]).view([groups, NESTED_BLOCK]);
+    let nested_absmax = padded.abs().amax([1], false);
+    let ninv = nested_absmax.reciprocal().where_self(&nested_absmax.gt(0.0), &Tensor::zeros_like(&nested_absmax));
+    let normed = (&padded * ninv.unsqueeze(1)).clamp(-1.0, 1.0).reshape([-1]).narrow(0, 0, nb);
+    let code = dynamic_map();
+    let absmax_q = nearest(&normed, &code).to_kind(Kind::Uint8);
+    (absmax_q, nested_absmax, offset, Tensor::from_slice(&code).to_device(absmax.device()))
+}
+
+/// The block absmaxes back from their double quantization (fp32).
+fn dequantize_absmax(absmax_q: &Tensor, nested_absmax: &Tensor, offset: f32, code: &Tensor) -> Tensor {
+    let nb = absmax_q.size()[0];
+    let c = code.index_select(0, &absmax_q.to_kind(Kind::Int64));
+    let group = Tensor::arange(nb, (Kind::Int64, absmax_q.device())).floor_divide_scalar(NESTED_BLOCK);
+    c * nested_absmax.index_select(0, &group) + offset as f64
+}
+
+impl Nf4Weight {
     /// The block absmaxes as double quantization gives them back (fp32).
     pub fn absmax(&self) -> Tensor {
-        let nb = self.absmax_q.size()[0];
-        let code = self.nested_code.index_select(0, &self.absmax_q.to_kind(Kind::Int64));
-        let group = Tensor::arange(nb, (Kind::Int64, self.packed.device())).floor_divide_scalar(NESTED_BLOCK);
-        code * self.nested_absmax.index_select(0, &group) + self.offset as f64
+        dequantize_absmax(&self.absmax_q, &self.nested_absmax, self.offset, &self.nested_code)
     }
 
     /// `W` back, `(out, in)` in `kind` (plain tch ops: [`qdequantize_reference`]).
