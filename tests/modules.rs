@@ -32,8 +32,9 @@ fn every_built_module_runs_quick_and_writes_valid_metrics() {
     let mut ran = 0;
     for m in MODULES {
         let bin = bin_dir().join(m.name);
-        // A module still "planned" has no quick run with targets yet (m06 has only subcommands).
-        if !bin.exists() || m.target == "planned" {
+        // A module still "planned" has no quick run with targets yet; m06's quick run (a child
+        // process per weight format) has a test of its own below, which checks all of this too.
+        if !bin.exists() || m.target == "planned" || m.name == "m06_lora_quant" {
             continue;
         }
         let out = tmp(m.name);
@@ -240,17 +241,21 @@ fn m06_quick_tunes_then_compares_every_format_in_its_own_process() {
     let bin = bin_dir().join("m06_lora_quant");
     let out = tmp("m06-full");
     let text = run(Command::new(&bin).args(["--quick", "--quiet", "--device", "cpu", "--outputs"]).arg(&out));
-    for f in ["f32", "bf16", "int8", "nf4", "q4_1"] {
+    for f in ["f32", "bf16", "int8", "nf4", "nf4_gptq", "q4_1"] {
         assert!(text.contains(&format!("=== {f} (a process of its own) ===")), "{text}");
     }
     let dir = out.join("m06_lora_quant");
     let metrics = Metrics::load(&dir.join("metrics.json")).unwrap();
     assert!(metrics.quick && metrics.targets.iter().any(|t| t.name == "identity_lora"));
+    assert_eq!((metrics.module.as_str(), metrics.device.as_str()), ("m06_lora_quant", "cpu"));
+    assert!(dir.join("manifest.json").exists());
     let m = &metrics.metrics;
     // q4_1 computes exactly what the dequantized f32 model computes (the file's own numbers).
     assert!((m["q4_1_ppl_hamlet"] / m["f32_ppl_hamlet"] - 1.0).abs() < 1e-3, "{m:?}");
     assert_eq!(m["q4_1_greedy_agreement"], 1.0);
     assert!(m["q4_1_weight_mb"] * 5.0 < m["f32_weight_mb"] && m["nf4_weight_mb"] < m["int8_weight_mb"]);
+    // GPTQ changes NF4's codes, not its size.
+    assert_eq!(m["nf4_gptq_weight_mb"], m["nf4_weight_mb"]);
     for a in &metrics.artifacts {
         let p = dir.join(a);
         assert!(p.exists(), "missing artifact {a}");

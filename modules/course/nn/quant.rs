@@ -222,9 +222,10 @@ impl Nf4Weight {
         let _g = tch::no_grad_guard();
         let dev = w.device();
         let mut wf = w.to_kind(Kind::Float).copy();
-        let importance =
-            h.diagonal(0, 0, 1).to_kind(Kind::Float).clamp_min(0.0).view([inp / NF4_BLOCK, NF4_BLOCK]).repeat([out, 1]);
-        let absmax = search_scales(&wf.reshape([-1, NF4_BLOCK]), &importance);
+        let importance: Vec<f32> =
+            Vec::try_from(h.diagonal(0, 0, 1).to_kind(Kind::Float).clamp_min(0.0).to_device(Device::Cpu))?;
+        let wv: Vec<f32> = Vec::try_from(wf.to_device(Device::Cpu).reshape([-1]))?;
+        let absmax = Tensor::from_slice(&search_scales(&wv, &importance)).to_device(dev);
         let (absmax_q, nested_absmax, offset, nested_code) = double_quantize(&absmax);
         let scale = dequantize_absmax(&absmax_q, &nested_absmax, offset, &nested_code).view([out, inp / NF4_BLOCK]);
         let positive = scale.gt(0.0);
@@ -258,34 +259,61 @@ impl Nf4Weight {
         }
         let u = chol.cholesky_inverse(false).linalg_cholesky(true).to_kind(Kind::Float);
 
-        let code16 = Tensor::from_slice(&NF4_CODE).to_device(dev);
-        let mids: Vec<f32> = NF4_CODE.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
-        let mids = Tensor::from_slice(&mids).to_device(dev); // as in `nearest`
-        let codes = Tensor::zeros([out, inp], (Kind::Int64, dev));
-        const LAZY: i64 = 128;
-        for i1 in (0..inp).step_by(LAZY as usize) {
-            let cnt = LAZY.min(inp - i1);
-            let w1 = wf.narrow(1, i1, cnt).copy();
-            let err = Tensor::zeros([out, cnt], (Kind::Float, dev));
-            let u1 = u.narrow(0, i1, cnt).narrow(1, i1, cnt);
-            for i in 0..cnt {
-                let col = w1.select(1, i);
-                let j = i1 + i;
-                let idx = (&col * inv.select(1, j)).clamp(-1.0, 1.0).bucketize(&mids, false, false);
-                let q = code16.index_select(0, &idx) * scale.select(1, j);
-                codes.select(1, j).copy_(&idx);
-                let e = (&col - &q) / u1.double_value(&[i, i]);
-                let row = u1.select(0, i).narrow(0, i, cnt - i);
-                let mut tail = w1.narrow(1, i, cnt - i);
-                tail -= e.unsqueeze(1).matmul(&row.unsqueeze(0));
-                err.select(1, i).copy_(&e);
-            }
-            if i1 + cnt < inp {
-                let rest = inp - i1 - cnt;
-                let mut later = wf.narrow(1, i1 + cnt, rest);
-                later -= err.matmul(&u.narrow(0, i1, cnt).narrow(1, i1 + cnt, rest));
+        // The column loop in plain Rust, row by row: under GPTQ a row's rounding errors move only
+        // along that row, so the rows are independent and split across threads; the lazy
+        // updates of the later columns are matmuls.
+        let cpu = Device::Cpu;
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(Vec::try_from(t.to_device(cpu).contiguous().reshape([-1]))?) };
+        let (scale_v, inv_v) = (flat(&scale)?, flat(&inv)?);
+        let wf = wf.to_device(cpu);
+        let u = u.to_device(cpu);
+        let mids: Vec<f32> = NF4_CODE.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect(); // as in `nearest`
+        let (n, k) = (out as usize, inp as usize);
+        let mut codes = vec![0u8; n * k];
+        let threads = (tch::get_num_threads().max(1) as usize).min(n.max(1));
+        let rows_per = n.div_ceil(threads).max(1);
+        const LAZY: usize = 128;
+        for i1 in (0..k).step_by(LAZY) {
+            let cnt = LAZY.min(k - i1);
+            let mut w1 = flat(&wf.narrow(1, i1 as i64, cnt as i64))?;
+            let u1 = flat(&u.narrow(0, i1 as i64, cnt as i64).narrow(1, i1 as i64, cnt as i64))?;
+            let mut err = vec![0f32; n * cnt];
+            let (sv, iv, u1r, mids) = (&scale_v, &inv_v, &u1, &mids);
+            std::thread::scope(|sc| {
+                let parts = w1
+                    .chunks_mut(rows_per * cnt)
+                    .zip(err.chunks_mut(rows_per * cnt))
+                    .zip(codes.chunks_mut(rows_per * k));
+                for (t, ((wch, ech), cch)) in parts.enumerate() {
+                    sc.spawn(move || {
+                        for (lr, ((row, erow), crow)) in
+                            wch.chunks_mut(cnt).zip(ech.chunks_mut(cnt)).zip(cch.chunks_mut(k)).enumerate()
+                        {
+                            let r = t * rows_per + lr;
+                            for i in 0..cnt {
+                                let j = i1 + i;
+                                let x = row[i];
+                                let y = (x * iv[r * k + j]).clamp(-1.0, 1.0);
+                                let idx = mids.iter().filter(|&&m| m < y).count();
+                                crow[j] = idx as u8;
+                                let e = (x - NF4_CODE[idx] * sv[r * k + j]) / u1r[i * cnt + i];
+                                erow[i] = e;
+                                for (a, &b) in row[i..].iter_mut().zip(&u1r[i * cnt + i..(i + 1) * cnt]) {
+                                    *a -= e * b;
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            if i1 + cnt < k {
+                let rest = (k - i1 - cnt) as i64;
+                let e = Tensor::from_slice(&err).view([out, cnt as i64]);
+                let mut later = wf.narrow(1, (i1 + cnt) as i64, rest);
+                later -= e.matmul(&u.narrow(0, i1 as i64, cnt as i64).narrow(1, (i1 + cnt) as i64, rest));
             }
         }
+        let codes = Tensor::from_slice(&codes).view([out, inp]).to_kind(Kind::Int64).to_device(dev);
         // Back to the weight's own column order.
         let codes = codes.index_select(1, &perm.argsort(0, false));
         Ok(Nf4Weight { packed: pack_codes(&codes), absmax_q, nested_absmax, offset, nested_code, shape: [out, inp] })
@@ -294,25 +322,57 @@ impl Nf4Weight {
 
 /// Each block's scale, chosen among 0.70–1.00 of its absmax (16 steps) as the one whose NF4
 /// rounding leaves the least squared error in the block, each number's error weighted by its
-/// column's input energy (`importance`, the Hessian's diagonal, as llama.cpp's imatrix weighs
-/// its scale search): clipping the block's largest number a little buys finer steps for the
-/// rest. Blocks and importance `(nb, 64)`.
-fn search_scales(blocks: &Tensor, importance: &Tensor) -> Tensor {
-    let absmax = blocks.abs().amax([1], false);
-    let mut best = absmax.copy();
-    let mut best_err = Tensor::full([blocks.size()[0]], f64::INFINITY, (Kind::Float, blocks.device()));
-    let code = Tensor::from_slice(&NF4_CODE).to_device(blocks.device());
-    for i in 0..=15 {
-        let s = &absmax * (0.70 + 0.02 * i as f64);
-        let inv = s.reciprocal().where_self(&s.gt(0.0), &Tensor::zeros_like(&s)).unsqueeze(1);
-        let idx = nearest(&(blocks * &inv).clamp(-1.0, 1.0), &NF4_CODE);
-        let q = code.index_select(0, &idx.reshape([-1])).view_as(blocks) * s.unsqueeze(1);
-        let err = ((blocks - q).square() * importance).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
-        let better = err.lt_tensor(&best_err);
-        best = s.where_self(&better, &best);
-        best_err = err.where_self(&better, &best_err);
-    }
-    best
+/// column's input energy (`importance`, one per column: the Hessian's diagonal, as llama.cpp's
+/// imatrix weighs its scale search): clipping the block's largest number a little buys finer
+/// steps for the rest. `w` is the weight `(out, in)` flattened, `in` a multiple of 64; plain
+/// Rust over the blocks, split across threads.
+fn search_scales(w: &[f32], importance: &[f32]) -> Vec<f32> {
+    let k = importance.len();
+    let blocks = w.len() / NF4_BLOCK as usize;
+    let mut out = vec![0f32; blocks];
+    let threads = (tch::get_num_threads().max(1) as usize).min(blocks.max(1));
+    let per = blocks.div_ceil(threads).max(1);
+    let mids: Vec<f32> = NF4_CODE.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    std::thread::scope(|sc| {
+        for (t, chunk) in out.chunks_mut(per).enumerate() {
+            let mids = &mids;
+            sc.spawn(move || {
+                for (lb, slot) in chunk.iter_mut().enumerate() {
+                    let b = t * per + lb;
+                    let x = &w[b * 64..(b + 1) * 64];
+                    let c0 = (b * 64) % k;
+                    let imp = &importance[c0..c0 + 64];
+                    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let (mut best, mut best_err) = (amax, f32::INFINITY);
+                    if amax > 0.0 {
+                        for i in 0..16 {
+                            let s = amax * (0.70 + 0.02 * i as f32);
+                            let inv = 1.0 / s;
+                            let mut e = 0f32;
+                            for (&v, &g) in x.iter().zip(imp) {
+                                let y = (v * inv).clamp(-1.0, 1.0);
+                                // The number of midpoints below y: the nearest code, ties low.
+                                let mut idx = 0usize;
+                                for step in [8usize, 4, 2, 1] {
+                                    if idx + step <= 15 && mids[idx + step - 1] < y {
+                                        idx += step;
+                                    }
+                                }
+                                let d = v - NF4_CODE[idx] * s;
+                                e += g * d * d;
+                            }
+                            if e < best_err {
+                                best_err = e;
+                                best = s;
+                            }
+                        }
+                    }
+                    *slot = best;
+                }
+            });
+        }
+    });
+    out
 }
 
 /// Two NF4 codes a byte, the first in the high nibble.
