@@ -123,7 +123,7 @@ inline VF loadx(const float* x, int64_t n) { return n >= L ? VF::loadu(x) : VF::
 
 // NF4 absmax of block b (double quantization undone).
 inline float nf4_absmax(const QWeight& w, int64_t b) {
-  return w.code8[w.absmax_q[b]] * w.scale[b / kNf4NestedBlock] + w.offset;
+  return w.code8[w.absmax_q[b]] * w.scale[static_cast<uint64_t>(b) / kNf4NestedBlock] + w.offset;
 }
 
 inline const uint8_t* row_bytes(const QWeight& w, int64_t n) {
@@ -386,17 +386,54 @@ inline float hsum128(__m128 s) {
 inline float hsum256(__m256 v) { return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }
 
 // One full step of the Q4_1 / Q8_0 rows: the weight bytes w of blocks b and b + 1 against each row
-// of x, scaled per lane by dw and x's d; the blocks' pair of scales s4 meets x's dsp lanes.
-template <int64_t M>
+// of x, scaled per lane by dw and x's d, into accumulator U; the blocks' pair of scales s4 meets
+// x's dsp lanes. The row loops take two steps at a time, one per accumulator, so that U is a
+// constant and the accumulators stay in registers (a run-time index kept them on the stack, a
+// store-to-load round trip on every step).
+template <int64_t M, int U>
 COURSE_VNNI inline void pair_step(__m512i w, __m512 dw, __m128 s4, const XQ* x, int64_t b, __m512 (*acc)[2],
                                   __m128* corr4) {
-  const int u = (b >> 1) & 1;
   for (int64_t m = 0; m < M; ++m) {
     const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x[m].q.data() + b * 32));
-    acc[m][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].dv.data() + b / 2 * 16)),
-                                acc[m][u]);
+    acc[m][U] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw, _mm512_loadu_ps(x[m].dv.data() + b / 2 * 16)),
+                                acc[m][U]);
     corr4[m] = _mm_fmadd_ps(s4, _mm_loadu_ps(x[m].dsp.data() + b / 2 * 4), corr4[m]);
   }
+}
+
+// Blocks b and b + 1 of a Q4_1 row (40 bytes at r).
+template <int64_t M, int U>
+COURSE_VNNI inline void q4_1_pair(const uint8_t* r, int64_t b, const XQ* x, __m512 (*acc)[2], __m128* corr4) {
+  const __m512i didx = _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0);
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m256i v = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 4))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 24)), 1);
+  const __m512i w = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), m4);
+  // The two blocks' (d, m) in one conversion: (d0, m0, d1, m1); d0 to lanes of block b, d1 to
+  // those of b + 1; the m's meet (0, ds_b, 0, ds_b+1) in a 4-lane sum.
+  uint32_t h0, h1;
+  std::memcpy(&h0, r, 4);
+  std::memcpy(&h1, r + 20, 4);
+  const __m128 dm = _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<int64_t>(h0 | (static_cast<uint64_t>(h1) << 32))));
+  pair_step<M, U>(w, _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dm)), dm, x, b, acc, corr4);
+}
+
+// Blocks b and b + 1 of a Q8_0 row (68 bytes at r).
+template <int64_t M, int U>
+COURSE_VNNI inline void q8_0_pair(const uint8_t* r, int64_t b, const XQ* x, __m512 (*acc)[2], __m128* corr4) {
+  const __m512i didx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i w = _mm512_xor_si512(
+      _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 2))),
+                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 36)), 1),
+      bias);
+  // (d0, d1) in one conversion; the 128 s terms as a 4-lane sum against (ds_b, ds_b+1, 0, 0).
+  uint16_t h0, h1;
+  std::memcpy(&h0, r, 2);
+  std::memcpy(&h1, r + 34, 2);
+  const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h0 | (static_cast<uint32_t>(h1) << 16))));
+  pair_step<M, U>(w, _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dd)), dd, x, b, acc, corr4);
 }
 
 template <int64_t M>
@@ -408,21 +445,15 @@ COURSE_VNNI void row_dot_q4_1_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
     acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     corr4[m] = _mm_setzero_ps();
   }
-  const __m512i didx = _mm512_set_epi32(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0);
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
   int64_t b = 0;
-  for (; b + 2 <= nb; b += 2, r += 40) {
-    const __m256i v = _mm256_inserti128_si256(
-        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 4))),
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 24)), 1);
-    const __m512i w = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), m4);
-    // The two blocks' (d, m) in one conversion: (d0, m0, d1, m1); d0 to lanes of block b, d1 to
-    // those of b + 1; the m's meet (0, ds_b, 0, ds_b+1) in a 4-lane sum.
-    uint32_t h0, h1;
-    std::memcpy(&h0, r, 4);
-    std::memcpy(&h1, r + 20, 4);
-    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<int64_t>(h0 | (static_cast<uint64_t>(h1) << 32))));
-    pair_step<M>(w, _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dm)), dm, x, b, acc, corr4);
+  for (; b + 4 <= nb; b += 4, r += 80) {
+    q4_1_pair<M, 0>(r, b, x, acc, corr4);
+    q4_1_pair<M, 1>(r + 40, b + 2, x, acc, corr4);
+  }
+  if (b + 2 <= nb) {
+    q4_1_pair<M, 0>(r, b, x, acc, corr4);
+    b += 2;
+    r += 40;
   }
   for (int64_t m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + hsum128(corr4[m]);
   if (b < nb) {
@@ -447,20 +478,15 @@ COURSE_VNNI void row_dot_q8_0_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
     acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     corr4[m] = _mm_setzero_ps();
   }
-  const __m512i didx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   int64_t b = 0;
-  for (; b + 2 <= nb; b += 2, r += 68) {
-    const __m512i w = _mm512_xor_si512(
-        _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 2))),
-                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + 36)), 1),
-        bias);
-    // (d0, d1) in one conversion; the 128 s terms as a 4-lane sum against (ds_b, ds_b+1, 0, 0).
-    uint16_t h0, h1;
-    std::memcpy(&h0, r, 2);
-    std::memcpy(&h1, r + 34, 2);
-    const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h0 | (static_cast<uint32_t>(h1) << 16))));
-    pair_step<M>(w, _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dd)), dd, x, b, acc, corr4);
+  for (; b + 4 <= nb; b += 4, r += 136) {
+    q8_0_pair<M, 0>(r, b, x, acc, corr4);
+    q8_0_pair<M, 1>(r + 68, b + 2, x, acc, corr4);
+  }
+  if (b + 2 <= nb) {
+    q8_0_pair<M, 0>(r, b, x, acc, corr4);
+    b += 2;
+    r += 68;
   }
   for (int64_t m = 0; m < M; ++m)
     out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) - 128.f * hsum128(corr4[m]);
@@ -483,41 +509,56 @@ inline __m512i nf4_code_bytes(const float* code16) {
   return _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
 }
 
+// Blocks j and j + 1 of an NF4 row (64 bytes at p; bj the first one's index in the weight) into
+// accumulator U (see pair_step).
+template <int64_t M, int U>
+COURSE_VNNI inline void nf4_pair(const QWeight& w, const uint8_t* p, int64_t bj, int64_t j, const __m512i lut,
+                                 const XQ* x, __m512 (*acc)[2], float (*corr)[2]) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i bytes = _mm512_loadu_si512(p);
+  const __m512i wh = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4));
+  const __m512i wl = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, m4));
+  constexpr float k127 = 1.f / 127.f;
+  const float a0 = nf4_absmax(w, bj) * k127, a1 = nf4_absmax(w, bj + 1) * k127;
+  const __m512 sw = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a0), _mm512_set1_ps(a1));
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xq = x[m].q.data() + j * 64;
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wh, _mm512_loadu_si512(xq)), wl,
+                                            _mm512_loadu_si512(xq + 64));
+    acc[m][U] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, _mm512_loadu_ps(x[m].dv.data() + j / 2 * 16)),
+                                acc[m][U]);
+    corr[m][U] -= 128.f * (a0 * x[m].ds[j] + a1 * x[m].ds[j + 1]);
+  }
+}
+
 template <int64_t M>
 COURSE_VNNI void row_dot_nf4_vnni(const QWeight& w, int64_t n, const __m512i lut, const XQ* x, float* out) {
   const int64_t K = w.K, nb = K / 64, b0 = n * nb;  // b0: the row's first block
   const uint8_t* p = w.data + n * K / 2;
   __m512 acc[M][2];
-  float corr[M];
+  float corr[M][2];
   for (int64_t m = 0; m < M; ++m) {
     acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    corr[m] = 0.f;
+    corr[m][0] = corr[m][1] = 0.f;
   }
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
   int64_t j = 0;
-  for (; j + 2 <= nb; j += 2, p += 64) {
-    const __m512i bytes = _mm512_loadu_si512(p);
-    const __m512i wh = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), m4));
-    const __m512i wl = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, m4));
-    const float a0 = nf4_absmax(w, b0 + j) / 127.f, a1 = nf4_absmax(w, b0 + j + 1) / 127.f;
-    const __m512 sw = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a0), _mm512_set1_ps(a1));
-    const int u = (j >> 1) & 1;
-    for (int64_t m = 0; m < M; ++m) {
-      const int8_t* xq = x[m].q.data() + j * 64;
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wh, _mm512_loadu_si512(xq)), wl,
-                                              _mm512_loadu_si512(xq + 64));
-      acc[m][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, _mm512_loadu_ps(x[m].dv.data() + j / 2 * 16)),
-                                  acc[m][u]);
-      corr[m] -= 128.f * (a0 * x[m].ds[j] + a1 * x[m].ds[j + 1]);
-    }
+  for (; j + 4 <= nb; j += 4, p += 128) {
+    nf4_pair<M, 0>(w, p, b0 + j, j, lut, x, acc, corr);
+    nf4_pair<M, 1>(w, p + 64, b0 + j + 2, j + 2, lut, x, acc, corr);
   }
-  for (int64_t m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + corr[m];
+  if (j + 2 <= nb) {
+    nf4_pair<M, 0>(w, p, b0 + j, j, lut, x, acc, corr);
+    j += 2;
+    p += 64;
+  }
+  for (int64_t m = 0; m < M; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + (corr[m][0] + corr[m][1]);
   if (j < nb) {
     const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i lut2 = _mm512_castsi512_si256(lut), m4y = _mm256_set1_epi8(0x0F);
     const __m256i wh = _mm256_shuffle_epi8(lut2, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m4y));
     const __m256i wl = _mm256_shuffle_epi8(lut2, _mm256_and_si256(bytes, m4y));
-    const float a0 = nf4_absmax(w, b0 + j) / 127.f;
+    const float a0 = nf4_absmax(w, b0 + j) * (1.f / 127.f);
     for (int64_t m = 0; m < M; ++m) {
       const int8_t* xq = x[m].q.data() + j * 64;
       const __m256i dot = _mm256_dpbusd_epi32(
