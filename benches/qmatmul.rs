@@ -25,7 +25,8 @@ use anyhow::Result;
 mod benchkit;
 use course::nn::quant::{ggml_weight, Int8Weight, Nf4Weight};
 use course::ops::qmatmul::{
-    amx, int8_activations_supported, qlinear, qlinear_int8_activations, set_amx, QFormat, QTensors,
+    amx, int8_activations_supported, prefetch, qlinear, qlinear_int8_activations, set_amx, set_prefetch, Prefetch,
+    QFormat, QTensors,
 };
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -63,7 +64,7 @@ fn copy_roof() -> f64 {
 }
 
 struct Contender {
-    name: &'static str,
+    name: String,
     bytes: i64,
     run: Box<dyn Fn()>,
 }
@@ -136,7 +137,7 @@ fn contenders(m: i64, k: i64, n: i64, span: i64) -> Vec<Contender> {
         let x = x.shallow_clone();
         let ws: Vec<Tensor> = (0..copies(n * k * 4, span)).map(|_| deep(&w)).collect();
         out.push(Contender {
-            name: "f32 (tch)",
+            name: "f32 (tch)".into(),
             bytes: n * k * 4,
             run: rotating(ws, move |w| drop(x.linear::<Tensor>(w, None))),
         });
@@ -147,7 +148,7 @@ fn contenders(m: i64, k: i64, n: i64, span: i64) -> Vec<Contender> {
         let qs: Vec<(Tensor, Tensor)> =
             (0..copies(n * k + 4 * n, span)).map(|_| (deep(&i8w.q), deep(&i8w.scale))).collect();
         out.push(Contender {
-            name: "int8 torch",
+            name: "int8 torch".into(),
             bytes: n * k + 4 * n,
             run: rotating(qs, move |(q, s)| drop(x.internal_weight_int8pack_mm(q, s))),
         });
@@ -166,7 +167,7 @@ fn contenders(m: i64, k: i64, n: i64, span: i64) -> Vec<Contender> {
         let bytes = n * k / 2 + n * (k / 32) * 8;
         let ps: Vec<(Tensor, Tensor)> = (0..copies(bytes, span)).map(|_| (deep(&packed), deep(&sz))).collect();
         out.push(Contender {
-            name: "int4 torch",
+            name: "int4 torch".into(),
             bytes,
             run: rotating(ps, move |(p, sz)| drop(x.internal_weight_int4pack_mm_for_cpu(p, 32, sz))),
         });
@@ -186,22 +187,46 @@ fn contenders(m: i64, k: i64, n: i64, span: i64) -> Vec<Contender> {
             bf16_contenders(&mut out, name, &x, &w, &q);
         }
         if !gemm && int8_activations_supported(q.format, k) {
-            let x = x.shallow_clone();
             let label = match q.format {
                 QFormat::Q4_1 => "q4_1 x8 ours",
                 QFormat::Q8_0 => "q8_0 x8 ours",
                 _ => "nf4 x8 ours",
             };
+            for (suffix, pf) in prefetches(k) {
+                let x = x.shallow_clone();
+                out.push(Contender {
+                    name: format!("{label}{suffix}"),
+                    bytes: q.bytes(),
+                    run: rotating(qs(&q), move |q| {
+                        set_prefetch(pf);
+                        drop(qlinear_int8_activations(&x, q).unwrap())
+                    }),
+                });
+            }
+        }
+        for (suffix, pf) in prefetches(k) {
+            let x = x.shallow_clone();
             out.push(Contender {
-                name: label,
+                name: format!("{name}{suffix}"),
                 bytes: q.bytes(),
-                run: rotating(qs(&q), move |q| drop(qlinear_int8_activations(&x, q).unwrap())),
+                run: rotating(qs(&q), move |q| {
+                    set_prefetch(pf);
+                    drop(qlinear(&x, q).unwrap())
+                }),
             });
         }
-        let x = x.shallow_clone();
-        out.push(Contender { name, bytes: q.bytes(), run: rotating(qs(&q), move |q| drop(qlinear(&x, q).unwrap())) });
     }
     out
+}
+
+/// At 4096 x 4096 (one token) our GEMVs run once per software prefetch of W's rows (none,
+/// non-temporal, into L2: `ops::qmatmul::Prefetch`); elsewhere with the default.
+fn prefetches(k: i64) -> Vec<(&'static str, Prefetch)> {
+    if k == 4096 {
+        vec![(" -pf", Prefetch::Off), (" nta", Prefetch::NonTemporal), (" l2", Prefetch::L2)]
+    } else {
+        vec![("", prefetch())]
+    }
 }
 
 /// For the GEMM shapes (more than 4 rows): bf16 x through torch's own bf16 linear (oneDNN) and
@@ -212,7 +237,7 @@ fn bf16_contenders(out: &mut Vec<Contender>, name: &'static str, x: &Tensor, w: 
     if name.starts_with("int8") {
         let (xb, wb) = (xb.shallow_clone(), w.to_kind(Kind::BFloat16));
         out.push(Contender {
-            name: "bf16 (tch)",
+            name: "bf16 (tch)".into(),
             bytes: wb.numel() as i64 * 2,
             run: Box::new(move || drop(xb.linear::<Tensor>(&wb, None))),
         });
@@ -225,7 +250,7 @@ fn bf16_contenders(out: &mut Vec<Contender>, name: &'static str, x: &Tensor, w: 
     for (label, on) in [(amx_name, true), (aten_name, false)] {
         let (xb, q) = (xb.shallow_clone(), q.shallow_clone());
         out.push(Contender {
-            name: label,
+            name: label.into(),
             bytes: q.bytes(),
             run: Box::new(move || {
                 set_amx(on);
@@ -250,9 +275,11 @@ fn main() -> Result<()> {
         b.threads,
         course::sys::runtime::versions().cpu_capability
     );
-    println!("AMX GEMM: {} (the bench switches it per contender)\n", amx().1);
+    println!("AMX GEMM: {} (the bench switches it per contender)", amx().1);
+    let pf = prefetch();
+    println!("GEMV prefetch by default: {pf:?} (at 4096 x 4096 each of ours runs with -pf none, nta and l2)\n");
     println!(
-        "{:>18} {:>15} {:>10} {:>9} {:>8} {:>7}   (medians of {rounds} rounds)",
+        "{:>22} {:>20} {:>10} {:>9} {:>8} {:>7}   (medians of {rounds} rounds)",
         "M x K -> N", "contender", "ms/call", "GB/s", "% roof", "x f32"
     );
     tch::manual_seed(0);
@@ -265,6 +292,7 @@ fn main() -> Result<()> {
             runs.truncate(1);
         }
         for (m, k, n, span) in runs {
+            set_prefetch(pf); // the default again for the shapes that do not switch it
             let cs = contenders(m, k, n, span);
             let mut ms: Vec<Vec<f64>> = vec![Vec::new(); cs.len()];
             for c in &cs {
@@ -280,7 +308,7 @@ fn main() -> Result<()> {
                 let ratio = benchkit::median(ms[0].iter().zip(&ms[i]).map(|(f, o)| f / o).collect());
                 let gbs = c.bytes as f64 / (med * 1e-3) / 1e9;
                 println!(
-                    "{:>18} {:>15} {:>10.4} {:>9.1} {:>7.0}% {:>6.2}x",
+                    "{:>22} {:>20} {:>10.4} {:>9.1} {:>7.0}% {:>6.2}x",
                     format!("{m} x {k} -> {n}{}", if span > 0 { " DRAM" } else { "" }),
                     c.name,
                     med,

@@ -130,6 +130,9 @@ char* course_linear(course_tensor input, course_tensor weight, course_tensor bia
 char* course_skinny_matmul(course_tensor input, course_tensor weight, course_tensor* out);
 int course_qmatmul_amx(int enable, char* why, int64_t cap);
 int course_qgemv_int8_activations(int format, int64_t K);
+// The quantized GEMVs' software prefetch of W's rows: 0 none, 1 non-temporal, 2 into L2; `mode`
+// -1 leaves it. Returns the mode in force after the call.
+int course_qgemv_prefetch(int mode);
 char* course_dropout(course_tensor input, double p, int64_t seed, course_tensor* out);
 // 1 when course_linear would run oneDNN for this input, 0 when it runs at::linear.
 int course_linear_uses_onednn(course_tensor input);

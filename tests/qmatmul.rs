@@ -12,7 +12,7 @@ use course::io::gguf::GgufFile;
 use course::nn::quant::{ggml_weight, Int8Weight, Nf4Weight};
 use course::ops::qmatmul::{
     int8_activations_supported, qdequantize, qdequantize_reference, qlinear, qlinear_int8_activations,
-    qlinear_int8_activations_reference, qlinear_reference, QFormat, QTensors,
+    qlinear_int8_activations_reference, qlinear_reference, set_prefetch, Prefetch, QFormat, QTensors,
 };
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -210,6 +210,29 @@ fn int8_activations_equal_their_reference() {
             }
         }
     }
+}
+
+#[test]
+fn every_software_prefetch_gives_the_same_bits() {
+    // A prefetch only brings memory in earlier: every mode must give the same numbers.
+    let x = Tensor::randn([2, 576], cpu(Kind::Float));
+    let ws = weights(300, 576);
+    let before = set_prefetch(Prefetch::Off);
+    let base: Vec<(Tensor, Tensor)> =
+        ws.iter().map(|w| (qlinear(&x, w).unwrap(), qlinear_int8_activations(&x, w).unwrap())).collect();
+    for mode in [Prefetch::NonTemporal, Prefetch::L2] {
+        set_prefetch(mode);
+        assert_eq!(course::ops::qmatmul::prefetch(), mode);
+        for (w, (a, b)) in ws.iter().zip(&base) {
+            assert!(qlinear(&x, w).unwrap().equal(a), "{:?} {mode:?}: qlinear changed", w.format);
+            assert!(
+                qlinear_int8_activations(&x, w).unwrap().equal(b),
+                "{:?} {mode:?}: int8 activations changed",
+                w.format
+            );
+        }
+    }
+    set_prefetch(before);
 }
 
 #[test]

@@ -373,6 +373,11 @@ int course_qgemv_int8_activations(int format, int64_t K) {
   return format >= 0 && (format & 0xFF) <= 3 && course::act8_isa(w) ? 1 : 0;
 }
 
+int course_qgemv_prefetch(int mode) {
+  if (mode >= 0 && mode <= 2) course::qgemv_prefetch().store(mode);
+  return course::qgemv_prefetch().load();
+}
+
 // W decoded into a new (N, K) tensor; kind 0 float32, 1 bfloat16.
 char* course_qdequantize(int format, course_tensor* tensors, double offset, int64_t N, int64_t K, int kind,
                          course_tensor* out) {

@@ -38,7 +38,7 @@ using VF = Vectorized<float>;
 constexpr int64_t L = VF::size();
 
 constexpr int64_t kMaxRows = 4;       // rows of x per pass
-constexpr int64_t kPrefetchRows = 8;  // rows of W ahead, where nta_prefetch() (as in gemv_cpu.cpp)
+constexpr int64_t kPrefetchRows = 8;  // rows of W ahead, non-temporal (as in gemv_cpu.cpp)
 
 inline float half_to_float(const uint8_t* p) {
   uint16_t h;
@@ -146,11 +146,20 @@ inline int64_t row_size(const QWeight& w) {
   return w.K;
 }
 
-// Where nta_prefetch(): W's row n + kPrefetchRows (rs bytes), while it is before n1.
-inline void prefetch_ahead(const QWeight& w, int64_t n, int64_t n1, int64_t rs, bool prefetch) {
-  if (!prefetch || n + kPrefetchRows >= n1) return;
-  const char* p = reinterpret_cast<const char*>(row_bytes(w, n + kPrefetchRows));
-  for (int64_t b = 0; b < rs; b += 64) __builtin_prefetch(p + b, 0, 0);
+// The software prefetch of W's rows ahead (qgemv_prefetch() in dispatch.h): mode 1 the row
+// kPrefetchRows ahead, non-temporal; mode 2 the row about kPrefetchL2Bytes ahead, into L2.
+constexpr int64_t kPrefetchL2Bytes = 8192;
+inline int64_t prefetch_rows(int mode, int64_t rs) {
+  return mode == 2 ? std::max<int64_t>(1, (kPrefetchL2Bytes + rs - 1) / rs) : kPrefetchRows;
+}
+inline void prefetch_ahead(const QWeight& w, int64_t n, int64_t n1, int64_t rs, int mode, int64_t ahead) {
+  if (mode == 0 || n + ahead >= n1) return;
+  const char* p = reinterpret_cast<const char*>(row_bytes(w, n + ahead));
+  if (mode == 2) {
+    for (int64_t b = 0; b < rs; b += 64) __builtin_prefetch(p + b, 0, 2);
+  } else {
+    for (int64_t b = 0; b < rs; b += 64) __builtin_prefetch(p + b, 0, 0);
+  }
 }
 
 // The rows of x as the row kernels read them: fp32 (zero-padded), and for NF4 on AVX-512 each
@@ -590,10 +599,11 @@ void gemv_rows_act8(const QWeight& w, const T* x, T* y, int64_t n0, int64_t n1) 
   }
   const __m512i lut = w.format == QFormat::Nf4 ? nf4_code_bytes(w.code16) : _mm512_setzero_si512();
   const int64_t rs = row_size(w);
-  const bool prefetch = nta_prefetch();
+  const int mode = qgemv_prefetch().load(std::memory_order_relaxed);
+  const int64_t ahead = prefetch_rows(mode, rs);
   float out[M];
   for (int64_t n = n0; n < n1; ++n) {
-    prefetch_ahead(w, n, n1, rs, prefetch);
+    prefetch_ahead(w, n, n1, rs, mode, ahead);
     switch (w.format) {
       case QFormat::Q4_1: row_dot_q4_1_vnni<M>(row_bytes(w, n), K, xq, out); break;
       case QFormat::Q8_0: row_dot_q8_0_vnni<M>(row_bytes(w, n), K, xq, out); break;
@@ -769,10 +779,11 @@ void gemv_rows(const QWeight& w, const T* x, T* y, int64_t n0, int64_t n1) {
     }
   }
   const int64_t rs = row_size(w);
-  const bool prefetch = nta_prefetch();
+  const int mode = qgemv_prefetch().load(std::memory_order_relaxed);
+  const int64_t ahead = prefetch_rows(mode, rs);
   float out[M];
   for (int64_t n = n0; n < n1; ++n) {
-    prefetch_ahead(w, n, n1, rs, prefetch);
+    prefetch_ahead(w, n, n1, rs, mode, ahead);
     row_dot<M>(w, n, xr, out);
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = static_cast<T>(out[m]);
   }

@@ -165,6 +165,37 @@ pub fn int8_activations_supported(format: QFormat, k: i64) -> bool {
     unsafe { ffi::course_qgemv_int8_activations(format.id(), k) != 0 }
 }
 
+/// How the quantized GEMVs prefetch `W`'s rows ahead in software (the hardware's streamer stops
+/// at every 4 KB page): not at all (the default except on AMD: on the Intel Xeon neither kind
+/// beat none), non-temporally (`prefetchnta`, 8 rows ahead: the default on AMD, where it lifted
+/// the DRAM stream), or into L2 (`prefetcht1`, about 8 KB ahead). `COURSE_PREFETCH=0`,
+/// `1` or `2` sets the default; [`set_prefetch`] switches it for the process (the benchmark's
+/// A/B). The results are the same in every mode, only the speed differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefetch {
+    Off = 0,
+    NonTemporal = 1,
+    L2 = 2,
+}
+
+/// The quantized GEMVs' prefetch in force.
+pub fn prefetch() -> Prefetch {
+    // SAFETY: plain values in and out.
+    match unsafe { ffi::course_qgemv_prefetch(-1) } {
+        1 => Prefetch::NonTemporal,
+        2 => Prefetch::L2,
+        _ => Prefetch::Off,
+    }
+}
+
+/// Sets the quantized GEMVs' prefetch for this process; returns the one before.
+pub fn set_prefetch(p: Prefetch) -> Prefetch {
+    let before = prefetch();
+    // SAFETY: plain values in and out.
+    unsafe { ffi::course_qgemv_prefetch(p as i32) };
+    before
+}
+
 /// Reference for [`qlinear_int8_activations`] where it applies: `x` quantized in tch as the
 /// kernel does it, `W` decoded by [`qdequantize_reference`] (NF4 with its code rounded to
 /// 127ths), then a matmul in fp32.
