@@ -182,38 +182,33 @@ fn contenders(m: i64, k: i64, n: i64, span: i64) -> Vec<Contender> {
     }
     let gemm = m > 4;
     for (name, q) in ours {
-        let qs = |q: &QTensors| -> Vec<QTensors> { (0..copies(q.bytes(), span)).map(|_| deep_q(q)).collect() };
         if gemm && (name.starts_with("int8") || name.starts_with("q4_1")) {
             bf16_contenders(&mut out, name, &x, &w, &q);
         }
+        type Op = fn(&Tensor, &QTensors) -> Result<Tensor>;
+        let mut ops: Vec<(String, Op)> = vec![];
         if !gemm && int8_activations_supported(q.format, k) {
             let label = match q.format {
                 QFormat::Q4_1 => "q4_1 x8 ours",
                 QFormat::Q8_0 => "q8_0 x8 ours",
                 _ => "nf4 x8 ours",
             };
+            ops.push((label.into(), qlinear_int8_activations));
+        }
+        ops.push((name.into(), qlinear));
+        for (label, op) in ops {
             for (suffix, pf) in prefetches(k) {
                 let x = x.shallow_clone();
+                let qs: Vec<QTensors> = (0..copies(q.bytes(), span)).map(|_| deep_q(&q)).collect();
                 out.push(Contender {
                     name: format!("{label}{suffix}"),
                     bytes: q.bytes(),
-                    run: rotating(qs(&q), move |q| {
+                    run: rotating(qs, move |q| {
                         set_prefetch(pf);
-                        drop(qlinear_int8_activations(&x, q).unwrap())
+                        drop(op(&x, q).unwrap())
                     }),
                 });
             }
-        }
-        for (suffix, pf) in prefetches(k) {
-            let x = x.shallow_clone();
-            out.push(Contender {
-                name: format!("{name}{suffix}"),
-                bytes: q.bytes(),
-                run: rotating(qs(&q), move |q| {
-                    set_prefetch(pf);
-                    drop(qlinear(&x, q).unwrap())
-                }),
-            });
         }
     }
     out
