@@ -445,6 +445,24 @@ COURSE_VNNI inline void q8_0_pair(const uint8_t* r, int64_t b, const XQ* x, __m5
   pair_step<M, U>(w, _mm512_permutexvar_ps(didx, _mm512_castps128_ps512(dd)), dd, x, b, acc, corr4);
 }
 
+// The full pairs of blocks of a Q4_1 / Q8_0 row (BB bytes a block, r advanced past them), two
+// pairs a loop turn, one per accumulator; returns the index of the block left over, if any.
+using PairFn = void (*)(const uint8_t*, int64_t, const XQ*, __m512 (*)[2], __m128*);
+template <int64_t BB, PairFn P0, PairFn P1>
+COURSE_VNNI inline int64_t full_pairs(const uint8_t*& r, int64_t nb, const XQ* x, __m512 (*acc)[2], __m128* corr4) {
+  int64_t b = 0;
+  for (; b + 4 <= nb; b += 4, r += 4 * BB) {
+    P0(r, b, x, acc, corr4);
+    P1(r + 2 * BB, b + 2, x, acc, corr4);
+  }
+  if (b + 2 <= nb) {
+    P0(r, b, x, acc, corr4);
+    b += 2;
+    r += 2 * BB;
+  }
+  return b;
+}
+
 template <int64_t M>
 COURSE_VNNI void row_dot_q4_1_vnni(const uint8_t* r, int64_t K, const XQ* x, float* out) {
   const int64_t nb = K / 32;
@@ -454,16 +472,7 @@ COURSE_VNNI void row_dot_q4_1_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
     acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     corr4[m] = _mm_setzero_ps();
   }
-  int64_t b = 0;
-  for (; b + 4 <= nb; b += 4, r += 80) {
-    q4_1_pair<M, 0>(r, b, x, acc, corr4);
-    q4_1_pair<M, 1>(r + 40, b + 2, x, acc, corr4);
-  }
-  if (b + 2 <= nb) {
-    q4_1_pair<M, 0>(r, b, x, acc, corr4);
-    b += 2;
-    r += 40;
-  }
+  int64_t b = full_pairs<20, q4_1_pair<M, 0>, q4_1_pair<M, 1>>(r, nb, x, acc, corr4);
   for (int64_t m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + hsum128(corr4[m]);
   if (b < nb) {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 4));
@@ -487,16 +496,7 @@ COURSE_VNNI void row_dot_q8_0_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
     acc[m][0] = acc[m][1] = _mm512_setzero_ps();
     corr4[m] = _mm_setzero_ps();
   }
-  int64_t b = 0;
-  for (; b + 4 <= nb; b += 4, r += 136) {
-    q8_0_pair<M, 0>(r, b, x, acc, corr4);
-    q8_0_pair<M, 1>(r + 68, b + 2, x, acc, corr4);
-  }
-  if (b + 2 <= nb) {
-    q8_0_pair<M, 0>(r, b, x, acc, corr4);
-    b += 2;
-    r += 68;
-  }
+  int64_t b = full_pairs<34, q8_0_pair<M, 0>, q8_0_pair<M, 1>>(r, nb, x, acc, corr4);
   for (int64_t m = 0; m < M; ++m)
     out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) - 128.f * hsum128(corr4[m]);
   if (b < nb) {
