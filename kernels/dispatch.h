@@ -30,34 +30,12 @@ inline Isa cpu_isa() {
   return isa;
 }
 
-// How the quantized GEMVs (qmatmul_cpu.cpp) prefetch W's rows ahead in software: 0 not at all,
-// 1 non-temporal (prefetchnta, 8 rows ahead, as nta_prefetch() below), 2 into L2 (prefetcht1,
-// about 8 KB ahead). The default follows nta_prefetch(): 1 on AMD, 0 elsewhere — on the Intel
-// Xeon neither kind of prefetch beat none in benches/qmatmul.rs, which times all three side by
-// side at 4096 x 4096 (warm and from DRAM). COURSE_PREFETCH=0, 1 or 2 overrides, and
-// course_qgemv_prefetch() sets it for the process.
-inline int qgemv_prefetch_default() {
-  const char* e = std::getenv("COURSE_PREFETCH");
-  if (e && (*e == '0' || *e == '1' || *e == '2')) return *e - '0';
-#if defined(__x86_64__) && !defined(__CUDACC__)
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (__get_cpuid(0, &a, &b, &c, &d) && b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u) return 1;
-  return 0;
-#else
-  return 0;
-#endif
-}
-inline std::atomic<int>& qgemv_prefetch() {
-  static std::atomic<int> mode{qgemv_prefetch_default()};
-  return mode;
-}
-
 // Whether the GEMV kernels (gemv_cpu.cpp, qmatmul_cpu.cpp) issue non-temporal software prefetches
 // of W's rows ahead. On the 2-core AMD Zen 4 they lifted the DRAM stream from about 60 % of the
 // read bandwidth (the hardware prefetcher alone); on the Intel Xeon with a 300 MB L3 the same
 // prefetches made the int8 GEMV at 4096 x 4096 3.3x slower (0.77 -> 2.5 ms): the lines they
 // bring skip L2 and left the 48 KB L1 before their use. So: on for AMD, off elsewhere;
-// COURSE_PREFETCH=1 or 0 overrides (the quantized GEMVs follow qgemv_prefetch() above).
+// COURSE_PREFETCH=1 or 0 overrides (the quantized GEMVs follow qgemv_prefetch() below).
 inline bool nta_prefetch() {
   static const bool on = [] {
     const char* e = std::getenv("COURSE_PREFETCH");
@@ -71,6 +49,22 @@ inline bool nta_prefetch() {
 #endif
   }();
   return on;
+}
+
+// How the quantized GEMVs (qmatmul_cpu.cpp) prefetch W's rows ahead in software: 0 not at all,
+// 1 non-temporal (prefetchnta, 8 rows ahead, as nta_prefetch() above), 2 into L2 (prefetcht1,
+// about 8 KB ahead). The default follows nta_prefetch(): 1 on AMD, 0 elsewhere — on the Intel
+// Xeon neither kind of prefetch beat none in benches/qmatmul.rs, which times all three side by
+// side at 4096 x 4096 (warm and from DRAM). COURSE_PREFETCH=0, 1 or 2 overrides, and
+// course_qgemv_prefetch() sets it for the process.
+inline int qgemv_prefetch_default() {
+  const char* e = std::getenv("COURSE_PREFETCH");
+  if (e && (*e == '0' || *e == '1' || *e == '2')) return *e - '0';
+  return nta_prefetch() ? 1 : 0;
+}
+inline std::atomic<int>& qgemv_prefetch() {
+  static std::atomic<int> mode{qgemv_prefetch_default()};
+  return mode;
 }
 
 // `return <ISA>::fn(args...)` for the instruction set cpu_isa() reads (in a function of the

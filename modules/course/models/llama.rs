@@ -891,22 +891,44 @@ impl Llama {
     /// LoRA adapter added afterwards (QLoRA) trains over the quantized base. For `Q4_1` load with
     /// [`Self::from_gguf_as`], which keeps the file's blocks.
     pub fn quantize(&mut self, format: WeightFormat) -> Result<()> {
-        let quant = |w: &Tensor| -> Result<QTensors> {
-            Ok(match format {
-                WeightFormat::Int8 => Int8Weight::quantize(w)?.tensors(),
-                WeightFormat::Nf4 => Nf4Weight::quantize(w)?.tensors(),
-                other => bail!(
-                    "Llama::quantize: {} weights come from a GGUF (from_gguf_as), not from dense ones",
-                    other.name()
-                ),
-            })
-        };
+        self.quantize_with(format, None)
+    }
+
+    /// `quantize` for `Int8` / `Nf4`, each product rounded to nearest, or (with `calib`, NF4 only)
+    /// by GPTQ against that product's `Σ xᵀx`.
+    fn quantize_with(&mut self, format: WeightFormat, calib: Option<&Calibration>) -> Result<()> {
+        if !matches!(format, WeightFormat::Int8 | WeightFormat::Nf4) {
+            bail!("Llama::quantize: {} weights come from a GGUF (from_gguf_as), not from dense ones", format.name());
+        }
         self.check_quantizable()?;
+        if let Some(c) = calib {
+            if c.hessians.len() != self.layers.len() {
+                bail!(
+                    "Llama::quantize_gptq: the calibration covers {} layers, the model has {}",
+                    c.hessians.len(),
+                    self.layers.len()
+                );
+            }
+        }
         let _g = tch::no_grad_guard();
-        for l in &mut self.layers {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let q = |w: &Tensor, p: usize, what: &str| -> Result<QTensors> {
+                let t = match (format, calib) {
+                    (WeightFormat::Int8, _) => Int8Weight::quantize(w)?.tensors(),
+                    (_, None) => Nf4Weight::quantize(w)?.tensors(),
+                    (_, Some(c)) => Nf4Weight::quantize_gptq(w, &c.hessians[i][p])
+                        .with_context(|| format!("layer {i}'s {what}"))?
+                        .tensors(),
+                };
+                Ok(t)
+            };
             let (qkv, gu) = (l.qkv.as_ref().expect("packed"), l.gate_up.as_ref().expect("packed"));
-            l.quant =
-                Some(QuantLayer { qkv: quant(qkv)?, o: quant(&l.o)?, gate_up: quant(gu)?, down: quant(&l.down)? });
+            l.quant = Some(QuantLayer {
+                qkv: q(qkv, 0, "q|k|v")?,
+                o: q(&l.o, 1, "o_proj")?,
+                gate_up: q(gu, 2, "gate|up")?,
+                down: q(&l.down, 3, "down_proj")?,
+            });
         }
         if self.cfg.tie_word_embeddings {
             self.head_q = Some(Int8Weight::quantize(&self.embed)?.tensors());
@@ -940,15 +962,17 @@ impl Llama {
         });
         let acc = self.calib.lock().map_err(|_| anyhow::anyhow!("Llama::calibrate: a poisoned lock"))?.take();
         ran?;
-        let mut hessians = vec![];
+        let names = ["q|k|v", "o", "gate|up", "down"];
+        let mut hessians = Vec::with_capacity(self.layers.len());
         for (l, slots) in acc.unwrap_or_default().into_iter().enumerate() {
-            let [a, b, c, d] = slots;
-            let name = ["q|k|v", "o", "gate|up", "down"];
-            let mut got = [a, b, c, d].into_iter().enumerate().map(|(i, h)| {
-                h.with_context(|| format!("Llama::calibrate: layer {l}'s {} product saw no input", name[i]))
-            });
-            let mut next = || got.next().expect("four products");
-            hessians.push([next()?, next()?, next()?, next()?]);
+            let hs = slots
+                .into_iter()
+                .zip(names)
+                .map(|(h, name)| {
+                    h.with_context(|| format!("Llama::calibrate: layer {l}'s {name} product saw no input"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            hessians.push(<[Tensor; 4]>::try_from(hs).expect("four products a layer"));
         }
         Ok(Calibration { hessians, tokens })
     }
@@ -958,33 +982,7 @@ impl Llama {
     /// and kernels as round-to-nearest NF4. The tied embedding / head is int8 per row, as in
     /// [`Self::quantize`].
     pub fn quantize_gptq(&mut self, calib: &Calibration) -> Result<()> {
-        self.check_quantizable()?;
-        if calib.hessians.len() != self.layers.len() {
-            bail!(
-                "Llama::quantize_gptq: the calibration covers {} layers, the model has {}",
-                calib.hessians.len(),
-                self.layers.len()
-            );
-        }
-        let _g = tch::no_grad_guard();
-        for (i, (l, h)) in self.layers.iter_mut().zip(&calib.hessians).enumerate() {
-            let q = |w: &Tensor, h: &Tensor, what: &str| -> Result<QTensors> {
-                Ok(Nf4Weight::quantize_gptq(w, h).with_context(|| format!("layer {i}'s {what}"))?.tensors())
-            };
-            let (qkv, gu) = (l.qkv.as_ref().expect("packed"), l.gate_up.as_ref().expect("packed"));
-            l.quant = Some(QuantLayer {
-                qkv: q(qkv, &h[0], "q|k|v")?,
-                o: q(&l.o, &h[1], "o_proj")?,
-                gate_up: q(gu, &h[2], "gate|up")?,
-                down: q(&l.down, &h[3], "down_proj")?,
-            });
-        }
-        if self.cfg.tie_word_embeddings {
-            self.head_q = Some(Int8Weight::quantize(&self.embed)?.tensors());
-        }
-        self.drop_dense();
-        self.format = WeightFormat::Nf4;
-        Ok(())
+        self.quantize_with(WeightFormat::Nf4, Some(calib))
     }
 
     fn check_quantizable(&self) -> Result<()> {

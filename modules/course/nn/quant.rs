@@ -267,7 +267,7 @@ impl Nf4Weight {
         let (scale_v, inv_v) = (flat(&scale)?, flat(&inv)?);
         let wf = wf.to_device(cpu);
         let u = u.to_device(cpu);
-        let mids: Vec<f32> = NF4_CODE.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect(); // as in `nearest`
+        let mids = nf4_mids();
         let (n, k) = (out as usize, inp as usize);
         let mut codes = vec![0u8; n * k];
         let threads = (tch::get_num_threads().max(1) as usize).min(n.max(1));
@@ -294,7 +294,7 @@ impl Nf4Weight {
                                 let j = i1 + i;
                                 let x = row[i];
                                 let y = (x * iv[r * k + j]).clamp(-1.0, 1.0);
-                                let idx = mids.iter().filter(|&&m| m < y).count();
+                                let idx = nearest_nf4(mids, y);
                                 crow[j] = idx as u8;
                                 let e = (x - NF4_CODE[idx] * sv[r * k + j]) / u1r[i * cnt + i];
                                 erow[i] = e;
@@ -332,7 +332,7 @@ fn search_scales(w: &[f32], importance: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; blocks];
     let threads = (tch::get_num_threads().max(1) as usize).min(blocks.max(1));
     let per = blocks.div_ceil(threads).max(1);
-    let mids: Vec<f32> = NF4_CODE.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    let mids = nf4_mids();
     std::thread::scope(|sc| {
         for (t, chunk) in out.chunks_mut(per).enumerate() {
             let mids = &mids;
@@ -350,14 +350,7 @@ fn search_scales(w: &[f32], importance: &[f32]) -> Vec<f32> {
                             let inv = 1.0 / s;
                             let mut e = 0f32;
                             for (&v, &g) in x.iter().zip(imp) {
-                                let y = (v * inv).clamp(-1.0, 1.0);
-                                // The number of midpoints below y: the nearest code, ties low.
-                                let mut idx = 0usize;
-                                for step in [8usize, 4, 2, 1] {
-                                    if idx + step <= 15 && mids[idx + step - 1] < y {
-                                        idx += step;
-                                    }
-                                }
+                                let idx = nearest_nf4(mids, (v * inv).clamp(-1.0, 1.0));
                                 let d = v - NF4_CODE[idx] * s;
                                 e += g * d * d;
                             }
@@ -373,6 +366,23 @@ fn search_scales(w: &[f32], importance: &[f32]) -> Vec<f32> {
         }
     });
     out
+}
+
+/// The midpoints between neighbouring NF4 codes.
+fn nf4_mids() -> [f32; 15] {
+    std::array::from_fn(|i| (NF4_CODE[i] + NF4_CODE[i + 1]) / 2.0)
+}
+
+/// The index of the NF4 code nearest `y`, ties to the lower code as in [`nearest`]: the number
+/// of midpoints below `y`, by a binary search of four steps.
+fn nearest_nf4(mids: &[f32; 15], y: f32) -> usize {
+    let mut idx = 0usize;
+    for step in [8usize, 4, 2, 1] {
+        if mids[idx + step - 1] < y {
+            idx += step;
+        }
+    }
+    idx
 }
 
 /// Two NF4 codes a byte, the first in the high nibble.
