@@ -215,10 +215,10 @@ fn contenders(m: i64, k: i64, n: i64, span: i64) -> Vec<Contender> {
 }
 
 /// At 4096 x 4096 (one token) our GEMVs run once per software prefetch of W's rows (none,
-/// non-temporal, into L2: `ops::qmatmul::Prefetch`); elsewhere with the default.
+/// non-temporal, streamed: `ops::qmatmul::Prefetch`); elsewhere with the default.
 fn prefetches(k: i64) -> Vec<(&'static str, Prefetch)> {
     if k == 4096 {
-        vec![(" -pf", Prefetch::Off), (" nta", Prefetch::NonTemporal), (" l2", Prefetch::L2)]
+        vec![(" -pf", Prefetch::Off), (" nta", Prefetch::NonTemporal), (" st", Prefetch::Stream)]
     } else {
         vec![("", prefetch())]
     }

@@ -51,16 +51,18 @@ inline bool nta_prefetch() {
   return on;
 }
 
-// How the quantized GEMVs (qmatmul_cpu.cpp) prefetch W's rows ahead in software: 0 not at all,
-// 1 non-temporal (prefetchnta, 8 rows ahead, as nta_prefetch() above), 2 into L2 (prefetcht1,
-// about 8 KB ahead). The default follows nta_prefetch(): 1 on AMD, 0 elsewhere — on the Intel
-// Xeon neither kind of prefetch beat none in benches/qmatmul.rs, which times all three side by
-// side at 4096 x 4096 (warm and from DRAM). COURSE_PREFETCH=0, 1 or 2 overrides, and
-// course_qgemv_prefetch() sets it for the process.
+// How the quantized GEMVs (qmatmul_cpu.cpp) prefetch W in software: 0 not at all, 1 non-temporal
+// (prefetchnta of whole rows, 8 rows ahead, as nta_prefetch() above), 2 streamed (prefetcht0 in
+// the row loops, one line for each 64 bytes read, 6 KB ahead). The default: 1 on AMD (measured
+// there as nta_prefetch() says), 2 elsewhere — on the Intel Xeon the streamed prefetch took the
+// int8-activation GEMVs at 4096 x 4096 from DRAM from 1.8-3.1x to 2.8-4.4x fp32, where the other
+// two modes were no faster than none (benches/qmatmul.rs times all three side by side, warm and
+// from DRAM). COURSE_PREFETCH=0, 1 or 2 overrides, and course_qgemv_prefetch() sets it for the
+// process.
 inline int qgemv_prefetch_default() {
   const char* e = std::getenv("COURSE_PREFETCH");
   if (e && (*e == '0' || *e == '1' || *e == '2')) return *e - '0';
-  return nta_prefetch() ? 1 : 0;
+  return nta_prefetch() ? 1 : 2;
 }
 inline std::atomic<int>& qgemv_prefetch() {
   static std::atomic<int> mode{qgemv_prefetch_default()};

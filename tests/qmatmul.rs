@@ -220,7 +220,7 @@ fn every_software_prefetch_gives_the_same_bits() {
     let before = set_prefetch(Prefetch::Off);
     let base: Vec<(Tensor, Tensor)> =
         ws.iter().map(|w| (qlinear(&x, w).unwrap(), qlinear_int8_activations(&x, w).unwrap())).collect();
-    for mode in [Prefetch::NonTemporal, Prefetch::L2] {
+    for mode in [Prefetch::NonTemporal, Prefetch::Stream] {
         set_prefetch(mode);
         assert_eq!(course::ops::qmatmul::prefetch(), mode);
         for (w, (a, b)) in ws.iter().zip(&base) {

@@ -165,17 +165,18 @@ pub fn int8_activations_supported(format: QFormat, k: i64) -> bool {
     unsafe { ffi::course_qgemv_int8_activations(format.id(), k) != 0 }
 }
 
-/// How the quantized GEMVs prefetch `W`'s rows ahead in software (the hardware's streamer stops
-/// at every 4 KB page): not at all (the default except on AMD: on the Intel Xeon neither kind
-/// beat none), non-temporally (`prefetchnta`, 8 rows ahead: the default on AMD, where it lifted
-/// the DRAM stream), or into L2 (`prefetcht1`, about 8 KB ahead). `COURSE_PREFETCH=0`,
-/// `1` or `2` sets the default; [`set_prefetch`] switches it for the process (the benchmark's
-/// A/B). The results are the same in every mode, only the speed differs.
+/// How the quantized GEMVs prefetch `W` in software (the hardware's streamer stops at every
+/// 4 KB page): not at all, non-temporally (`prefetchnta` of whole rows, 8 rows ahead: the
+/// default on AMD, where it lifted the DRAM stream), or streamed (`prefetcht0` in the row loops,
+/// one line for each 64 bytes read, 6 KB ahead: the default elsewhere; on the Intel Xeon it
+/// lifted the 4096 x 4096 GEMVs from DRAM by 1.4-1.6x where the other two did nothing).
+/// `COURSE_PREFETCH=0`, `1` or `2` sets the default; [`set_prefetch`] switches it for the
+/// process (the benchmark's A/B). The results are the same in every mode, only the speed differs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prefetch {
     Off = 0,
     NonTemporal = 1,
-    L2 = 2,
+    Stream = 2,
 }
 
 /// The quantized GEMVs' prefetch in force.
@@ -183,7 +184,7 @@ pub fn prefetch() -> Prefetch {
     // SAFETY: plain values in and out.
     match unsafe { ffi::course_qgemv_prefetch(-1) } {
         1 => Prefetch::NonTemporal,
-        2 => Prefetch::L2,
+        2 => Prefetch::Stream,
         _ => Prefetch::Off,
     }
 }

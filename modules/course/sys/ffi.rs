@@ -83,7 +83,7 @@ extern "C" {
     pub fn course_qmatmul_amx(enable: c_int, why: *mut c_char, cap: i64) -> c_int;
     /// 1 where the GEMV of a weight of this format id and in_features takes the int8-activation path.
     pub fn course_qgemv_int8_activations(format: c_int, k: i64) -> c_int;
-    /// The quantized GEMVs' software prefetch: `mode` 0 none, 1 non-temporal, 2 into L2, -1
+    /// The quantized GEMVs' software prefetch: `mode` 0 none, 1 non-temporal, 2 streamed in the row loops, -1
     /// leave; returns the mode in force.
     pub fn course_qgemv_prefetch(mode: c_int) -> c_int;
     pub fn course_dropout(input: CTensor, p: f64, seed: i64, out: *mut CTensor) -> *mut c_char;
