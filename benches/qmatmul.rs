@@ -224,7 +224,7 @@ fn prefetches(k: i64) -> Vec<(&'static str, Prefetch)> {
     }
 }
 
-/// For the GEMM shapes (more than 4 rows): bf16 x through torch's own bf16 linear (oneDNN) and
+/// For the GEMM shapes (more than 8 rows): bf16 x through torch's own bf16 linear (oneDNN) and
 /// through our kernels with the AMX tiles on and off (where the CPU has none, both run the
 /// AVX-512 panels + ATen path).
 fn bf16_contenders(out: &mut Vec<Contender>, name: &'static str, x: &Tensor, w: &Tensor, q: &QTensors) {

@@ -137,11 +137,12 @@ void gemm_bf16(const uint16_t* a, int64_t lda, int64_t Mp, int64_t Kp, const uin
   /* gu (M, 2F) = [gate | up] -> y (M, F) = silu(gate) * up */                                          \
   template <typename T>                                                                                \
   void swiglu_rows(const T* gu, T* y, int64_t M, int64_t F);                                           \
-  /* qkv (B, (H + 2 KV) hd); cos/sin (P, hd); caches (B, KV, cap, hd); pos (B); y (B, H hd) */          \
+  /* qkv (B, (H + 2 KV) hd); cos/sin (P, hd); caches (S, KV, cap, hd); pos (B); rows (B) or NULL:  */ \
+  /* sequence b uses cache row rows[b] (b when NULL); y (B, H hd) */                                   \
   template <typename T, typename C>                                                                    \
   void decode_attention(const T* qkv, const T* cos, const T* sin, C* cache_k, C* cache_v,              \
-                        const int64_t* pos, T* y, int64_t B, int64_t H, int64_t KV, int64_t hd,        \
-                        int64_t cap);                                                                  \
+                        const int64_t* pos, const int64_t* rows, T* y, int64_t B, int64_t H, int64_t KV, \
+                        int64_t hd, int64_t cap);                                                      \
   /* qmatmul_cpu.cpp: y (M, N) = x (M, K) W^T with W quantized; rows n0..n1 of W decoded */        \
   template <typename T>                                                                                \
   void qgemv(const QWeight& w, const T* x, T* y, int64_t M);                                           \

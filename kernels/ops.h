@@ -144,10 +144,12 @@ char* course_rms_norm(course_tensor x, course_tensor residual, course_tensor wei
 // gate_up (..., 2F) -> silu(gate_up[..., :F]) * gate_up[..., F:].
 char* course_swiglu(course_tensor gate_up, course_tensor* out);
 // New tokens' attention over a KV cache: qkv (B, 1, (H + 2 KV) hd) of a packed projection, cos/sin
-// (P, hd) rotary tables, caches (B, KV, cap, hd) written at positions (B) int64, out (B, 1, H hd).
+// (P, hd) rotary tables, caches (S, KV, cap, hd) written at positions (B) int64, out (B, 1, H hd).
+// rows (B) int64, distinct, or NULL: sequence b reads and writes cache row rows[b] (with NULL, row
+// b, and S must equal B) — continuous batching's slots.
 char* course_decode_attention(course_tensor qkv, course_tensor cos, course_tensor sin, course_tensor cache_k,
-                              course_tensor cache_v, course_tensor positions, int64_t heads, int64_t kv_heads,
-                              course_tensor* out);
+                              course_tensor cache_v, course_tensor positions, course_tensor rows, int64_t heads,
+                              int64_t kv_heads, course_tensor* out);
 
 // Fused bias + GELU as an autograd function: gradients flow to input and bias.
 char* course_bias_gelu(course_tensor input, course_tensor bias, course_tensor* out);

@@ -4,7 +4,8 @@
 //! tail, under every CPU kernel variant; an analytic case; and their error messages.
 
 use course::ops::{
-    add_rms_norm_, decode_attention, decode_attention_reference, rms_norm, rms_norm_reference, swiglu, swiglu_reference,
+    add_rms_norm_, decode_attention, decode_attention_reference, decode_attention_rows, rms_norm, rms_norm_reference,
+    swiglu, swiglu_reference,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -106,6 +107,55 @@ fn attention_pair(c: &Case, kind: Kind, cache_kind: Kind, seed: i64) -> [(Tensor
     let got = decode_attention(&qkv, &cos, &sin, &mut ck, &mut cv, &pos, c.h, c.kv).unwrap();
     let want = tch::no_grad(|| decode_attention_reference(&qkv, &cos, &sin, &mut rk, &mut rv, &c.positions, c.h, c.kv));
     [(got, want), (ck, rk), (cv, rv)]
+}
+
+#[test]
+fn decode_attention_over_rows_of_a_larger_cache_matches_the_reference_on_those_rows() {
+    // Continuous batching: 3 sequences in rows 4, 0 and 2 of a 5-row cache, at their own positions.
+    let (h, kv, hd, cap) = (9, 3, 64, 40);
+    let (rows, positions) = ([4i64, 0, 2], vec![31i64, 0, 17]);
+    let qkv = randn(&[3, 1, (h + 2 * kv) * hd], 70);
+    let (cos, sin) = rope_tables(cap, hd, 10000.0);
+    let ck0 = randn(&[5, kv, cap, hd], 71);
+    let cv0 = randn(&[5, kv, cap, hd], 72);
+    let (mut ck, mut cv) = (ck0.copy(), cv0.copy());
+    let (pos, r) = (Tensor::from_slice(&positions), Tensor::from_slice(&rows));
+    let got = decode_attention_rows(&qkv, &cos, &sin, &mut ck, &mut cv, &pos, Some(&r), h, kv).unwrap();
+    // The reference on the three rows gathered into a cache of their own.
+    let (mut rk, mut rv) = (ck0.index_select(0, &r), cv0.index_select(0, &r));
+    let want = tch::no_grad(|| decode_attention_reference(&qkv, &cos, &sin, &mut rk, &mut rv, &positions, h, kv));
+    assert!(max_abs(&got, &want) < 1e-5, "output differs by {}", max_abs(&got, &want));
+    assert!(max_abs(&ck.index_select(0, &r), &rk) < 1e-6 && cv.index_select(0, &r).equal(&rv), "written rows");
+    // The rows not named are untouched.
+    let others = Tensor::from_slice(&[1i64, 3]);
+    assert!(ck.index_select(0, &others).equal(&ck0.index_select(0, &others)));
+    assert!(cv.index_select(0, &others).equal(&cv0.index_select(0, &others)));
+    // A row twice, or past the cache, is refused by name.
+    let err = |r: anyhow::Result<Tensor>| r.expect_err("must fail").to_string();
+    let e = err(decode_attention_rows(
+        &qkv,
+        &cos,
+        &sin,
+        &mut ck,
+        &mut cv,
+        &pos,
+        Some(&Tensor::from_slice(&[4i64, 0, 4])),
+        h,
+        kv,
+    ));
+    assert!(e.contains("rows[2] = 4 is given twice"), "{e}");
+    let e = err(decode_attention_rows(
+        &qkv,
+        &cos,
+        &sin,
+        &mut ck,
+        &mut cv,
+        &pos,
+        Some(&Tensor::from_slice(&[4i64, 0, 5])),
+        h,
+        kv,
+    ));
+    assert!(e.contains("rows[2] = 5 is outside the cache's 0..5 rows"), "{e}");
 }
 
 #[test]

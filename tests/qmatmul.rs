@@ -76,8 +76,18 @@ fn qlinear_equals_the_reference_for_every_row_count_and_dtype() {
     tch::manual_seed(2);
     for (n, k) in [(24, 40), (37, 77), (70, 96), (5, 576), (300, 128)] {
         for w in weights(n, k) {
-            // 1-4 rows: the GEMV; 5, 17, 2x9: the GEMM path (panels).
-            for shape in [vec![1, k], vec![2, k], vec![3, k], vec![4, k], vec![5, k], vec![17, k], vec![2, 9, k]] {
+            // 1-8 rows: the GEMV (two passes of 4 past 4 rows); 9, 17, 2x9: the GEMM path (panels).
+            for shape in [
+                vec![1, k],
+                vec![2, k],
+                vec![3, k],
+                vec![4, k],
+                vec![5, k],
+                vec![8, k],
+                vec![9, k],
+                vec![17, k],
+                vec![2, 9, k],
+            ] {
                 let x = Tensor::randn(shape.as_slice(), cpu(Kind::Float));
                 let want = qlinear_reference(&x, &w).unwrap();
                 let got = qlinear(&x, &w).unwrap();
@@ -172,18 +182,18 @@ fn bad_arguments_are_clear_errors() {
 
 /// The GEMV with int8 activations (VNNI) against its reference (x quantized in tch as the kernel
 /// does, W decoded, fp32 matmul): odd and even block counts per row (the 256-bit last block),
-/// 1-4 rows, fp32 and bf16 x. Where the path does not apply (no VNNI, a cap below AVX-512, a
-/// K off the blocks, more than 4 rows) it must be qlinear exactly.
+/// 1-8 rows, fp32 and bf16 x. Where the path does not apply (no VNNI, a cap below AVX-512, a
+/// K off the blocks, more than 8 rows) it must be qlinear exactly.
 #[test]
 fn int8_activations_equal_their_reference() {
     tch::manual_seed(3);
     for (n, k) in [(24, 64), (37, 96), (16, 576), (70, 1536), (9, 128), (300, 192), (5, 40)] {
         for w in weights(n, k) {
             let on = int8_activations_supported(w.format, k);
-            for rows in [1, 2, 3, 4, 7] {
+            for rows in [1, 2, 3, 4, 7, 8, 9] {
                 let x = Tensor::randn([rows, k], cpu(Kind::Float));
                 let got = qlinear_int8_activations(&x, &w).unwrap();
-                if on && rows <= 4 {
+                if on && rows <= 8 {
                     let want = qlinear_int8_activations_reference(&x, &w).unwrap();
                     let e = max_rel(&got, &want);
                     assert!(e < 1e-5, "{} ({n}, {k}) rows {rows}: differs from its reference by {e}", w.format.name());
@@ -205,6 +215,31 @@ fn int8_activations_equal_their_reference() {
                         e == 0.0,
                         "{} ({n}, {k}) rows {rows}: off the int8 path but {e} from qlinear",
                         w.format.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_rows_gemv_result_does_not_depend_on_the_other_rows() {
+    // Continuous batching decodes up to 8 sequences in one GEMV: each row's numbers must be the
+    // ones it gets alone, bit for bit, on both paths (so a greedy answer is the same in a batch).
+    tch::manual_seed(11);
+    // K = 576: NF4's 9 blocks a row end on an odd one; 608 (19 blocks of 32) does for Q4_1, Q8_0.
+    for k in [576, 608] {
+        let x = Tensor::randn([8, k], cpu(Kind::Float));
+        for w in weights(200, k) {
+            for int8 in [false, true] {
+                let f = |x: &Tensor| if int8 { qlinear_int8_activations(x, &w) } else { qlinear(x, &w) }.unwrap();
+                let all = f(&x);
+                for rows in [1, 3, 5, 8] {
+                    let part = f(&x.narrow(0, 8 - rows, rows));
+                    assert!(
+                        part.equal(&all.narrow(0, 8 - rows, rows)),
+                        "{:?} K {k} int8 {int8}: the last {rows} rows differ from the same rows among 8",
+                        w.format
                     );
                 }
             }
@@ -259,7 +294,7 @@ fn the_gemm_path_runs_under_inference_mode() {
     assert!(max_rel(&got, &want) < 2e-5);
 }
 
-/// The AMX GEMM (bf16, more than 4 rows) in a fresh process, as the tile state must be asked of
+/// The AMX GEMM (bf16, more than 8 rows) in a fresh process, as the tile state must be asked of
 /// Linux before any thread touches a tile: a child runs `amx_child` with `COURSE_AMX=1` and one
 /// with `COURSE_AMX=0`. Where /proc/cpuinfo lists amx_tile and amx_bf16, the first child must take
 /// the AMX path; elsewhere, and under COURSE_AMX=0 everywhere, both must fall back and say why.

@@ -81,7 +81,7 @@ fn smollm2_in_the_files_own_blocks_equals_the_dequantized_model() {
 
 /// `Llama::set_int8_activations`: decoding one token at a time through the int8-activation GEMV
 /// stays within the activations' rounding of the exact path (and really takes it where the CPU
-/// has VNNI), while a prefill (more than 4 rows: the exact GEMM) is unchanged to the bit.
+/// has VNNI), while a prefill (more than 8 rows: the exact GEMM) is unchanged to the bit.
 #[test]
 fn int8_activations_change_decoding_by_their_rounding_only() {
     let exact = load(WeightFormat::Q4_1);

@@ -18,14 +18,14 @@ void swiglu_isa(const T* gu, T* y, int64_t M, int64_t F) {
   COURSE_ISA_CALL(swiglu_rows<T>, gu, y, M, F)
 }
 template <typename T, typename C>
-void attention_isa(const T* qkv, const T* cos, const T* sin, C* ck, C* cv, const int64_t* pos, T* y, int64_t B,
-                   int64_t H, int64_t KV, int64_t hd, int64_t cap) {
+void attention_isa(const T* qkv, const T* cos, const T* sin, C* ck, C* cv, const int64_t* pos, const int64_t* rows,
+                   T* y, int64_t B, int64_t H, int64_t KV, int64_t hd, int64_t cap) {
   switch (cpu_isa()) {
 #if defined(__x86_64__)
-    case Isa::Avx512: return AVX512::decode_attention<T, C>(qkv, cos, sin, ck, cv, pos, y, B, H, KV, hd, cap);
-    case Isa::Avx2: return AVX2::decode_attention<T, C>(qkv, cos, sin, ck, cv, pos, y, B, H, KV, hd, cap);
+    case Isa::Avx512: return AVX512::decode_attention<T, C>(qkv, cos, sin, ck, cv, pos, rows, y, B, H, KV, hd, cap);
+    case Isa::Avx2: return AVX2::decode_attention<T, C>(qkv, cos, sin, ck, cv, pos, rows, y, B, H, KV, hd, cap);
 #endif
-    default: return DEFAULT::decode_attention<T, C>(qkv, cos, sin, ck, cv, pos, y, B, H, KV, hd, cap);
+    default: return DEFAULT::decode_attention<T, C>(qkv, cos, sin, ck, cv, pos, rows, y, B, H, KV, hd, cap);
   }
 }
 
@@ -96,7 +96,8 @@ at::Tensor swiglu(const at::Tensor& gu_in) {
 }
 
 at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& cos_in, const at::Tensor& sin_in,
-                            at::Tensor& ck, at::Tensor& cv, const at::Tensor& pos_in, int64_t H, int64_t KV) {
+                            at::Tensor& ck, at::Tensor& cv, const at::Tensor& pos_in,
+                            const std::optional<at::Tensor>& rows_in, int64_t H, int64_t KV) {
   const char* op = "decode_attention";
   check_float(op, "qkv", qkv_in);
   check_same(op, "cos", cos_in, qkv_in);
@@ -105,7 +106,8 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& cos_in, 
               ")");
   TORCH_CHECK(ck.dim() == 4 && cv.sizes() == ck.sizes(), op, ": the caches must be (batch, kv_heads, capacity, head_dim) and alike, got ",
               ck.sizes(), " and ", cv.sizes());
-  const int64_t B = ck.size(0), cap = ck.size(2), hd = ck.size(3);
+  const int64_t S = ck.size(0), cap = ck.size(2), hd = ck.size(3);
+  const int64_t B = rows_in ? rows_in->numel() : S;
   TORCH_CHECK(ck.size(1) == KV, op, ": the caches hold ", ck.size(1), " kv heads, kv_heads is ", KV);
   TORCH_CHECK(hd > 0 && hd % 2 == 0, op, ": head_dim must be even, got ", hd);
   TORCH_CHECK(qkv_in.dim() == 3 && qkv_in.size(0) == B && qkv_in.size(1) == 1 && qkv_in.size(2) == (H + 2 * KV) * hd,
@@ -123,6 +125,21 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& cos_in, 
               ": positions must be a CPU int64 tensor of ", B, " entries, got ", pos_in.scalar_type(), " ",
               pos_in.sizes());
   auto pos = pos_in.contiguous();
+  at::Tensor rows;
+  if (rows_in) {
+    TORCH_CHECK(rows_in->is_cpu() && rows_in->scalar_type() == at::kLong && rows_in->dim() == 1, op,
+                ": rows must be a CPU int64 tensor of one dimension, got ", rows_in->scalar_type(), " ",
+                rows_in->sizes());
+    rows = rows_in->contiguous();
+    std::vector<bool> taken(S, false);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t r = rows.const_data_ptr<int64_t>()[b];
+      TORCH_CHECK(r >= 0 && r < S, op, ": rows[", b, "] = ", r, " is outside the cache's 0..", S, " rows");
+      TORCH_CHECK(!taken[r], op, ": rows[", b, "] = ", r, " is given twice (two sequences cannot share a cache row)");
+      taken[r] = true;
+    }
+  }
+  const int64_t* rp = rows.defined() ? rows.const_data_ptr<int64_t>() : nullptr;
   const int64_t limit = std::min(cap, cos_in.size(0));
   for (int64_t b = 0; b < B; ++b) {
     const int64_t p = pos.const_data_ptr<int64_t>()[b];
@@ -136,17 +153,18 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& cos_in, 
   const int64_t* pp = pos.const_data_ptr<int64_t>();
   if (qkv.scalar_type() == at::kFloat) {
     attention_isa<float, float>(qkv.const_data_ptr<float>(), cos.const_data_ptr<float>(), sin.const_data_ptr<float>(),
-                                ck.mutable_data_ptr<float>(), cv.mutable_data_ptr<float>(), pp,
+                                ck.mutable_data_ptr<float>(), cv.mutable_data_ptr<float>(), pp, rp,
                                 y.mutable_data_ptr<float>(), B, H, KV, hd, cap);
   } else {
     using Bf = c10::BFloat16;
     const Bf *q = qkv.const_data_ptr<Bf>(), *c = cos.const_data_ptr<Bf>(), *s = sin.const_data_ptr<Bf>();
     Bf* yo = y.mutable_data_ptr<Bf>();
     if (ck.scalar_type() == at::kFloat) {
-      attention_isa<Bf, float>(q, c, s, ck.mutable_data_ptr<float>(), cv.mutable_data_ptr<float>(), pp, yo, B, H, KV,
-                               hd, cap);
+      attention_isa<Bf, float>(q, c, s, ck.mutable_data_ptr<float>(), cv.mutable_data_ptr<float>(), pp, rp, yo, B, H,
+                               KV, hd, cap);
     } else {
-      attention_isa<Bf, Bf>(q, c, s, ck.mutable_data_ptr<Bf>(), cv.mutable_data_ptr<Bf>(), pp, yo, B, H, KV, hd, cap);
+      attention_isa<Bf, Bf>(q, c, s, ck.mutable_data_ptr<Bf>(), cv.mutable_data_ptr<Bf>(), pp, rp, yo, B, H, KV, hd,
+                            cap);
     }
   }
   return y;
@@ -174,12 +192,14 @@ char* course_swiglu(course_tensor gate_up, course_tensor* out) {
 }
 
 char* course_decode_attention(course_tensor qkv, course_tensor cos, course_tensor sin, course_tensor cache_k,
-                              course_tensor cache_v, course_tensor positions, int64_t heads, int64_t kv_heads,
-                              course_tensor* out) {
+                              course_tensor cache_v, course_tensor positions, course_tensor rows, int64_t heads,
+                              int64_t kv_heads, course_tensor* out) {
   COURSE_TRY({
+    std::optional<at::Tensor> r;
+    if (rows) r = course::tensor(rows);
     *out = new at::Tensor(course::decode_attention(course::tensor(qkv), course::tensor(cos), course::tensor(sin),
                                                    course::tensor(cache_k), course::tensor(cache_v),
-                                                   course::tensor(positions), heads, kv_heads));
+                                                   course::tensor(positions), r, heads, kv_heads));
   })
 }
 

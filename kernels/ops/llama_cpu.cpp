@@ -134,20 +134,20 @@ void rope_head(const T* x, const T* cos, const T* sin, int64_t hd, float* out) {
 }
 
 template <typename T, typename C>
-void decode_attention(const T* qkv, const T* cos, const T* sin, C* cache_k, C* cache_v, const int64_t* pos, T* y,
-                      int64_t B, int64_t H, int64_t KV, int64_t hd, int64_t cap) {
+void decode_attention(const T* qkv, const T* cos, const T* sin, C* cache_k, C* cache_v, const int64_t* pos,
+                      const int64_t* rows, T* y, int64_t B, int64_t H, int64_t KV, int64_t hd, int64_t cap) {
   const int64_t row = (H + 2 * KV) * hd;
   // 1. This token's k (rotated) and v into the cache at its position. Small: B * KV * hd * 2.
   std::vector<float> tmp(hd);
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t p = pos[b];
+    const int64_t p = pos[b], r = rows ? rows[b] : b;
     const T* kb = qkv + b * row + H * hd;
     const T* vb = kb + KV * hd;
     for (int64_t j = 0; j < KV; ++j) {
       rope_head(kb + j * hd, cos + p * hd, sin + p * hd, hd, tmp.data());
-      C* kd = cache_k + ((b * KV + j) * cap + p) * hd;
-      C* vd = cache_v + ((b * KV + j) * cap + p) * hd;
+      C* kd = cache_k + ((r * KV + j) * cap + p) * hd;
+      C* vd = cache_v + ((r * KV + j) * cap + p) * hd;
       for (int64_t i = 0; i < hd; ++i) {
         kd[i] = static_cast<C>(tmp[i]);
         vd[i] = static_cast<C>(static_cast<float>(vb[j * hd + i]));
@@ -162,10 +162,10 @@ void decode_attention(const T* qkv, const T* cos, const T* sin, C* cache_k, C* c
   at::parallel_for(0, B * H, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> q(hd), acc(hd), scores;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, h = t % H, j = h / group, p = pos[b], n = p + 1;
+      const int64_t b = t / H, h = t % H, j = h / group, p = pos[b], n = p + 1, r = rows ? rows[b] : b;
       rope_head(qkv + b * row + h * hd, cos + p * hd, sin + p * hd, hd, q.data());
-      const C* kh = cache_k + (b * KV + j) * cap * hd;
-      const C* vh = cache_v + (b * KV + j) * cap * hd;
+      const C* kh = cache_k + (r * KV + j) * cap * hd;
+      const C* vh = cache_v + (r * KV + j) * cap * hd;
       scores.resize(n);
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t s = 0; s < n; ++s) {
@@ -199,7 +199,7 @@ template void rms_norm_rows<c10::BFloat16>(c10::BFloat16*, const c10::BFloat16*,
 template void swiglu_rows<float>(const float*, float*, int64_t, int64_t);
 template void swiglu_rows<c10::BFloat16>(const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t);
 #define COURSE_DECODE_ATTENTION(T, C)                                                                       \
-  template void decode_attention<T, C>(const T*, const T*, const T*, C*, C*, const int64_t*, T*, int64_t, \
+  template void decode_attention<T, C>(const T*, const T*, const T*, C*, C*, const int64_t*, const int64_t*, T*, int64_t, \
                                        int64_t, int64_t, int64_t, int64_t);
 COURSE_DECODE_ATTENTION(float, float)
 COURSE_DECODE_ATTENTION(c10::BFloat16, float)

@@ -5,7 +5,7 @@
 // qmatmul.cu: a warp-per-row GEMV, and W decoded for cuBLAS where rows are many). The references (dequantize, then
 // a matmul in fp32) are in modules/course/ops/qmatmul.rs.
 //
-// - At most kGemvRows rows of x (decoding): qgemv, W decoded in registers, both cores over rows
+// - At most kGemvRows (8) rows of x (decoding): qgemv, W decoded in registers, both cores over rows
 //   of W.
 // - More rows (prefill, training): W in panels of rows, each decoded into a tile in x's dtype
 //   (a few hundred KB, in L2) and multiplied by ATen's GEMM on one core; the cores take panels.
@@ -28,7 +28,10 @@
 namespace course {
 namespace {
 
-constexpr int64_t kGemvRows = 4;
+// Up to 8 rows (continuous batching's decode step: a few sequences, one token each) the GEMV reads
+// W once for all of them (the CUDA GEMV takes at most 4).
+constexpr int64_t kGemvRows = 8;
+constexpr int64_t kGemvRowsCuda = 4;
 
 #ifdef COURSE_CUDA
 }  // namespace
@@ -213,7 +216,7 @@ at::Tensor forward_nograd(const QTensors& q, const at::Tensor& x_in) {
   const QWeight w = raw(q);
 #ifdef COURSE_CUDA
   if (x.is_cuda()) {
-    if (M <= kGemvRows) {
+    if (M <= kGemvRowsCuda) {
       qgemv_cuda(w, x, y);
       return y.view(shape);
     }
@@ -364,7 +367,7 @@ int course_qmatmul_amx(int enable, char* why, int64_t cap) {
   return on;
 }
 
-// Whether the GEMV (at most 4 rows of x) of a weight of this format (id) and in_features K takes
+// Whether the GEMV (at most 8 rows of x) of a weight of this format (id) and in_features K takes
 // the int8-activation path when asked (AVX-512 VNNI; K % 32 == 0, NF4 K % 64 == 0): 1 or 0.
 int course_qgemv_int8_activations(int format, int64_t K) {
   course::QWeight w{};

@@ -37,7 +37,8 @@ using at::vec::Vectorized;
 using VF = Vectorized<float>;
 constexpr int64_t L = VF::size();
 
-constexpr int64_t kMaxRows = 4;       // rows of x per pass
+constexpr int64_t kMaxRows = 4;       // rows of x per pass (fp32 x)
+constexpr int64_t kMaxRows8 = 8;      // rows of x per pass (int8 x: two accumulators a row)
 constexpr int64_t kPrefetchRows = 8;  // rows of W ahead, non-temporal (as in gemv_cpu.cpp)
 
 inline float half_to_float(const uint8_t* p) {
@@ -132,8 +133,11 @@ constexpr int64_t kStreamAhead = 6144;
 inline void pf(const void* p, int64_t ahead) {
   if (ahead) __builtin_prefetch(static_cast<const char*>(p) + ahead, 0, 3);
 }
+// One fused multiply-add, spelled out: left to the compiler, whether it contracted the product
+// and the sum differed between inlined copies (the GEMV for one row of x and for several), and
+// a row's result with it.
 inline float nf4_absmax(const QWeight& w, int64_t b) {
-  return w.code8[w.absmax_q[b]] * w.scale[static_cast<uint64_t>(b) / kNf4NestedBlock] + w.offset;
+  return std::fma(w.code8[w.absmax_q[b]], w.scale[static_cast<uint64_t>(b) / kNf4NestedBlock], w.offset);
 }
 
 inline const uint8_t* row_bytes(const QWeight& w, int64_t n) {
@@ -492,7 +496,8 @@ COURSE_VNNI void row_dot_q4_1_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
     for (int64_t m = 0; m < M; ++m) {
       const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q.data() + b * 32)));
-      out[m] += d0 * x[m].d[b] * hsum256(_mm256_cvtepi32_ps(dot)) + m0 * x[m].ds[b];
+      const float o = std::fma(d0 * x[m].d[b], hsum256(_mm256_cvtepi32_ps(dot)), out[m]);  // fma: see nf4_pair
+      out[m] = std::fma(m0, x[m].ds[b], o);
     }
   }
 }
@@ -516,7 +521,8 @@ COURSE_VNNI void row_dot_q8_0_vnni(const uint8_t* r, int64_t K, const XQ* x, flo
     for (int64_t m = 0; m < M; ++m) {
       const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[m].q.data() + b * 32)));
-      out[m] += d0 * x[m].d[b] * hsum256(_mm256_cvtepi32_ps(dot)) - 128.f * d0 * x[m].ds[b];
+      const float o = std::fma(d0 * x[m].d[b], hsum256(_mm256_cvtepi32_ps(dot)), out[m]);  // fma: see nf4_pair
+      out[m] = std::fma(-128.f * d0, x[m].ds[b], o);
     }
   }
 }
@@ -546,7 +552,9 @@ COURSE_VNNI inline void nf4_pair(const QWeight& w, const uint8_t* p, int64_t bj,
                                             _mm512_loadu_si512(xq + 64));
     acc[m][U] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, _mm512_loadu_ps(x[m].dv.data() + j / 2 * 16)),
                                 acc[m][U]);
-    corr[m][U] -= 128.f * (a0 * x[m].ds[j] + a1 * x[m].ds[j + 1]);
+    // std::fma spelled out: left to the compiler, the contraction of these scalar products
+    // differed between row counts (vectorised across m or not), and a row's result with it.
+    corr[m][U] -= 128.f * std::fma(a0, x[m].ds[j], a1 * x[m].ds[j + 1]);
   }
 }
 
@@ -586,7 +594,8 @@ COURSE_VNNI void row_dot_nf4_vnni(const QWeight& w, int64_t n, const __m512i lut
       const __m256i dot = _mm256_dpbusd_epi32(
           _mm256_dpbusd_epi32(_mm256_setzero_si256(), wh, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))), wl,
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32)));
-      out[m] += a0 * x[m].d[j] * hsum256(_mm256_cvtepi32_ps(dot)) - 128.f * a0 * x[m].ds[j];
+      const float o = std::fma(a0 * x[m].d[j], hsum256(_mm256_cvtepi32_ps(dot)), out[m]);
+      out[m] = std::fma(-128.f * a0, x[m].ds[j], o);
     }
   }
 }
@@ -808,19 +817,28 @@ template <typename T>
 void qgemv(const QWeight& w, const T* x, T* y, int64_t M) {
   const bool act8 = w.act8 && act8_ok(w);
   at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const int64_t mm = std::min(kMaxRows, M - m0);
-      const T* xm = x + m0 * w.K;
-      T* ym = y + m0 * w.N;
-      if (act8) {
+    if (act8) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows8) {
+        const int64_t mm = std::min(kMaxRows8, M - m0);
+        const T* xm = x + m0 * w.K;
+        T* ym = y + m0 * w.N;
         switch (mm) {
           case 1: gemv_rows_act8<T, 1>(w, xm, ym, n0, n1); break;
           case 2: gemv_rows_act8<T, 2>(w, xm, ym, n0, n1); break;
           case 3: gemv_rows_act8<T, 3>(w, xm, ym, n0, n1); break;
-          default: gemv_rows_act8<T, 4>(w, xm, ym, n0, n1); break;
+          case 4: gemv_rows_act8<T, 4>(w, xm, ym, n0, n1); break;
+          case 5: gemv_rows_act8<T, 5>(w, xm, ym, n0, n1); break;
+          case 6: gemv_rows_act8<T, 6>(w, xm, ym, n0, n1); break;
+          case 7: gemv_rows_act8<T, 7>(w, xm, ym, n0, n1); break;
+          default: gemv_rows_act8<T, 8>(w, xm, ym, n0, n1); break;
         }
-        continue;
       }
+      return;
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int64_t mm = std::min(kMaxRows, M - m0);
+      const T* xm = x + m0 * w.K;
+      T* ym = y + m0 * w.N;
       switch (mm) {
         case 1: gemv_rows<T, 1>(w, xm, ym, n0, n1); break;
         case 2: gemv_rows<T, 2>(w, xm, ym, n0, n1); break;

@@ -1,10 +1,12 @@
 //! Inference: sampling the next token and generating text from a causal language model
-//! (m07 adds the KV-cache engine and the server here).
+//! and the engine that serves many requests at once by continuous batching (`engine`).
 
 pub mod chat;
+pub mod engine;
 pub mod generate;
 pub mod sampling;
 
 pub use chat::{ChatModel, ChatTemplate, Message};
+pub use engine::{BatchModel, Engine, EngineConfig, Event, Finish, LlamaSlots, Params, Request};
 pub use generate::{generate, generate_cached, FinishReason, GenerateConfig, Generated, TextStream};
-pub use sampling::{sample, Sampling};
+pub use sampling::{sample, sample_from, Sampling};

@@ -75,18 +75,50 @@ impl Sampling {
 /// Draws one token id from `logits` `(V)`: temperature, then top-k, then top-p, then a draw by
 /// inverse CDF with the course's own RNG (so a seed gives the same text on every device).
 pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> i64 {
-    let logits: Vec<f64> =
-        Vec::<f64>::try_from(logits.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default();
-    if s.temperature == 0.0 {
-        return argmax(&logits);
+    let logits: Vec<f32> =
+        Vec::<f32>::try_from(logits.to_kind(Kind::Float).to_device(Device::Cpu).reshape([-1])).unwrap_or_default();
+    sample_from(&logits, s, rng)
+}
+
+/// [`sample`] over logits already on the host. Only what a draw needs is sorted: with top-k the
+/// k best (a selection, then a sort of k), with top-p < 1 everything, and with neither nothing
+/// (the draw walks the ids in order), so a plain temperature costs one pass over the vocabulary.
+pub fn sample_from(logits: &[f32], s: &Sampling, rng: &mut Rng) -> i64 {
+    if logits.is_empty() {
+        return 0;
     }
-    // Sort token ids by logit, descending (stable: ties keep id order).
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal));
-    let keep = s.top_k.map_or(order.len(), |k| k.min(order.len()));
-    order.truncate(keep);
-    let top = logits[order[0]];
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] - top) / s.temperature).exp()).collect();
+    if s.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let by_logit =
+        |a: &usize, b: &usize| logits[*b].partial_cmp(&logits[*a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(b));
+    let top = logits[argmax(logits) as usize] as f64;
+    let weight = |i: usize| ((logits[i] as f64 - top) / s.temperature).exp();
+    let k = s.top_k.map_or(logits.len(), |k| k.min(logits.len()));
+    let order: Vec<usize> = if k < logits.len() {
+        let mut ids: Vec<usize> = (0..logits.len()).collect();
+        ids.select_nth_unstable_by(k - 1, by_logit);
+        ids.truncate(k);
+        ids.sort_unstable_by(by_logit);
+        ids
+    } else if s.top_p < 1.0 {
+        let mut ids: Vec<usize> = (0..logits.len()).collect();
+        ids.sort_unstable_by(by_logit);
+        ids
+    } else {
+        // Neither: every token, in id order.
+        let z: f64 = (0..logits.len()).map(weight).sum();
+        let u = rng.next_f64() * z;
+        let mut acc = 0.0;
+        for i in 0..logits.len() {
+            acc += weight(i);
+            if u < acc {
+                return i as i64;
+            }
+        }
+        return argmax(logits);
+    };
+    let mut probs: Vec<f64> = order.iter().map(|&i| weight(i)).collect();
     let z: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= z);
     if s.top_p < 1.0 {
@@ -115,14 +147,52 @@ pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> i64 {
     order[probs.len() - 1] as i64
 }
 
-fn argmax(v: &[f64]) -> i64 {
+/// The first index of the largest value (NaN never wins).
+pub fn argmax(v: &[f32]) -> i64 {
     let mut best = 0;
     for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
+        if *x > v[best] || v[best].is_nan() {
             best = i;
         }
     }
     best as i64
+}
+
+/// OpenAI's presence and frequency penalties on `logits`, in place: each token that occurs `c`
+/// times in `counts` loses `c · frequency + presence` (for `c > 0`).
+pub fn apply_penalties(
+    logits: &mut [f32],
+    counts: &std::collections::HashMap<i64, u32>,
+    presence: f64,
+    frequency: f64,
+) {
+    if presence == 0.0 && frequency == 0.0 {
+        return;
+    }
+    for (&id, &c) in counts {
+        if let Some(l) = logits.get_mut(id as usize) {
+            if c > 0 {
+                *l -= (c as f64 * frequency + presence) as f32;
+            }
+        }
+    }
+}
+
+/// `log softmax(logits)` at `id` and the `n` most likely tokens with theirs, best first.
+pub fn logprobs(logits: &[f32], id: i64, n: usize) -> (f32, Vec<(i64, f32)>) {
+    let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = top + logits.iter().map(|&l| (l as f64 - top).exp()).sum::<f64>().ln();
+    let lp = |i: usize| (logits[i] as f64 - lse) as f32;
+    let mut best: Vec<usize> = (0..logits.len()).collect();
+    let n = n.min(logits.len());
+    let by =
+        |a: &usize, b: &usize| logits[*b].partial_cmp(&logits[*a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(b));
+    if n > 0 && n < best.len() {
+        best.select_nth_unstable_by(n - 1, by);
+    }
+    best.truncate(n);
+    best.sort_unstable_by(by);
+    (lp(id as usize), best.into_iter().map(|i| (i as i64, lp(i))).collect())
 }
 
 #[cfg(test)]

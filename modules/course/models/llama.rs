@@ -222,6 +222,59 @@ impl KvCache {
     }
 }
 
+/// A KV cache for independent sequences decoded together (continuous batching): its batch rows
+/// are slots, each holding one sequence with a length of its own. [`Llama::prefill_slot`] fills
+/// a slot with a prompt; [`Llama::decode_slots`] adds one token to each of several slots in one
+/// pass over the weights.
+#[derive(Debug)]
+pub struct SlotCache {
+    cache: KvCache,
+    lens: Vec<i64>,
+}
+
+impl SlotCache {
+    /// Number of slots.
+    pub fn slots(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Positions held by `slot` (0 for a free or unknown one).
+    pub fn len(&self, slot: usize) -> i64 {
+        self.lens.get(slot).copied().unwrap_or(0)
+    }
+
+    /// Positions each slot can hold.
+    pub fn capacity(&self) -> i64 {
+        self.cache.capacity
+    }
+
+    /// Forgets `slot`'s sequence (the memory stays allocated).
+    pub fn clear(&mut self, slot: usize) {
+        if let Some(l) = self.lens.get_mut(slot) {
+            *l = 0;
+        }
+    }
+
+    /// Bytes held by the keys and values of all slots.
+    pub fn bytes(&self) -> i64 {
+        self.cache.bytes()
+    }
+
+    fn check(&self, slot: usize, new: i64, what: &str) -> Result<()> {
+        if slot >= self.lens.len() {
+            bail!("{what}: slot {slot} does not exist (the cache has {} slots)", self.lens.len());
+        }
+        if self.lens[slot] + new > self.cache.capacity {
+            bail!(
+                "{what}: slot {slot} holds {} positions; {new} more exceed its capacity of {}",
+                self.lens[slot],
+                self.cache.capacity
+            );
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 struct Layer {
     input_layernorm: RmsNorm,
@@ -659,7 +712,7 @@ impl Llama {
         }
         let mut x = self.embed_tokens(ids); // (B, T, C), the weights' dtype
         if self.fused_applies(&x)? {
-            return self.hidden_fused(x, start, cache);
+            return self.hidden_fused(x, start, cache, None);
         }
         for l in 0..self.layers.len() {
             let layer = &self.layers[l];
@@ -695,7 +748,7 @@ impl Llama {
         self.fused = on;
     }
 
-    /// Decode (at most 4 rows a product) through `ops::qlinear_int8_activations`: x quantized to
+    /// Decode (at most 8 rows a product) through `ops::qlinear_int8_activations`: x quantized to
     /// int8 blocks and VNNI byte dot products against Q4_1, Q8_0 or NF4 weights, llama.cpp's
     /// route. Off by default; it changes nothing for dense or int8 weights, for prefill and
     /// training (more rows), or on a CPU without AVX-512 VNNI.
@@ -743,11 +796,23 @@ impl Llama {
     /// [`Self::hidden`] through `ops::llama`: per layer two fused norms, SwiGLU, and for single
     /// new tokens over a cache the fused attention, between the four matrix products. Prompts
     /// (several new tokens) keep SDPA for their attention.
-    fn hidden_fused(&self, mut x: Tensor, start: i64, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    ///
+    /// `slots`: one new token per sequence, each at its own position (`positions`) in its own
+    /// row (`rows`) of `cache` (continuous batching); the cache's length is then the caller's.
+    fn hidden_fused(
+        &self,
+        mut x: Tensor,
+        start: i64,
+        mut cache: Option<&mut KvCache>,
+        slots: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
         let c = &self.cfg;
         let (b, t) = (x.size()[0], x.size()[1]);
         let (h, kv, eps) = (c.num_attention_heads, c.num_key_value_heads, c.rms_norm_eps);
-        let positions = Tensor::full([b], start, (Kind::Int64, Device::Cpu));
+        let positions = match slots {
+            Some((p, _)) => p.shallow_clone(),
+            None => Tensor::full([b], start, (Kind::Int64, Device::Cpu)),
+        };
         let one_token = t == 1 && cache.is_some();
         let mut pending: Option<Tensor> = None; // the last MLP output, not yet added to x
         for (l, layer) in self.layers.iter().enumerate() {
@@ -758,16 +823,10 @@ impl Llama {
             let a = if one_token {
                 let cache = cache.as_deref_mut().expect("one_token implies a cache");
                 let qkv = self.product(l, Product::Qkv, &hn);
-                let y = ops::decode_attention(
-                    &qkv,
-                    &self.rope.cos,
-                    &self.rope.sin,
-                    &mut cache.k[l],
-                    &mut cache.v[l],
-                    &positions,
-                    h,
-                    kv,
-                )?;
+                let (cos, sin) = (&self.rope.cos, &self.rope.sin);
+                let (ck, cv) = (&mut cache.k[l], &mut cache.v[l]);
+                let rows = slots.map(|(_, r)| r);
+                let y = ops::decode_attention_rows(&qkv, cos, sin, ck, cv, &positions, rows, h, kv)?;
                 self.product(l, Product::O, &y)
             } else {
                 self.attention(l, &hn, start, cache.as_deref_mut(), false)
@@ -776,7 +835,7 @@ impl Llama {
             let gu = self.product(l, Product::GateUp, &hn);
             pending = Some(self.product(l, Product::Down, &ops::swiglu(&gu)?));
         }
-        if let Some(c) = cache {
+        if let (Some(c), None) = (cache, slots) {
             c.len = start + t;
         }
         match pending {
@@ -808,6 +867,68 @@ impl Llama {
     pub fn step(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let h = self.hidden(ids, Some(cache))?;
         Ok(self.head(&h.select(1, -1)))
+    }
+
+    /// A [`SlotCache`] of `slots` sequences of up to `capacity` positions each.
+    pub fn new_slot_cache(&self, slots: usize, capacity: i64) -> SlotCache {
+        SlotCache { cache: self.new_cache(slots as i64, capacity), lens: vec![0; slots] }
+    }
+
+    /// Runs `ids` into `slot` after the positions it holds (none for a new sequence) and returns
+    /// the logits of the last, `(V)`. The other slots are untouched.
+    pub fn prefill_slot(&self, ids: &[i64], cache: &mut SlotCache, slot: usize) -> Result<Tensor> {
+        if ids.is_empty() {
+            bail!("prefill_slot: no tokens for slot {slot}");
+        }
+        cache.check(slot, ids.len() as i64, "prefill_slot")?;
+        let s = slot as i64;
+        let inner = &cache.cache;
+        let mut view = KvCache {
+            k: inner.k.iter().map(|t| t.narrow(0, s, 1)).collect(),
+            v: inner.v.iter().map(|t| t.narrow(0, s, 1)).collect(),
+            len: cache.lens[slot],
+            capacity: inner.capacity,
+        };
+        let x = Tensor::from_slice(ids).to_device(self.device).unsqueeze(0);
+        let logits = self.step(&x, &mut view)?;
+        cache.lens[slot] = view.len;
+        Ok(logits.squeeze_dim(0))
+    }
+
+    /// One new token for each of `slots` (distinct), each at its own slot's next position, in one
+    /// pass over the weights: the logits `(B, V)` in `slots`' order. Each row's numbers are those
+    /// of the same token decoded alone (the products and the attention work row by row), so a
+    /// sequence's greedy answer does not depend on its batch. Where the fused CPU ops do not apply
+    /// (an unmerged adapter, CUDA, training), the slots are stepped one at a time.
+    pub fn decode_slots(&self, tokens: &[i64], cache: &mut SlotCache, slots: &[usize]) -> Result<Tensor> {
+        if tokens.len() != slots.len() || tokens.is_empty() {
+            bail!("decode_slots: {} tokens for {} slots (one each, at least one)", tokens.len(), slots.len());
+        }
+        for (i, &s) in slots.iter().enumerate() {
+            cache.check(s, 1, "decode_slots")?;
+            if slots[..i].contains(&s) {
+                bail!("decode_slots: slot {s} is given twice");
+            }
+        }
+        let vocab = self.cfg.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t >= vocab) {
+            bail!("decode_slots: token {bad} is outside the vocabulary of {vocab}");
+        }
+        let ids = Tensor::from_slice(tokens).to_device(self.device).unsqueeze(1); // (B, 1)
+        let x = self.embed_tokens(&ids);
+        if !self.fused_applies(&x)? {
+            let rows: Result<Vec<Tensor>> =
+                tokens.iter().zip(slots).map(|(&t, &s)| self.prefill_slot(&[t], cache, s)).collect();
+            return Ok(Tensor::stack(&rows?, 0));
+        }
+        let lens: Vec<i64> = slots.iter().map(|&s| cache.lens[s]).collect();
+        let rows: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+        let (positions, rows) = (Tensor::from_slice(&lens), Tensor::from_slice(&rows));
+        let h = self.hidden_fused(x, 0, Some(&mut cache.cache), Some((&positions, &rows)))?;
+        for &s in slots {
+            cache.lens[s] += 1;
+        }
+        Ok(self.head(&h.select(1, 0)))
     }
 
     /// Loads a model from a GGUF into `vs` (on its device), in `kind` (Float or BFloat16).

@@ -83,8 +83,34 @@ pub fn decode_attention(
     heads: i64,
     kv_heads: i64,
 ) -> Result<Tensor> {
+    decode_attention_rows(qkv, cos, sin, cache_k, cache_v, positions, None, heads, kv_heads)
+}
+
+/// [`decode_attention`] for sequences that hold rows of a larger cache (continuous batching's
+/// slots): with `rows`, sequence `b` reads and writes cache row `rows[b]`, at position
+/// `positions[b]` (without, row `b`).
+///
+/// # Shapes
+/// - `qkv`: `(B, 1, (heads + 2·kv_heads)·hd)`
+/// - `cache_k`, `cache_v`: `(S, kv_heads, capacity, hd)` with `S >= B` (`S == B` without `rows`),
+///   contiguous
+/// - `positions`, `rows`: `(B)` int64; `rows` distinct and below `S`
+/// - returns `(B, 1, heads·hd)`
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_rows(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    cache_k: &mut Tensor,
+    cache_v: &mut Tensor,
+    positions: &Tensor,
+    rows: Option<&Tensor>,
+    heads: i64,
+    kv_heads: i64,
+) -> Result<Tensor> {
     let mut out = std::ptr::null_mut();
-    // SAFETY: live tch tensors; the kernel writes into the caches, which `&mut` holds.
+    // SAFETY: live tch tensors (or null for `rows`); the kernel writes into the caches, which
+    // `&mut` holds.
     ffi::check(unsafe {
         ffi::course_decode_attention(
             ffi::ptr(qkv),
@@ -93,6 +119,7 @@ pub fn decode_attention(
             ffi::ptr(cache_k),
             ffi::ptr(cache_v),
             ffi::ptr(positions),
+            rows.map_or(std::ptr::null_mut(), ffi::ptr),
             heads,
             kv_heads,
             &mut out,

@@ -15,7 +15,8 @@ pub use cross_entropy::{
 };
 pub use linear::{linear, linear_reference, linear_uses_onednn, skinny_matmul};
 pub use llama::{
-    add_rms_norm_, decode_attention, decode_attention_reference, rms_norm, rms_norm_reference, swiglu, swiglu_reference,
+    add_rms_norm_, decode_attention, decode_attention_reference, decode_attention_rows, rms_norm, rms_norm_reference,
+    swiglu, swiglu_reference,
 };
 pub use qmatmul::{
     qdequantize, qdequantize_reference, qlinear, qlinear_int8_activations, qlinear_reference, QFormat, QTensors,

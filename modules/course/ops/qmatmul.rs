@@ -123,7 +123,7 @@ fn qlinear_id(x: &Tensor, w: &QTensors, id: i32) -> Result<Tensor> {
     Ok(ffi::take(out))
 }
 
-/// Whether [`qlinear`]'s bf16 GEMM (more than 4 rows of bf16 `x`) runs on our AMX tiles in this
+/// Whether [`qlinear`]'s bf16 GEMM (more than 8 rows of bf16 `x`) runs on our AMX tiles in this
 /// process, and why. It is opt-in (`COURSE_AMX=1` or [`set_amx`]): on the Intel Xeon the default
 /// path, `W` decoded in panels for ATen's bf16 GEMM (oneDNN, on AMX itself), measured faster.
 /// It takes where the CPU has AMX-TILE and AMX-BF16 and Linux granted the tile state
@@ -147,7 +147,7 @@ fn amx_call(enable: i32) -> (bool, String) {
     (on != 0, String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
-/// [`qlinear`] with int8 activations in the GEMV (at most 4 rows of `x`: decoding), llama.cpp's
+/// [`qlinear`] with int8 activations in the GEMV (at most 8 rows of `x`: decoding), llama.cpp's
 /// route: each row of `x` is quantized to int8 in blocks (32 numbers for Q4_1 and Q8_0, 64 for
 /// NF4; scale absmax / 127, round half to even) and meets `W` in AVX-512 VNNI byte dot products;
 /// NF4's code values enter as `round(127 c) / 127`. [`qlinear_int8_activations_reference`] is

@@ -106,6 +106,7 @@ extern "C" {
         cache_k: CTensor,
         cache_v: CTensor,
         positions: CTensor,
+        rows: CTensor,
         heads: i64,
         kv_heads: i64,
         out: *mut CTensor,
