@@ -197,7 +197,7 @@ pub enum Event {
 /// Why [`Engine::submit`] refused a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitError {
-    /// The queue holds its limit: try again later.
+    /// Every slot is busy and the queue holds its limit: try again later.
     QueueFull { limit: usize },
     /// The prompt and `max_tokens` do not fit a slot, or the request is malformed.
     Invalid(String),
@@ -208,7 +208,9 @@ pub enum SubmitError {
 impl std::fmt::Display for SubmitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::QueueFull { limit } => write!(f, "the queue is full ({limit} requests wait already)"),
+            Self::QueueFull { limit } => {
+                write!(f, "the server is at capacity: every slot is busy and the queue of {limit} is full")
+            }
             Self::Invalid(m) => f.write_str(m),
             Self::ShuttingDown => f.write_str("the server is shutting down"),
         }
@@ -289,8 +291,9 @@ struct Shared {
     commands: Mutex<mpsc::Sender<Command>>,
     stats: Arc<Stats>,
     config: EngineConfig,
-    /// Waiting requests, counted at submit (the queue limit is checked against this).
-    queued: AtomicUsize,
+    /// Requests submitted and not yet finished, waiting or running (counted at submit: the
+    /// limit `slots + queue` is checked against this).
+    outstanding: AtomicUsize,
     stopping: AtomicBool,
     slots: usize,
     capacity: i64,
@@ -324,7 +327,7 @@ impl Engine {
             commands: Mutex::new(tx),
             stats: stats.clone(),
             config,
-            queued: AtomicUsize::new(0),
+            outstanding: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             slots: model.slots(),
             capacity: model.capacity(),
@@ -397,19 +400,18 @@ impl Engine {
         if let Err(e) = req.params.sampling.check() {
             return Err(SubmitError::Invalid(e.to_string()));
         }
-        let limit = sh.config.queue;
-        // Reserve a place in the queue, or refuse.
-        if sh.queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| (q < limit).then_some(q + 1)).is_err() {
-            return Err(SubmitError::QueueFull { limit });
+        // Reserve a slot or a place in the queue, or refuse.
+        let limit = sh.slots + sh.config.queue;
+        if sh.outstanding.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| (q < limit).then_some(q + 1)).is_err() {
+            return Err(SubmitError::QueueFull { limit: sh.config.queue });
         }
         let (tx, rx) = unbounded_channel();
         let job = Box::new(Job { req, tx, submitted: Instant::now() });
         let sent = sh.commands.lock().map(|c| c.send(Command::Submit(job)).is_ok()).unwrap_or(false);
         if !sent {
-            sh.queued.fetch_sub(1, Ordering::SeqCst);
+            sh.outstanding.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::ShuttingDown);
         }
-        sh.stats.waiting.store(sh.queued.load(Ordering::SeqCst), Ordering::Relaxed);
         Ok(rx)
     }
 
@@ -517,10 +519,10 @@ impl<'t> Scheduler<'t> {
 
     /// Requests whose receiver is gone or whose deadline passed leave, queued or running.
     fn drop_cancelled(&mut self) {
-        let before = self.waiting.len();
-        let mut kept = VecDeque::with_capacity(before);
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
         for job in self.waiting.drain(..) {
             if cancelled(&job) {
+                self.shared.outstanding.fetch_sub(1, Ordering::SeqCst);
                 let _ = job.tx.send(Event::Done {
                     finish: Finish::Cancelled,
                     timings: Timings { prompt_tokens: job.req.prompt.len(), ..Default::default() },
@@ -530,7 +532,6 @@ impl<'t> Scheduler<'t> {
                 kept.push_back(job);
             }
         }
-        self.shared.queued.fetch_sub(before - kept.len(), Ordering::SeqCst);
         self.waiting = kept;
         for s in &mut self.running {
             if s.finished.is_none() && cancelled(&s.job) {
@@ -544,7 +545,6 @@ impl<'t> Scheduler<'t> {
     fn admit(&mut self) {
         while !self.free.is_empty() {
             let Some(job) = self.waiting.pop_front() else { break };
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             let slot = self.free.pop().expect("checked");
             self.model.free(slot);
             let seed = job.req.params.seed;
@@ -566,6 +566,7 @@ impl<'t> Scheduler<'t> {
                 cut: false,
             });
         }
+        self.publish();
     }
 
     /// Up to `prefill_chunk` prompt tokens of the oldest sequence still in its prompt; when its
@@ -638,7 +639,11 @@ impl<'t> Scheduler<'t> {
                 decode_ms: s.first_token.map_or(0.0, |f| (s.last_token.unwrap_or(now) - f).as_secs_f64() * 1e3),
                 ttft_ms: s.first_token.map_or(0.0, |f| (f - s.job.submitted).as_secs_f64() * 1e3),
             };
-            let _ = s.job.tx.send(Event::Done { finish, timings });
+            // The slot, the capacity count and the stats first: a client that sends its next
+            // request on `Done` must find them free.
+            self.model.free(s.slot);
+            self.free.push(s.slot);
+            self.shared.outstanding.fetch_sub(1, Ordering::SeqCst);
             count_finish(
                 &self.shared.stats,
                 match finish {
@@ -647,8 +652,8 @@ impl<'t> Scheduler<'t> {
                     Finish::Cancelled => "cancelled",
                 },
             );
-            self.model.free(s.slot);
-            self.free.push(s.slot);
+            self.publish();
+            let _ = s.job.tx.send(Event::Done { finish, timings });
         }
     }
 
@@ -664,7 +669,7 @@ impl<'t> Scheduler<'t> {
                 timings: Timings { prompt_tokens: job.req.prompt.len(), ..Default::default() },
             });
         }
-        self.shared.queued.fetch_sub(n, Ordering::SeqCst);
+        self.shared.outstanding.fetch_sub(n, Ordering::SeqCst);
         self.publish();
     }
 
@@ -675,6 +680,7 @@ impl<'t> Scheduler<'t> {
             count_finish(&self.shared.stats, "error");
             self.model.free(s.slot);
             self.free.push(s.slot);
+            self.shared.outstanding.fetch_sub(1, Ordering::SeqCst);
         }
         self.publish();
     }

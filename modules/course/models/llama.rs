@@ -1295,6 +1295,23 @@ impl Llama {
         self.fold_lora(-1.0, false)
     }
 
+    /// Folds the adapter into the weights for good and drops it, as peft's `merge_and_unload()`:
+    /// the model is then a plain dense one with the tuned weights (which may be quantized).
+    pub fn merge_and_unload(&mut self) -> Result<()> {
+        if self.adapter.is_none() {
+            bail!("the model has no LoRA adapter to merge");
+        }
+        if !self.lora_merged {
+            self.merge_lora()?;
+        }
+        for l in &mut self.layers {
+            l.lora = Default::default();
+        }
+        self.adapter = None;
+        self.lora_merged = false;
+        Ok(())
+    }
+
     /// Takes the adapter off (unmerging it first if it was merged): the base model again, as
     /// peft's `unload()`. The adapter's variables stay in their VarStore.
     pub fn remove_lora(&mut self) -> Result<()> {
