@@ -588,8 +588,7 @@ impl<'t> Scheduler<'t> {
             let host = host_logits(&logits)?;
             let st = &self.shared.stats;
             st.prompt_tokens.fetch_add(prompt.len() as u64, Ordering::Relaxed);
-            let stop_ids = self.stop_ids.clone();
-            take_token(s, host, &stop_ids, st)?;
+            take_token(s, host, &self.stop_ids, st)?;
         }
         Ok(())
     }
@@ -606,10 +605,12 @@ impl<'t> Scheduler<'t> {
         let tokens: Vec<i64> = ready.iter().map(|&i| self.running[i].next.expect("filtered")).collect();
         let logits = self.model.decode(&slots, &tokens)?;
         self.shared.stats.steps.fetch_add(1, Ordering::Relaxed);
-        let stop_ids = self.stop_ids.clone();
+        // One copy of all rows to the host, then each row's own vector.
+        let all = host_logits(&logits)?;
+        let vocab = all.len() / ready.len();
         for (row, &i) in ready.iter().enumerate() {
-            let host = host_logits(&logits.get(row as i64))?;
-            take_token(&mut self.running[i], host, &stop_ids, &self.shared.stats)?;
+            let host = all[row * vocab..(row + 1) * vocab].to_vec();
+            take_token(&mut self.running[i], host, &self.stop_ids, &self.shared.stats)?;
         }
         Ok(())
     }
