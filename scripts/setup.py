@@ -56,6 +56,10 @@ GGUF_VERSION = "0.19.0"
 ACCELERATE_VERSION = "1.15.0"
 PEFT_VERSION = "0.18.0"
 BITSANDBYTES_VERSION = "0.49.2"
+OPENAI_VERSION = "3.57.0"
+PLAYWRIGHT_VERSION = "1.65.2"
+CHROMIUM = Path("/usr/bin/chromium")
+LLAMA_CPP_VERSION = "0.3.36"
 TORCH_VERSION = "2.11.0"   # numpy (the MNIST conversion) and tensorboard (tests) go next to it
 # Exact pin: without the extras' pins pip pulls a crt that does not match nvcc.
 CUDA_SPEC = "cuda-toolkit[nvcc,crt,nvvm,cccl]==13.0.2"
@@ -215,12 +219,16 @@ def step_venv():
     # Python); transformers needs it, and accelerate, to load a GGUF (the SmolLM2 fixture script).
     # peft: Hugging Face's LoRA, which m06's adapters are checked against both ways; bitsandbytes:
     # QLoRA's NF4, which m06's is checked against (its CPU build; 0.49's rounding is exact nearest).
+    # openai: the official client m07's server is tested with; playwright: drives Debian's
+    # Chromium for m07's chat-page test (its pip wheel carries only the driver: browsers are never
+    # downloaded, the test points it at /usr/bin/chromium).
     for pkg, ver in (("gguf", GGUF_VERSION), ("accelerate", ACCELERATE_VERSION), ("peft", PEFT_VERSION),
-                     ("bitsandbytes", BITSANDBYTES_VERSION)):
+                     ("bitsandbytes", BITSANDBYTES_VERSION), ("openai", OPENAI_VERSION),
+                     ("playwright", PLAYWRIGHT_VERSION)):
         if not has_dist(site, "%s-%s*" % (pkg, ver)):
             need.append("%s==%s" % (pkg, ver))
     if not need:
-        say("ok", ".venv (torch %s, numpy, tensorboard, transformers, gguf, accelerate, peft, bitsandbytes present)" % tv)
+        say("ok", ".venv (torch %s, numpy, tensorboard, transformers, gguf, accelerate, peft, bitsandbytes, openai, playwright present)" % tv)
         return "cached"
     say("fetch", ".venv: pip install %s%s" % (" ".join(need),
         "  (torch is a large download: a few GB with its CUDA libraries)" if need[0].startswith("torch") else ""))
@@ -232,7 +240,66 @@ def step_venv():
     if not (tv and tv.startswith(TORCH_VERSION)):
         raise SetupError("after pip install, torch version is %r, expected %s" % (tv, TORCH_VERSION),
                          "remove .venv and re-run: python3 scripts/setup.py")
-    say("ok", ".venv: torch %s + numpy + tensorboard + transformers + gguf + accelerate + peft + bitsandbytes installed (%.0f s)" % (tv, time.time() - t0))
+    say("ok", ".venv: torch %s + numpy + tensorboard + transformers + gguf + accelerate + peft + bitsandbytes + openai + playwright installed (%.0f s)" % (tv, time.time() - t0))
+    return "installed"
+
+
+def cpu_flags():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def step_llama_cpp():
+    """llama.cpp's Python server, built from the sdist: the optional peer of the m07 benchmark."""
+    site = site_packages()
+    if has_dist(site, "llama_cpp_python-%s*" % LLAMA_CPP_VERSION) and has_dist(site, "uvicorn-*"):
+        say("ok", "llama-cpp-python %s (present)" % LLAMA_CPP_VERSION)
+        return "cached"
+    t0 = time.time()
+    env = dict(os.environ)
+    if "amx_tile" in cpu_flags():
+        # ggml's native build dies with SIGILL in its AMX matmul on these CPUs: build without it.
+        env["CMAKE_ARGS"] = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+                             "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF")
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    say("fetch", "llama-cpp-python: pip install --no-binary llama-cpp-python 'llama-cpp-python[server]==%s' "
+                 "(a 7-17 min build%s)" % (LLAMA_CPP_VERSION, "; CMAKE_ARGS=" + env["CMAKE_ARGS"] if "CMAKE_ARGS" in env else ""))
+    r = subprocess.run(pip_cmd() + ["install", "--no-binary", "llama-cpp-python",
+                                    "llama-cpp-python[server]==%s" % LLAMA_CPP_VERSION], env=env)
+    if r.returncode != 0:
+        raise SetupError("building llama-cpp-python failed (see above)",
+                         "it needs gcc, g++ and cmake's pip wheel; re-run: python3 scripts/setup.py --llama-cpp --no-data")
+    say("ok", "llama-cpp-python %s built (%.0f s)" % (LLAMA_CPP_VERSION, time.time() - t0))
+    return "installed"
+
+
+def step_chromium():
+    """Debian's Chromium for m07's browser test: apt-get as root, else a warning with the command."""
+    if CHROMIUM.exists():
+        say("ok", "chromium (%s)" % CHROMIUM)
+        return "present"
+    apt = shutil.which("apt-get")
+    if not apt or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        say("warn", "no %s: m07's browser test (tests/serve.rs) will fail until it is installed; "
+                    "as root: apt-get install chromium chromium-driver" % CHROMIUM)
+        return "missing"
+    t0 = time.time()
+    say("fetch", "chromium: apt-get install chromium chromium-driver")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in ([apt, "update", "-qq"], [apt, "install", "-y", "-qq", "chromium", "chromium-driver"]):
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        if r.returncode != 0:
+            raise SetupError("%s failed:\n%s" % (" ".join(cmd), tail(r.stdout)),
+                             "check the network and re-run: python3 scripts/setup.py")
+    if not CHROMIUM.exists():
+        raise SetupError("apt-get installed chromium but %s is missing" % CHROMIUM,
+                         "install Debian's chromium package by hand")
+    say("ok", "chromium installed (%.0f s)" % (time.time() - t0))
     return "installed"
 
 
@@ -1021,6 +1088,9 @@ def parse_args(argv):
                     help="skip the data sets: only .venv, .libtorch and (with --cuda) nvcc; overrides --data")
     ap.add_argument("--list", action="store_true",
                     help="list the data sets, whether each is present, and the command to fetch it; then exit")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="also build llama-cpp-python==%s[server] from its sdist into .venv: the "
+                         "peer of m07's benchmark (7-17 min on 2 cores; never needed by the tests)" % LLAMA_CPP_VERSION)
     ap.add_argument("--cuda", action="store_true",
                     help="also install %s into .venv and check that nvcc compiles a kernel" % CUDA_SPEC)
     ap.add_argument("--verify", action="store_true",
@@ -1104,6 +1174,10 @@ def main(argv=None):
         return res
 
     if env_step(".venv", step_venv) is None or env_step(".libtorch", step_libtorch) is None:
+        return 1
+    if not args.no_data and env_step("chromium", step_chromium) is None:
+        return 1
+    if args.llama_cpp and env_step("llama-cpp", step_llama_cpp) is None:
         return 1
     nvcc = None
     if args.cuda:

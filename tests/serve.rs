@@ -322,6 +322,24 @@ fn openai_shapes_and_every_bad_request_answered_in_the_envelope() {
         assert!(t0.elapsed() < Duration::from_secs(60), "the dropped stream was not cancelled, or holds its slot");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A client that never reads its stream: the others are served meanwhile, and its answer
+    // runs to its end (the engine never waits on a socket), so its slot comes back too.
+    let finished = || engine.stats().finished.lock().unwrap().values().sum::<u64>();
+    let before = finished();
+    let sleeper = {
+        let mut c = TcpStream::connect(a).unwrap();
+        let body = hello(json!({"stream": true, "max_tokens": 40, "ignore_eos": true})).to_string();
+        let req = format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        c.write_all(req.as_bytes()).unwrap();
+        c
+    };
+    assert_eq!(post(a, "/v1/chat/completions", &hello(json!({}))).status, 200);
+    let t0 = Instant::now();
+    while finished() < before + 2 || engine.stats().running.load(Ordering::Relaxed) != 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the unread stream did not finish, or holds its slot");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(sleeper);
     // /metrics counts what happened, in Prometheus text.
     let m = get(a, "/metrics").text();
     for want in [
@@ -369,4 +387,111 @@ fn a_full_queue_answers_429_and_a_key_is_required_when_set() {
     assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().is_ok()), "no Retry-After");
     assert_eq!(first.join().unwrap().status, 200);
     assert_eq!(auth(&hello(json!({}))).status, 200);
+}
+
+/// Runs a Python fixture with `args`; its last stdout line is a JSON object.
+fn python(script: &str, args: &[&str]) -> Value {
+    let out = std::process::Command::new(".venv/bin/python")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running .venv/bin/python {script} ({e}): run python3 scripts/setup.py"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or("");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{script}'s last line is not JSON ({e}): {last}"))
+}
+
+fn chat_once(a: SocketAddr, key: Option<&str>, body: &Value) -> Value {
+    let auth = key.map(|k| format!("\r\nAuthorization: Bearer {k}")).unwrap_or_default();
+    let r = raw(
+        a,
+        &format!("POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json{auth}"),
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+const FRANCE: &str = "What is the capital of France?";
+
+#[test]
+fn the_official_openai_client_reads_every_shape() {
+    let s = start(2, 8, Some("sk-course"));
+    let a = s.addr;
+    let v = python("tests/fixtures/openai_client.py", &[&format!("http://{a}/v1"), "sk-course"]);
+    assert_eq!(v["model"], s.state.cfg.model_id, "{v}");
+    // The client's whole, streamed and raw-HTTP answers are one greedy answer.
+    let msgs =
+        json!([{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": FRANCE}]);
+    let ours = chat_once(a, Some("sk-course"), &json!({"messages": msgs, "temperature": 0, "max_tokens": 24}));
+    let text = ours["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(v["chat"]["content"], text, "{v}");
+    assert_eq!(v["stream"]["content"], text, "{v}");
+    assert_eq!(v["stream"]["completion_tokens"], v["chat"]["completion_tokens"], "{v}");
+    assert_eq!(v["stream"]["prompt_tokens"], ours["usage"]["prompt_tokens"], "{v}");
+    assert!(text.contains("Paris"), "SmolLM2's greedy answer names Paris: {text}");
+    // The stop string cut the answer just before it (and is not returned).
+    let word = v["stop"]["word"].as_str().unwrap();
+    let cut = &text[..text.find(word).unwrap()];
+    assert_eq!(v["stop"]["content"], cut, "{v}");
+    assert_eq!(v["stop"]["finish_reason"], "stop", "{v}");
+    let e = &v["errors"];
+    assert_eq!(e["temperature"]["status"], 400, "{v}");
+    assert_eq!(e["temperature"]["param"], "temperature", "{v}");
+    assert_eq!(e["temperature"]["type"], "invalid_request_error", "{v}");
+    assert_eq!(e["stream_options"]["status"], 400, "{v}");
+    assert_eq!(e["stream_options"]["param"], "stream_options", "{v}");
+    assert_eq!(e["response_format"]["status"], 400, "{v}");
+    assert_eq!(e["response_format"]["param"], "response_format", "{v}");
+    assert_eq!(e["auth"]["status"], 401, "{v}");
+    assert!(v["logprobs"].as_array().is_some_and(|l| !l.is_empty()), "{v}");
+    assert!(v["completion"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
+}
+
+#[test]
+fn a_real_chromium_chats_through_the_page_and_stops() {
+    let s = start(2, 8, None);
+    let a = s.addr;
+    let shot = Path::new("outputs/m07_serving/chat.png");
+    let v = python("tests/fixtures/browser_chat.py", &[&format!("http://{a}"), shot.to_str().unwrap()]);
+    // No script error and no failed load (the page asks for nothing it does not have).
+    assert!(
+        v["console"].as_array().is_some_and(|c| c.iter().all(|m| !m.as_str().unwrap().starts_with("error"))),
+        "{v}"
+    );
+    assert!(v["header"].as_str().unwrap().contains(&s.state.cfg.model_id), "{v}");
+    assert_eq!(v["user"], FRANCE, "{v}");
+    assert_eq!(v["temperature_label"], "0", "{v}");
+    // The page asks with the slider's temperature 0: the same greedy answer as raw HTTP (the
+    // page also sends top_p/top_k, which greedy ignores).
+    let msgs = json!([{"role": "user", "content": FRANCE}]);
+    let ours = chat_once(a, None, &json!({"messages": msgs, "temperature": 0, "max_tokens": 24}));
+    let text = ours["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(v["answer"].as_str().unwrap().trim(), text.trim(), "{v}");
+    let tokens = ours["usage"]["completion_tokens"].as_u64().unwrap();
+    let stats = v["stats"].as_str().unwrap();
+    assert!(stats.starts_with("time to first token "), "{stats}");
+    assert!(stats.contains(&format!(" · {tokens} tokens · ")), "{stats} vs {tokens} tokens");
+    assert!(v["server"].as_str().unwrap().contains("server RSS "), "{v}");
+    let png = std::fs::read(shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "screenshot");
+    // Stop cancelled the long answer: the page says so, and the server freed the slot.
+    let stopped = v["stopped_stats"].as_str().unwrap();
+    assert!(stopped.ends_with(" · stopped") && !stopped.contains(" · 0 tokens · "), "{v}");
+    assert!(!v["stopped_answer"].as_str().unwrap().is_empty());
+    assert_eq!((v["stop_disabled"].as_bool(), v["send_enabled"].as_bool()), (Some(true), Some(true)), "{v}");
+    let engine = &s.state.backend().unwrap().engine;
+    let t0 = Instant::now();
+    while engine.stats().running.load(Ordering::Relaxed) != 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the stopped stream's slot was not freed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let done = engine.stats().finished.lock().unwrap().clone();
+    assert!(done.get("cancelled").copied().unwrap_or(0) >= 1, "finished: {done:?}");
 }

@@ -16,7 +16,7 @@ use course::data::sft::{hold_out, pad_batch, prepare, read_alpaca, AlpacaRecord,
 use course::infer::generate::{generate_cached, GenerateConfig};
 use course::infer::{ChatModel, Message, Sampling};
 use course::io::peft::{read_adapter, write_adapter, AdapterConfig, TargetModules};
-use course::models::llama::WeightFormat;
+use course::models::llama::{RunFormat, WeightFormat};
 use course::models::LanguageModel;
 use course::run::charts::{LineChart, Series};
 use course::run::relaunch;
@@ -579,21 +579,6 @@ fn full(common: &CommonArgs) -> Result<()> {
 
 // ---- the quantization comparison -------------------------------------------------------------
 
-/// The formats `compare` knows: the weights' storage, the dtype of everything else, whether
-/// decoding quantizes the activations to int8 (`_x8`: VNNI byte dot products, llama.cpp's route;
-/// prefill and the perplexities are the plain format's, as more rows take the exact path), and
-/// whether NF4's codes are chosen by GPTQ against calibration inputs (`nf4_gptq`).
-const FORMATS: &[(&str, WeightFormat, Kind, bool, bool)] = &[
-    ("f32", WeightFormat::Dense, Kind::Float, false, false),
-    ("bf16", WeightFormat::Dense, Kind::BFloat16, false, false),
-    ("int8", WeightFormat::Int8, Kind::Float, false, false),
-    ("nf4", WeightFormat::Nf4, Kind::Float, false, false),
-    ("nf4_gptq", WeightFormat::Nf4, Kind::Float, false, true),
-    ("q4_1", WeightFormat::Q4_1, Kind::Float, false, false),
-    ("nf4_x8", WeightFormat::Nf4, Kind::Float, true, false),
-    ("q4_1_x8", WeightFormat::Q4_1, Kind::Float, true, false),
-];
-
 /// Alpaca conversations GPTQ calibrates on: training records only (the held-out tenth never);
 /// with them, about 9,000 tokens of Moby-Dick in windows of 256.
 const CALIBRATION_EXAMPLES: usize = 64;
@@ -601,14 +586,11 @@ const CALIBRATION_EXAMPLES: usize = 64;
 fn parse_formats(list: &str) -> Result<Vec<&'static str>> {
     let mut out = vec![];
     for f in list.split(',').map(str::trim).filter(|f| !f.is_empty()) {
-        match FORMATS.iter().find(|(n, ..)| *n == f) {
-            Some((n, ..)) if !out.contains(n) => out.push(*n),
-            Some(_) => bail!("--formats: {f:?} is listed twice"),
-            None => bail!(
-                "--formats: {f:?} is not one of {}",
-                FORMATS.iter().map(|(n, ..)| *n).collect::<Vec<_>>().join(", ")
-            ),
+        let n = RunFormat::find(f, true).context("--formats")?.name;
+        if out.contains(&n) {
+            bail!("--formats: {f:?} is listed twice");
         }
+        out.push(n);
     }
     if out.is_empty() {
         bail!("--formats: the list is empty (e.g. f32,bf16,int8,nf4,q4_1)");
@@ -685,8 +667,7 @@ fn window_nll(m: &ChatModel, ids: &[i64]) -> (f64, f64) {
 
 fn compare_leg(a: &CompareArgs, common: &CommonArgs, name: &str) -> Result<()> {
     let setup = Setup::apply(common)?;
-    let &(_, format, kind, act8, gptq) =
-        FORMATS.iter().find(|f| f.0 == name).with_context(|| format!("unknown format {name}"))?;
+    let RunFormat { weights: format, kind, act8, gptq, .. } = RunFormat::find(name, true)?;
     let quick = common.quick;
     let t = Instant::now();
     let load_format = if gptq { WeightFormat::Dense } else { format };

@@ -12,12 +12,14 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use course::infer::engine::complete;
 use course::infer::generate::{generate_cached, GenerateConfig};
+use course::infer::loadgen::{self, Target};
 use course::infer::serve::{self, AppState, Backend, ServeConfig};
 use course::infer::{ChatModel, Engine, EngineConfig, LlamaSlots, Message, Params, Request, Sampling};
 use course::io::peft::read_adapter;
-use course::models::llama::WeightFormat;
+use course::models::llama::{RunFormat, WeightFormat};
 use course::run::charts::{LineChart, Series};
 use course::run::{CommonArgs, Op, Run, Setup};
+use course::sys::runtime::on_fresh_thread;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -123,21 +125,9 @@ Try: m07_serving serve            then open http://127.0.0.1:8080/
        -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi!\"}],\"stream\":true}'
      python: OpenAI(base_url=\"http://127.0.0.1:8080/v1\", api_key=\"none\")";
 
-/// Formats by name: storage, dtype, int8 activations.
-const FORMATS: &[(&str, WeightFormat, Kind, bool)] = &[
-    ("f32", WeightFormat::Dense, Kind::Float, false),
-    ("bf16", WeightFormat::Dense, Kind::BFloat16, false),
-    ("int8", WeightFormat::Int8, Kind::Float, false),
-    ("nf4", WeightFormat::Nf4, Kind::Float, false),
-    ("q4_1", WeightFormat::Q4_1, Kind::Float, false),
-    ("nf4_x8", WeightFormat::Nf4, Kind::Float, true),
-    ("q4_1_x8", WeightFormat::Q4_1, Kind::Float, true),
-];
-
+/// A format by name (the library's table, without GPTQ's): storage, dtype, int8 activations.
 fn format(name: &str) -> Result<(WeightFormat, Kind, bool)> {
-    FORMATS.iter().find(|f| f.0 == name).map(|f| (f.1, f.2, f.3)).with_context(|| {
-        format!("format {name:?} is not one of {}", FORMATS.iter().map(|f| f.0).collect::<Vec<_>>().join(", "))
-    })
+    RunFormat::find(name, false).map(|f| (f.weights, f.kind, f.act8))
 }
 
 /// The model in `name`'s format, with the adapter merged if one is given.
@@ -213,7 +203,7 @@ fn serve_only(a: &ServerArgs, common: &CommonArgs) -> Result<()> {
     let addr = rt.block_on(rx).context("the server did not start")?;
     eprintln!("listening on http://{addr}/ (loading the model; /health says 503 until it is ready)");
     let t = Instant::now();
-    let m = load(a, &a.format, &setup)?;
+    let m = on_fresh_thread(|| load(a, &a.format, &setup))?;
     state.set_backend(start_engine(m, a)?);
     eprintln!(
         "ready in {:.1} s: {} as {}, {} slots of {} positions. Ctrl-C stops.",
@@ -239,6 +229,11 @@ struct FormatSpeed {
 /// Batch-1 speed of `name`: a greedy answer to one question (prefill of the chat prompt, then
 /// `new` tokens).
 fn format_speed(a: &ServerArgs, name: &str, setup: &Setup, new: usize) -> Result<FormatSpeed> {
+    // On a thread of its own, so its OpenMP pool is gone before the engine's starts.
+    on_fresh_thread(|| format_speed_here(a, name, setup, new))
+}
+
+fn format_speed_here(a: &ServerArgs, name: &str, setup: &Setup, new: usize) -> Result<FormatSpeed> {
     let m = load(a, name, setup)?;
     let prompt = chat_prompt(&m, "Explain in a few sentences why the sky is blue.")?;
     let cfg = GenerateConfig {
@@ -334,143 +329,21 @@ fn batched_vs_solo(b: &Backend, n: usize, new: usize) -> Result<(usize, usize, u
     Ok((same, prompts.len(), steps, tokens))
 }
 
-/// One streamed request as a client sees it.
-#[derive(Debug, Clone, Default)]
-struct Sample {
-    ok: bool,
-    ttft: f64,
-    gaps: Vec<f64>,
-    tokens: usize,
-}
-
-/// A minimal HTTP/1.1 client for the sweep: POST with `Connection: close`, the chunked body read
-/// as it comes, the SSE `data:` lines timed.
-async fn stream_request(addr: SocketAddr, body: String) -> Sample {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let t0 = Instant::now();
-    let mut s = Sample::default();
-    let Ok(mut conn) = tokio::net::TcpStream::connect(addr).await else { return s };
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if conn.write_all(req.as_bytes()).await.is_err() {
-        return s;
-    }
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 8192];
-    let mut head_done = false;
-    let mut body_at = 0;
-    let mut last: Option<Instant> = None;
-    let mut seen = 0;
-    loop {
-        let n = match conn.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        raw.extend_from_slice(&buf[..n]);
-        if !head_done {
-            if let Some(p) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                head_done = true;
-                body_at = p + 4;
-                if !raw.starts_with(b"HTTP/1.1 200") {
-                    return s;
-                }
-            } else {
-                continue;
-            }
-        }
-        // Count content deltas in what has arrived (chunk framing does not split "data: " lines
-        // in a way that matters for counting: each SSE event is one chunk).
-        let text = String::from_utf8_lossy(&raw[body_at..]);
-        let deltas = text.matches("\"content\":\"").count().saturating_sub(1); // the role chunk has ""
-        while seen < deltas {
-            let now = Instant::now();
-            match last {
-                None => s.ttft = (now - t0).as_secs_f64(),
-                Some(l) => s.gaps.push((now - l).as_secs_f64()),
-            }
-            last = Some(now);
-            seen += 1;
-        }
-        if text.contains("data: [DONE]") {
-            s.ok = !text.contains("data: {\"error\"");
-            if let Some(p) = text.rfind("\"completion_tokens\":") {
-                let rest = &text[p + 20..];
-                s.tokens = rest.chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().unwrap_or(seen);
-            } else {
-                s.tokens = seen;
-            }
-            break;
-        }
-    }
-    s
-}
-
-#[derive(Debug, Serialize)]
-struct Level {
-    concurrency: usize,
-    requests: usize,
-    failed: usize,
-    aggregate_tok_s: f64,
-    ttft_p50_ms: f64,
-    ttft_p90_ms: f64,
-    itl_p50_ms: f64,
-    itl_p90_ms: f64,
-    seconds: f64,
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-/// `requests` requests at `c` at a time (each client starts its next when one ends).
-async fn level(addr: SocketAddr, c: usize, requests: usize, tokens: usize) -> Level {
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let t0 = Instant::now();
-    let mut tasks = vec![];
-    for _ in 0..c {
-        let next = next.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut out = vec![];
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if i >= requests {
-                    return out;
-                }
-                let q = QUESTIONS[i % QUESTIONS.len()];
-                let body = serde_json::json!({
-                    "messages": [{"role": "user", "content": q}],
-                    "stream": true, "stream_options": {"include_usage": true},
-                    "max_tokens": tokens, "temperature": 0.7, "seed": i,
-                })
-                .to_string();
-                out.push(stream_request(addr, body).await);
-            }
-        }));
-    }
-    let mut all = vec![];
-    for t in tasks {
-        all.extend(t.await.unwrap_or_default());
-    }
-    let seconds = t0.elapsed().as_secs_f64();
-    let tokens: usize = all.iter().filter(|s| s.ok).map(|s| s.tokens).sum();
-    let mut ttft: Vec<f64> = all.iter().filter(|s| s.ok).map(|s| s.ttft * 1e3).collect();
-    let mut itl: Vec<f64> = all.iter().filter(|s| s.ok).flat_map(|s| s.gaps.iter().map(|g| g * 1e3)).collect();
-    Level {
-        concurrency: c,
-        requests,
-        failed: all.iter().filter(|s| !s.ok).count() + requests.saturating_sub(all.len()),
-        aggregate_tok_s: tokens as f64 / seconds,
-        ttft_p50_ms: pct(&mut ttft, 0.5),
-        ttft_p90_ms: pct(&mut ttft, 0.9),
-        itl_p50_ms: pct(&mut itl, 0.5),
-        itl_p90_ms: pct(&mut itl, 0.9),
-        seconds,
+/// The sweep's requests: the questions in turn, sampled (temperature 0.7, seeded per request)
+/// and run to `tokens` new tokens so every level decodes the same amount.
+fn sweep_target(addr: SocketAddr, api_key: Option<String>, tokens: usize) -> Target {
+    Target {
+        addr,
+        path: "/v1/chat/completions".into(),
+        api_key,
+        body: Arc::new(move |i| {
+            serde_json::json!({
+                "messages": [{"role": "user", "content": QUESTIONS[i % QUESTIONS.len()]}],
+                "stream": true, "stream_options": {"include_usage": true},
+                "max_tokens": tokens, "temperature": 0.7, "seed": i, "ignore_eos": true,
+            })
+        }),
+        timeout: Duration::from_secs(600),
     }
 }
 
@@ -510,7 +383,7 @@ fn lesson(args: &Args) -> Result<()> {
     run.artifact(&p);
 
     // 2. The server's engine: batched against solo.
-    let m = load(a, &a.format, &setup)?;
+    let m = on_fresh_thread(|| load(a, &a.format, &setup))?;
     let backend = start_engine(m, a)?;
     let n = if quick { 2 } else { a.slots.min(QUESTIONS.len()) };
     let (same, total, steps, tokens) = batched_vs_solo(&backend, n, if quick { 6 } else { 32 })?;
@@ -540,9 +413,10 @@ fn lesson(args: &Args) -> Result<()> {
         "{:>5} {:>8} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "conc", "requests", "failed", "tok/s", "ttft p50", "ttft p90", "itl p50", "itl p90"
     );
+    let target = sweep_target(addr, state.cfg.api_key.clone(), tokens);
     let mut results = vec![];
     for &c in levels {
-        let l = rt.block_on(level(addr, c, requests.max(c), tokens));
+        let l = rt.block_on(loadgen::level(&target, c, requests.max(c)));
         println!(
             "{:>5} {:>8} {:>7} {:>10.1} {:>8.0}ms {:>8.0}ms {:>8.1}ms {:>8.1}ms",
             l.concurrency,
@@ -554,6 +428,9 @@ fn lesson(args: &Args) -> Result<()> {
             l.itl_p50_ms,
             l.itl_p90_ms
         );
+        if let Some(e) = &l.first_error {
+            eprintln!("   first failure at concurrency {c}: {e}");
+        }
         results.push(l);
     }
     let failed: usize = results.iter().map(|l| l.failed).sum();
@@ -595,7 +472,7 @@ fn lesson(args: &Args) -> Result<()> {
         ))
         .save(&p)?;
     run.artifact(&p);
-    std::fs::write(run.path("load.json"), serde_json::to_vec_pretty(&results)?)?;
+    course::sys::fsutil::write_json_atomic(&run.path("load.json"), &results)?;
     let serve_on = !quick && !args.no_serve;
     run.finish()?;
     if serve_on {

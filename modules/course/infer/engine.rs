@@ -16,7 +16,7 @@ use super::generate::TextStream;
 use super::sampling::{apply_penalties, logprobs, sample_from, Sampling};
 use crate::models::llama::{Llama, SlotCache};
 use crate::sys::rng::Rng;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -44,12 +44,21 @@ pub trait BatchModel: Send {
     fn free(&mut self, slot: usize);
     /// Bytes of the KV cache.
     fn cache_bytes(&self) -> i64;
+    /// Called once on the engine's thread before the first request: allocate what should be
+    /// that thread's (the KV cache: zero-filling it runs an OpenMP region, and a region on the
+    /// caller's thread would leave a second OpenMP pool alive; see `runtime::on_fresh_thread`).
+    fn start(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The library's Llama over a [`SlotCache`] (with the store that holds its weights, if given).
 pub struct LlamaSlots {
     pub model: Llama,
-    cache: SlotCache,
+    /// Made by [`BatchModel::start`] on the engine's thread.
+    cache: Option<SlotCache>,
+    slots: usize,
+    capacity: i64,
     _vs: Option<VarStore>,
 }
 
@@ -63,8 +72,7 @@ impl LlamaSlots {
             bail!("engine: a slot must hold at least 2 positions, got {capacity}");
         }
         let capacity = capacity.min(model.cfg.max_position_embeddings);
-        let cache = model.new_slot_cache(slots, capacity);
-        Ok(Self { model, cache, _vs: vs })
+        Ok(Self { model, cache: None, slots, capacity, _vs: vs })
     }
 }
 
@@ -73,22 +81,39 @@ impl BatchModel for LlamaSlots {
         self.model.cfg.vocab_size
     }
     fn slots(&self) -> usize {
-        self.cache.slots()
+        self.slots
     }
     fn capacity(&self) -> i64 {
-        self.cache.capacity()
+        self.capacity
     }
     fn prefill(&mut self, slot: usize, ids: &[i64]) -> Result<Tensor> {
-        self.model.prefill_slot(ids, &mut self.cache, slot)
+        let c = self.cache.as_mut().context("LlamaSlots: prefill before start()")?;
+        self.model.prefill_slot(ids, c, slot)
     }
     fn decode(&mut self, slots: &[usize], tokens: &[i64]) -> Result<Tensor> {
-        self.model.decode_slots(tokens, &mut self.cache, slots)
+        let c = self.cache.as_mut().context("LlamaSlots: decode before start()")?;
+        self.model.decode_slots(tokens, c, slots)
     }
     fn free(&mut self, slot: usize) {
-        self.cache.clear(slot)
+        if let Some(c) = self.cache.as_mut() {
+            c.clear(slot)
+        }
     }
     fn cache_bytes(&self) -> i64 {
-        self.cache.bytes()
+        match &self.cache {
+            Some(c) => c.bytes(),
+            None => {
+                let c = &self.model.cfg;
+                let per = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim();
+                per * self.capacity * self.slots as i64 * self.model.cache_kind().elt_size_in_bytes() as i64
+            }
+        }
+    }
+    fn start(&mut self) -> Result<()> {
+        if self.cache.is_none() {
+            self.cache = Some(self.model.new_slot_cache(self.slots, self.capacity));
+        }
+        Ok(())
     }
 }
 
@@ -474,6 +499,21 @@ fn cancelled(job: &Job) -> bool {
 
 impl<'t> Scheduler<'t> {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        if let Err(e) = self.model.start() {
+            // Nothing can be served: every request gets the reason, until the engine stops.
+            let msg = format!("the model could not start: {e:#}");
+            while let Ok(c) = rx.recv() {
+                match c {
+                    Command::Submit(job) => {
+                        self.shared.outstanding.fetch_sub(1, Ordering::SeqCst);
+                        count_finish(&self.shared.stats, "error");
+                        let _ = job.tx.send(Event::Error(msg.clone()));
+                    }
+                    Command::Stop => return,
+                }
+            }
+            return;
+        }
         loop {
             // Commands: wait for one when idle, else take what has come.
             let idle = self.running.is_empty() && self.waiting.is_empty();

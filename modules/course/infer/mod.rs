@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod engine;
 pub mod generate;
+pub mod loadgen;
 pub mod sampling;
 pub mod serve;
 

@@ -341,6 +341,49 @@ impl WeightFormat {
     }
 }
 
+/// A named way to run the Llama, as m06's comparison and m07's server spell it: the weights'
+/// storage, the dtype of everything else, whether decoding quantizes the activations to int8
+/// (`_x8`: VNNI byte dot products, llama.cpp's route; prefill keeps the exact path), and whether
+/// NF4's codes are chosen by GPTQ against calibration inputs (`nf4_gptq`, which needs them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunFormat {
+    pub name: &'static str,
+    pub weights: WeightFormat,
+    pub kind: Kind,
+    pub act8: bool,
+    pub gptq: bool,
+}
+
+const fn run_format(name: &'static str, weights: WeightFormat, kind: Kind, act8: bool, gptq: bool) -> RunFormat {
+    RunFormat { name, weights, kind, act8, gptq }
+}
+
+/// Every [`RunFormat`], in the order tables list them.
+pub const RUN_FORMATS: &[RunFormat] = &[
+    run_format("f32", WeightFormat::Dense, Kind::Float, false, false),
+    run_format("bf16", WeightFormat::Dense, Kind::BFloat16, false, false),
+    run_format("int8", WeightFormat::Int8, Kind::Float, false, false),
+    run_format("nf4", WeightFormat::Nf4, Kind::Float, false, false),
+    run_format("nf4_gptq", WeightFormat::Nf4, Kind::Float, false, true),
+    run_format("q4_1", WeightFormat::Q4_1, Kind::Float, false, false),
+    run_format("nf4_x8", WeightFormat::Nf4, Kind::Float, true, false),
+    run_format("q4_1_x8", WeightFormat::Q4_1, Kind::Float, true, false),
+];
+
+impl RunFormat {
+    /// The format called `name`, or an error listing the names (`gptq`: whether GPTQ's are allowed).
+    pub fn find(name: &str, gptq: bool) -> Result<RunFormat> {
+        let known = || RUN_FORMATS.iter().filter(|f| gptq || !f.gptq).map(|f| f.name).collect::<Vec<_>>().join(", ");
+        match RUN_FORMATS.iter().find(|f| f.name == name) {
+            Some(f) if f.gptq && !gptq => {
+                bail!("format {name:?} needs calibration data (m06_lora_quant compare runs it); use one of {}", known())
+            }
+            Some(f) => Ok(*f),
+            None => bail!("format {name:?} is not one of {}", known()),
+        }
+    }
+}
+
 /// The Llama's linear layers that LoRA can adapt, by peft's names, in [`Layer`]'s order.
 pub const LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 const Q: usize = 0;

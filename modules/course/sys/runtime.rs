@@ -186,6 +186,20 @@ pub fn retain_freed_memory() -> bool {
     }
 }
 
+/// Runs `f` on a new thread, waits for it to exit, and returns what it returned (a panic in `f`
+/// goes on in the caller).
+///
+/// Why: libgomp, the OpenMP behind ATen's `parallel_for` and our kernels, gives every thread that
+/// runs a parallel region a pool of worker threads, kept until that thread exits. When more pool
+/// threads are alive than there are CPUs, it stops spinning between regions and puts the workers
+/// to sleep after each one, so every region pays a futex wake: on 2 cores, a decode step with
+/// ~450 regions ran 3x slower on an engine thread once the main thread had a pool of its own.
+/// Work done before an engine thread starts (loading, quantizing, a solo benchmark) goes here, so
+/// the engine's pool is the only one alive while it serves.
+pub fn on_fresh_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| s.spawn(f).join()).unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
 /// Intra-op threads used by ATen (`torch.set_num_threads`).
 pub fn set_threads(n: usize) {
     tch::set_num_threads(n.clamp(1, 1024) as i32);
