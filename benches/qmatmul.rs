@@ -117,6 +117,7 @@ fn deep_q(q: &QTensors) -> QTensors {
         code8: o(&q.code8),
         code16: o(&q.code16),
         offset: q.offset,
+        tiles: o(&q.tiles),
     }
 }
 

@@ -97,7 +97,41 @@ struct QWeight {
   const float* code16;        // nf4: the 16 NF4 values
   float offset;               // nf4: the absmaxes' mean
   bool act8 = false;          // the GEMV may quantize x to int8 blocks (qmatmul_cpu.cpp, VNNI)
+  const uint8_t* tiles = nullptr;  // Q4_1 / Q8_0: the blocks repacked 16 rows at a time (qtile_*)
 };
+
+// Row-interleaved tiles of a Q4_1 / Q8_0 weight for the int8-activation GEMV: N / 16 tiles of
+// K / 32 tile-blocks, tile-major. A tile-block holds 16 rows' block b: their 16 fp16 d's, then
+// (Q4_1) their 16 fp16 m's and 4 x 64 nibble bytes, byte 4r + i of chunk c holding row r's
+// numbers 4c + i (low nibble) and 16 + 4c + i (high), exactly the file's byte 4c + i of that
+// block; or (Q8_0) 8 x 64 bytes, byte 4r + i of chunk j holding row r's number 4j + i plus 128.
+// So one 512-bit register holds 4 numbers of each of 16 rows, one int32 lane a row.
+constexpr int64_t kTileRows = 16;
+inline int64_t qtile_block_bytes(QFormat f) { return f == QFormat::Q4_1 ? 320 : 544; }
+inline bool qtile_ok(QFormat f, int64_t N, int64_t K) {
+  return (f == QFormat::Q4_1 || f == QFormat::Q8_0) && N % kTileRows == 0 && K % 32 == 0;
+}
+inline void qtile_pack(QFormat f, const uint8_t* data, int64_t N, int64_t K, uint8_t* out) {
+  const int64_t nb = K / 32, bb = f == QFormat::Q4_1 ? 20 : 34, tb = qtile_block_bytes(f);
+  for (int64_t t = 0; t < N / kTileRows; ++t)
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* o = out + (t * nb + b) * tb;
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        const uint8_t* src = data + ((t * kTileRows + r) * nb + b) * bb;
+        o[2 * r] = src[0];
+        o[2 * r + 1] = src[1];
+        if (f == QFormat::Q4_1) {
+          o[32 + 2 * r] = src[2];
+          o[32 + 2 * r + 1] = src[3];
+          for (int64_t c = 0; c < 4; ++c)
+            for (int64_t i = 0; i < 4; ++i) o[64 + 64 * c + 4 * r + i] = src[4 + 4 * c + i];
+        } else {
+          for (int64_t j = 0; j < 8; ++j)
+            for (int64_t i = 0; i < 4; ++i) o[32 + 64 * j + 4 * r + i] = static_cast<uint8_t>(src[2 + 4 * j + i] ^ 0x80);
+        }
+      }
+    }
+}
 
 #if defined(__x86_64__)
 // qmatmul_amx.cpp: AMX tiles for the bf16 GEMM of qmatmul.cpp (Linux, x86-64).

@@ -40,8 +40,19 @@ fn weights(n: i64, k: i64) -> Vec<QTensors> {
         out.push(Nf4Weight::quantize(&w).unwrap().tensors());
     }
     if k % 32 == 0 {
-        out.push(ggml_random(QFormat::Q4_1, n, k));
-        out.push(ggml_random(QFormat::Q8_0, n, k));
+        for f in [QFormat::Q4_1, QFormat::Q8_0] {
+            let w = ggml_random(f, n, k);
+            // The same blocks in row-interleaved tiles too, where they apply (n % 16 == 0 and a
+            // CPU with the int8-activation path): the tile GEMV must meet every check the row
+            // one does.
+            let mut t = w.shallow_clone();
+            let tiled = t.add_tiles().unwrap();
+            assert_eq!(tiled, n % 16 == 0 && int8_activations_supported(f, k), "{f:?} ({n}, {k}) tiles");
+            out.push(w);
+            if tiled {
+                out.push(t);
+            }
+        }
     }
     out
 }
@@ -187,7 +198,7 @@ fn bad_arguments_are_clear_errors() {
 #[test]
 fn int8_activations_equal_their_reference() {
     tch::manual_seed(3);
-    for (n, k) in [(24, 64), (37, 96), (16, 576), (70, 1536), (9, 128), (300, 192), (5, 40)] {
+    for (n, k) in [(24, 64), (37, 96), (16, 576), (70, 1536), (48, 1536), (32, 608), (9, 128), (300, 192), (5, 40)] {
         for w in weights(n, k) {
             let on = int8_activations_supported(w.format, k);
             for rows in [1, 2, 3, 4, 7, 8, 9] {
@@ -195,6 +206,18 @@ fn int8_activations_equal_their_reference() {
                 let got = qlinear_int8_activations(&x, &w).unwrap();
                 if on && rows <= 8 {
                     let want = qlinear_int8_activations_reference(&x, &w).unwrap();
+                    if w.tiles.is_some() {
+                        // The tiles are read: the sums run in another order than the rows' path,
+                        // so over 18 or more blocks some output differs in its last bits.
+                        let mut rows_only = w.shallow_clone();
+                        rows_only.tiles = None;
+                        let r = qlinear_int8_activations(&x, &rows_only).unwrap();
+                        assert!(
+                            !got.equal(&r) && max_rel(&got, &r) < 1e-5,
+                            "{:?} ({n}, {k}): tiles not taken",
+                            w.format
+                        );
+                    }
                     let e = max_rel(&got, &want);
                     assert!(e < 1e-5, "{} ({n}, {k}) rows {rows}: differs from its reference by {e}", w.format.name());
                     // The int8 rounding of x moves the result by about 1 % of its scale, not more.
@@ -230,7 +253,7 @@ fn a_rows_gemv_result_does_not_depend_on_the_other_rows() {
     // K = 576: NF4's 9 blocks a row end on an odd one; 608 (19 blocks of 32) does for Q4_1, Q8_0.
     for k in [576, 608] {
         let x = Tensor::randn([8, k], cpu(Kind::Float));
-        for w in weights(200, k) {
+        for w in weights(208, k) {
             for int8 in [false, true] {
                 let f = |x: &Tensor| if int8 { qlinear_int8_activations(x, &w) } else { qlinear(x, &w) }.unwrap();
                 let all = f(&x);
@@ -238,8 +261,9 @@ fn a_rows_gemv_result_does_not_depend_on_the_other_rows() {
                     let part = f(&x.narrow(0, 8 - rows, rows));
                     assert!(
                         part.equal(&all.narrow(0, 8 - rows, rows)),
-                        "{:?} K {k} int8 {int8}: the last {rows} rows differ from the same rows among 8",
-                        w.format
+                        "{:?} K {k} int8 {int8} tiles {}: the last {rows} rows differ from the same rows among 8",
+                        w.format,
+                        w.tiles.is_some()
                     );
                 }
             }

@@ -58,6 +58,7 @@ struct QTensors {
   at::Tensor data, scale, absmax_q, code8, code16;
   double offset;
   bool act8 = false;  // the GEMV may quantize x to int8 blocks (qlinear_int8_activations)
+  at::Tensor tiles;   // Q4_1 / Q8_0: the blocks in row-interleaved tiles (course_qtiles), or undefined
 };
 
 void check_tensor(const char* fmt, const char* what, const at::Tensor& t, at::ScalarType dt, int64_t numel,
@@ -117,6 +118,7 @@ QWeight raw(const QTensors& q) {
   if (q.code16.defined()) w.code16 = q.code16.const_data_ptr<float>();
   w.offset = static_cast<float>(q.offset);
   w.act8 = q.act8;
+  if (q.tiles.defined() && q.tiles.is_cpu()) w.tiles = q.tiles.const_data_ptr<uint8_t>();
   return w;
 }
 
@@ -311,8 +313,16 @@ QTensors from_abi(int format, course_tensor* t, double offset, int64_t N, int64_
   format &= ~kAct8;
   TORCH_CHECK(format >= 0 && format <= 3, "qlinear: unknown format id ", format, " (0 int8, 1 nf4, 2 q4_1, 3 q8_0)");
   auto get = [&](int i) { return t[i] ? *static_cast<at::Tensor*>(t[i]) : at::Tensor(); };
-  QTensors q{static_cast<QFormat>(format), N, K, get(0), get(1), get(2), get(3), get(4), offset, act8};
+  QTensors q{static_cast<QFormat>(format), N, K, get(0), get(1), get(2), get(3), get(4), offset, act8, get(5)};
   check_weight(q);
+  if (q.tiles.defined()) {
+    const char* f = format_name(q.format);
+    TORCH_CHECK(qtile_ok(q.format, N, K), "qlinear (", f, "): tiles need Q4_1 or Q8_0 with out_features ", N,
+                " a multiple of 16 and in_features ", K, " of 32");
+    TORCH_CHECK(q.tiles.device() == q.data.device(), "qlinear (", f, "): the tiles are on ", q.tiles.device(),
+                " but the weight on ", q.data.device());
+    check_tensor(f, "tiles", q.tiles, at::kByte, N / kTileRows * (K / 32) * qtile_block_bytes(q.format), N, K);
+  }
   return q;
 }
 
@@ -379,6 +389,22 @@ int course_qgemv_int8_activations(int format, int64_t K) {
 int course_qgemv_prefetch(int mode) {
   if (mode >= 0 && mode <= 2) course::qgemv_prefetch().store(mode);
   return course::qgemv_prefetch().load();
+}
+
+// The weight's blocks (tensors[0]) repacked into row-interleaved tiles (dispatch.h), a new byte
+// tensor on the CPU, for tensors[5] of the int8-activation GEMV.
+char* course_qtiles(int format, course_tensor* tensors, int64_t N, int64_t K, course_tensor* out) {
+  COURSE_TRY({
+    auto q = course::from_abi(format & 0xFF, tensors, 0.0, N, K);
+    TORCH_CHECK(course::qtile_ok(q.format, N, K), "qtiles (", course::format_name(q.format),
+                "): tiles need Q4_1 or Q8_0 with out_features ", N, " a multiple of 16 and in_features ", K,
+                " of 32");
+    TORCH_CHECK(q.data.is_cpu(), "qtiles: the weight must be on the CPU, got ", q.data.device());
+    auto t = at::empty({N / course::kTileRows * (K / 32) * course::qtile_block_bytes(q.format)},
+                       q.data.options().dtype(at::kByte));
+    course::qtile_pack(q.format, q.data.const_data_ptr<uint8_t>(), N, K, t.mutable_data_ptr<uint8_t>());
+    *out = new at::Tensor(t);
+  })
 }
 
 // W decoded into a new (N, K) tensor; kind 0 float32, 1 bfloat16.

@@ -610,6 +610,103 @@ bool act8_ok(const QWeight& w) {
   }
 }
 
+// ---- the int8-activation GEMV over row-interleaved tiles (QWeight::tiles, dispatch.h). One
+// register holds 4 numbers of each of 16 weight rows, so VPDPBUSD against x's 4 bytes broadcast
+// gives 16 rows' partial sums at once, and a block's 8 of them end in one int32 register of 16
+// rows: one conversion and two FMAs per block per row of x, for 512 products, where the row
+// layout pays that per 64. The rows of x share every decoded weight register. A row of x goes
+// through the same instructions whatever the others are, so its result does not depend on them.
+struct XN {
+  std::vector<int8_t> q;  // K numbers, natural order
+  std::vector<float> d;   // per block of 32: d_x
+  std::vector<float> ds;  // per block: d_x s (Q8_0's: -128 d_x s)
+};
+
+void quantize_x_nat(const float* x, int64_t K, bool q8_0, XN& o) {
+  const int64_t nb = K / 32;
+  o.q.resize(K);
+  o.d.resize(nb);
+  o.ds.resize(nb);
+  for (int64_t b = 0; b < nb; ++b) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[b * 32 + i]));
+    const float d = amax / 127.f;
+    int32_t sum = 0;
+    for (int64_t i = 0; i < 32; ++i) {
+      const int32_t q = d > 0.f ? static_cast<int32_t>(std::nearbyint(x[b * 32 + i] / d)) : 0;
+      o.q[b * 32 + i] = static_cast<int8_t>(std::max(-127, std::min(127, q)));
+      sum += o.q[b * 32 + i];
+    }
+    o.d[b] = d;
+    o.ds[b] = (q8_0 ? -128.f : 1.f) * (d * static_cast<float>(sum));
+  }
+}
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Tile t's 16 outputs for M rows of x (Q8 = Q8_0, else Q4_1), into out[m * 16 ..].
+template <int64_t M, bool Q8>
+COURSE_VNNI void tile_dot(const uint8_t* p, int64_t nb, const XN* x, float* out, int64_t pfd) {
+  constexpr int64_t TB = Q8 ? 544 : 320;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[M];
+  for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, p += TB) {
+    if (pfd)
+      for (int64_t l = 0; l < TB; l += 64) pf(p + l, pfd);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    // Q4_1: the rows' m's; Q8_0: d again (its correction is -128 d_w d_x s, the -128 in x's ds).
+    const __m512 mw = Q8 ? dw : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+    __m512i w[8];
+    if constexpr (Q8) {
+      for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(p + 32 + 64 * j);
+    } else {
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(p + 64 + 64 * c);
+        w[c] = _mm512_and_si512(v, m4);
+        w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xq = x[m].q.data() + b * 32;
+      __m512i s = _mm512_setzero_si512();
+      for (int j = 0; j < 8; ++j) s = _mm512_dpbusd_epi32(s, w[j], _mm512_set1_epi32(load4(xq + 4 * j)));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(x[m].d[b])), acc[m]);
+      acc[m] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x[m].ds[b]), acc[m]);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(out + m * 16, acc[m]);
+}
+
+template <typename T, int64_t M>
+void gemv_tiles_act8(const QWeight& w, const T* x, T* y, int64_t t0, int64_t t1) {
+  const int64_t K = w.K, N = w.N, nb = K / 32;
+  const bool q8 = w.format == QFormat::Q8_0;
+  XN xq[M];
+  std::vector<float> xf(K);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(x[m * K + k]);
+    quantize_x_nat(xf.data(), K, q8, xq[m]);
+  }
+  const int mode = qgemv_prefetch().load(std::memory_order_relaxed);
+  const int64_t pfd = mode == 2 ? kStreamAhead : 0;
+  const int64_t tb = qtile_block_bytes(w.format);
+  alignas(64) float out[M * 16];
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* p = w.tiles + t * nb * tb;
+    if (q8)
+      tile_dot<M, true>(p, nb, xq, out, pfd);
+    else
+      tile_dot<M, false>(p, nb, xq, out, pfd);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < 16; ++r) y[m * N + t * 16 + r] = static_cast<T>(out[m * 16 + r]);
+  }
+}
+
 template <typename T, int64_t M>
 void gemv_rows_act8(const QWeight& w, const T* x, T* y, int64_t n0, int64_t n1) {
   const int64_t K = w.K, N = w.N;
@@ -639,6 +736,8 @@ constexpr bool kWide = false;
 bool act8_ok(const QWeight&) { return false; }
 template <typename T, int64_t M>
 void gemv_rows_act8(const QWeight&, const T*, T*, int64_t, int64_t) {}
+template <typename T, int64_t M>
+void gemv_tiles_act8(const QWeight&, const T*, T*, int64_t, int64_t) {}
 #endif
 
 // out[m] = x[m] . W[n] for M rows of x (fp32, each K long).
@@ -816,6 +915,26 @@ bool qgemv_act8_supported(const QWeight& w) { return act8_ok(w); }
 template <typename T>
 void qgemv(const QWeight& w, const T* x, T* y, int64_t M) {
   const bool act8 = w.act8 && act8_ok(w);
+  if (act8 && w.tiles && qtile_ok(w.format, w.N, w.K)) {
+    at::parallel_for(0, w.N / kTileRows, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows8) {
+        const int64_t mm = std::min(kMaxRows8, M - m0);
+        const T* xm = x + m0 * w.K;
+        T* ym = y + m0 * w.N;
+        switch (mm) {
+          case 1: gemv_tiles_act8<T, 1>(w, xm, ym, t0, t1); break;
+          case 2: gemv_tiles_act8<T, 2>(w, xm, ym, t0, t1); break;
+          case 3: gemv_tiles_act8<T, 3>(w, xm, ym, t0, t1); break;
+          case 4: gemv_tiles_act8<T, 4>(w, xm, ym, t0, t1); break;
+          case 5: gemv_tiles_act8<T, 5>(w, xm, ym, t0, t1); break;
+          case 6: gemv_tiles_act8<T, 6>(w, xm, ym, t0, t1); break;
+          case 7: gemv_tiles_act8<T, 7>(w, xm, ym, t0, t1); break;
+          default: gemv_tiles_act8<T, 8>(w, xm, ym, t0, t1); break;
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
     if (act8) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows8) {

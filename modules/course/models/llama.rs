@@ -727,6 +727,7 @@ impl Llama {
             code8: None,
             code16: None,
             offset: 0.0,
+            tiles: None,
         };
         let mut shape = ids.size();
         shape.push(q.k);
@@ -797,6 +798,20 @@ impl Llama {
     /// training (more rows), or on a CPU without AVX-512 VNNI.
     pub fn set_int8_activations(&mut self, on: bool) {
         self.int8_activations = on;
+        if on {
+            // Q4_1 / Q8_0 weights gain their row-interleaved tiles for the GEMV (a second copy
+            // of their bytes; prefill reads the blocks).
+            for l in &mut self.layers {
+                if let Some(q) = &mut l.quant {
+                    for w in [&mut q.qkv, &mut q.o, &mut q.gate_up, &mut q.down] {
+                        w.add_tiles().unwrap_or_else(|e| panic!("Llama: tiling a weight: {e:#}"));
+                    }
+                }
+            }
+            if let Some(h) = &mut self.head_q {
+                h.add_tiles().unwrap_or_else(|e| panic!("Llama: tiling the head: {e:#}"));
+            }
+        }
     }
 
     fn qlin(&self, x: &Tensor, w: &QTensors) -> Result<Tensor> {

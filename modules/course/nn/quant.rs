@@ -144,6 +144,7 @@ impl Int8Weight {
             code8: None,
             code16: None,
             offset: 0.0,
+            tiles: None,
         }
     }
 
@@ -439,6 +440,7 @@ impl Nf4Weight {
             code8: Some(self.nested_code.shallow_clone()),
             code16: Some(Tensor::from_slice(&NF4_CODE).to_device(self.packed.device())),
             offset: self.offset as f64,
+            tiles: None,
         }
     }
 
@@ -482,6 +484,7 @@ pub fn ggml_weight(format: QFormat, bytes: Tensor, n: i64, k: i64) -> Result<QTe
         code8: None,
         code16: None,
         offset: 0.0,
+        tiles: None,
     })
 }
 

@@ -68,6 +68,9 @@ pub struct QTensors {
     pub code16: Option<Tensor>,
     /// NF4: the mean of the absmaxes, added back.
     pub offset: f64,
+    /// Q4_1 / Q8_0: the same blocks repacked 16 rows at a time for the int8-activation GEMV
+    /// (see [`QTensors::add_tiles`]); a second copy of the weight's bytes.
+    pub tiles: Option<Tensor>,
 }
 
 impl QTensors {
@@ -79,6 +82,28 @@ impl QTensors {
             + b(&self.absmax_q)
             + b(&self.code8)
             + b(&self.code16)
+            + b(&self.tiles)
+    }
+
+    /// Adds the row-interleaved tiles that make [`qlinear_int8_activations`] read 4 numbers of
+    /// 16 weight rows per register (one conversion and two FMAs per block of 32 and row of x,
+    /// instead of per 2 blocks of one row), where they apply: Q4_1 or Q8_0 on the CPU, `n` a
+    /// multiple of 16, and a CPU with the int8-activation path. Returns whether it added them.
+    pub fn add_tiles(&mut self) -> Result<bool> {
+        let fits = matches!(self.format, QFormat::Q4_1 | QFormat::Q8_0)
+            && self.n % 16 == 0
+            && self.k % 32 == 0
+            && self.data.device() == Device::Cpu
+            && int8_activations_supported(self.format, self.k);
+        if !fits || self.tiles.is_some() {
+            return Ok(self.tiles.is_some());
+        }
+        let ptrs = self.ptrs();
+        let mut out = std::ptr::null_mut();
+        // SAFETY: live tch tensors (or nulls) for the duration of the call; the array outlives it.
+        ffi::check(unsafe { ffi::course_qtiles(self.format.id(), ptrs.as_ptr(), self.n, self.k, &mut out) })?;
+        self.tiles = Some(ffi::take(out));
+        Ok(true)
     }
 
     pub fn device(&self) -> Device {
@@ -98,12 +123,13 @@ impl QTensors {
             code8: s(&self.code8),
             code16: s(&self.code16),
             offset: self.offset,
+            tiles: s(&self.tiles),
         }
     }
 
-    fn ptrs(&self) -> [ffi::CTensor; 5] {
+    fn ptrs(&self) -> [ffi::CTensor; 6] {
         let p = |t: &Option<Tensor>| t.as_ref().map_or(std::ptr::null_mut(), ffi::ptr);
-        [ffi::ptr(&self.data), p(&self.scale), p(&self.absmax_q), p(&self.code8), p(&self.code16)]
+        [ffi::ptr(&self.data), p(&self.scale), p(&self.absmax_q), p(&self.code8), p(&self.code16), p(&self.tiles)]
     }
 }
 

@@ -68,7 +68,9 @@ extern "C" {
     pub fn course_linear_uses_onednn(input: CTensor) -> c_int;
     pub fn course_skinny_matmul(input: CTensor, weight: CTensor, out: *mut CTensor) -> *mut c_char;
 
-    /// `tensors`: data, scale, absmax_q, code8, code16 (null where the format has none).
+    /// The blocks of `tensors[0]` (Q4_1 or Q8_0) repacked into row-interleaved tiles.
+    pub fn course_qtiles(format: c_int, tensors: *const CTensor, n: i64, k: i64, out: *mut CTensor) -> *mut c_char;
+    /// `tensors`: data, scale, absmax_q, code8, code16, tiles (null where the format has none).
     pub fn course_qlinear(
         format: c_int,
         input: CTensor,
