@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench m07_serve [-- --rounds N] [-- --threads N] [-- --requests N] [-- --tokens N]`
 //!
-//! The peer is llama-cpp-python's server (`python -m llama_cpp.server`), an optional set-up step:
+//! The peer is llama-cpp-python's server (`python -m llama_cpp.server`, which answers one request
+//! at a time and queues the rest), an optional set-up step:
 //! `python3 scripts/setup.py --llama-cpp --no-data` (7-17 min). Without it only ours runs.
 //! Both decode the same number of tokens per request: ours with `ignore_eos`, the peer with a
 //! -100 logit bias on the end-of-turn tokens. Both sample at temperature 0.7; the figures are
@@ -50,12 +51,15 @@ fn free_port() -> Result<u16> {
 }
 
 /// llama.cpp's server on `port`, waited for until /v1/models answers.
-fn start_peer(threads: usize, slots: usize) -> Result<(Peer, SocketAddr)> {
+fn start_peer(threads: usize) -> Result<(Peer, SocketAddr)> {
     let port = free_port()?;
     let child = Command::new(".venv/bin/python")
         .args(["-m", "llama_cpp.server", "--model", MODEL, "--host", "127.0.0.1"])
         .args(["--port", &port.to_string(), "--n_threads", &threads.to_string()])
-        .args(["--n_threads_batch", &threads.to_string(), "--n_ctx", &(1024 * slots).to_string()])
+        .args(["--n_threads_batch", &threads.to_string(), "--n_ctx", "2048"])
+        // By default a new request interrupts the running one (its stream ends at once, empty):
+        // queue them instead, as a server under load should.
+        .args(["--interrupt_requests", "False"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -143,7 +147,7 @@ fn main() -> Result<()> {
     let ours_addr = rt.block_on(rx).context("our server did not start")?;
 
     let peer = if peer_installed() {
-        Some(start_peer(b.threads, slots)?)
+        Some(start_peer(b.threads)?)
     } else {
         println!(
             "llama.cpp's server is not installed: only ours runs (python3 scripts/setup.py --llama-cpp --no-data)\n"

@@ -16,7 +16,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include "dispatch.h"
 
@@ -133,6 +137,84 @@ void rope_head(const T* x, const T* cos, const T* sin, int64_t hd, float* out) {
   }
 }
 
+// The sum of v's lanes as a tree (the attention's dot products: one per position and head).
+inline float hsum_tree(const VF& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(v);
+#else
+  return hsum(v);
+#endif
+}
+
+// Step 2 of decode_attention for one sequence b and one key/value head j with its G query heads
+// at once, head_dim CH * L, fp32 cache: each cached key and value is loaded once for the G
+// heads, and the G heads' queries and sums stay in registers (CH * G vectors each).
+template <int G, int CH, typename T>
+void attend_group(const T* qkv, const T* cos, const T* sin, const float* kh, const float* vh, int64_t b, int64_t j,
+                  int64_t p, int64_t H, int64_t KV, T* y, std::vector<float>& scores) {
+  constexpr int64_t hd = CH * L;
+  const int64_t row = (H + 2 * KV) * hd, n = p + 1;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  VF q[G][CH];
+  float qf[hd];
+  for (int g = 0; g < G; ++g) {
+    rope_head(qkv + b * row + (j * G + g) * hd, cos + p * hd, sin + p * hd, hd, qf);
+    for (int c = 0; c < CH; ++c) q[g][c] = VF::loadu(qf + c * L);
+  }
+  scores.resize(G * n);
+  float mx[G];
+  for (int g = 0; g < G; ++g) mx[g] = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < n; ++s) {
+    VF k[CH];
+    for (int c = 0; c < CH; ++c) k[c] = VF::loadu(kh + s * hd + c * L);
+    for (int g = 0; g < G; ++g) {
+      VF d = q[g][0] * k[0];
+      for (int c = 1; c < CH; ++c) d = at::vec::fmadd(q[g][c], k[c], d);
+      const float sc = hsum_tree(d) * scale;
+      scores[g * n + s] = sc;
+      mx[g] = std::max(mx[g], sc);
+    }
+  }
+  float total[G];
+  for (int g = 0; g < G; ++g) total[g] = exp_shifted(scores.data() + g * n, n, mx[g]);
+  VF acc[G][CH];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CH; ++c) acc[g][c] = VF(0.f);
+  for (int64_t s = 0; s < n; ++s) {
+    VF v[CH];
+    for (int c = 0; c < CH; ++c) v[c] = VF::loadu(vh + s * hd + c * L);
+    for (int g = 0; g < G; ++g) {
+      const VF e(scores[g * n + s]);
+      for (int c = 0; c < CH; ++c) acc[g][c] = at::vec::fmadd(e, v[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    T* yo = y + b * H * hd + (j * G + g) * hd;
+    const VF inv(1.f / total[g]);
+    float o[hd];
+    for (int c = 0; c < CH; ++c) (acc[g][c] * inv).store(o + c * L);
+    for (int64_t i = 0; i < hd; ++i) yo[i] = static_cast<T>(o[i]);
+  }
+}
+
+// attend_group for a group of g heads and head_dim hd, where an instance exists; false otherwise.
+template <typename T, typename C>
+bool attend_group_any(int64_t g, int64_t hd, const T* qkv, const T* cos, const T* sin, const C* kh, const C* vh,
+                      int64_t b, int64_t j, int64_t p, int64_t H, int64_t KV, T* y, std::vector<float>& sc) {
+  if constexpr (std::is_same<C, float>::value) {
+    if (hd == 4 * L) {
+      switch (g) {
+        case 1: attend_group<1, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc); return true;
+        case 2: attend_group<2, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc); return true;
+        case 3: attend_group<3, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc); return true;
+        case 4: attend_group<4, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc); return true;
+        default: return false;
+      }
+    }
+  }
+  return false;
+}
+
 template <typename T, typename C>
 void decode_attention(const T* qkv, const T* cos, const T* sin, C* cache_k, C* cache_v, const int64_t* pos,
                       const int64_t* rows, T* y, int64_t B, int64_t H, int64_t KV, int64_t hd, int64_t cap) {
@@ -159,6 +241,18 @@ void decode_attention(const T* qkv, const T* cos, const T* sin, C* cache_k, C* c
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t group = H / KV;
   const int64_t grain = work * 2 < kSerialElems ? B * H : 1;
+  // Grouped: one work item per (sequence, key/value head) and its query heads together.
+  if (std::is_same<C, float>::value && hd == 4 * L && group >= 1 && group <= 4) {
+    at::parallel_for(0, B * KV, work * 2 < kSerialElems ? B * KV : 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> sc;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / KV, j = t % KV, r = rows ? rows[b] : b;
+        attend_group_any<T, C>(group, hd, qkv, cos, sin, cache_k + (r * KV + j) * cap * hd,
+                               cache_v + (r * KV + j) * cap * hd, b, j, pos[b], H, KV, y, sc);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, B * H, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> q(hd), acc(hd), scores;
     for (int64_t t = t0; t < t1; ++t) {

@@ -225,7 +225,10 @@ at::Tensor forward_nograd(const QTensors& q, const at::Tensor& x_in) {
     return at::mm(x.view({M, q.K}), dequantize(q, x.scalar_type()).t()).view(shape);
   }
 #endif
-  if (M <= kGemvRows) {
+  // With tiles (Q4_1 / Q8_0 and int8 activations) every row count takes the GEMV, in passes of
+  // 8 rows over the tiles: on 2 cores it prefills ~4x faster than the dequantizing GEMM.
+  const bool tiled = w.act8 && w.tiles && qtile_ok(w.format, w.N, w.K) && act8_isa(w);
+  if (M <= kGemvRows || tiled) {
     if (x.scalar_type() == at::kFloat)
       gemv_isa<float>(w, x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M);
     else

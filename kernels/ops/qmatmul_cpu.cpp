@@ -26,6 +26,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch.h"
@@ -622,20 +623,31 @@ struct XN {
   std::vector<float> ds;  // per block: d_x s (Q8_0's: -128 d_x s)
 };
 
-void quantize_x_nat(const float* x, int64_t K, bool q8_0, XN& o) {
+// As quantize_x (d = absmax / 127, q = round-half-even(x / d), 0 for an all-zero block), 16
+// numbers a step: the division is IEEE's, so q is the scalar quantizer's bit for bit.
+COURSE_VNNI void quantize_x_nat(const float* x, int64_t K, bool q8_0, XN& o) {
   const int64_t nb = K / 32;
   o.q.resize(K);
   o.d.resize(nb);
   o.ds.resize(nb);
+  const __m512 lim = _mm512_set1_ps(127.f);
   for (int64_t b = 0; b < nb; ++b) {
-    float amax = 0.f;
-    for (int64_t i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[b * 32 + i]));
+    const __m512 x0 = _mm512_loadu_ps(x + b * 32), x1 = _mm512_loadu_ps(x + b * 32 + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
     const float d = amax / 127.f;
     int32_t sum = 0;
-    for (int64_t i = 0; i < 32; ++i) {
-      const int32_t q = d > 0.f ? static_cast<int32_t>(std::nearbyint(x[b * 32 + i] / d)) : 0;
-      o.q[b * 32 + i] = static_cast<int8_t>(std::max(-127, std::min(127, q)));
-      sum += o.q[b * 32 + i];
+    if (d > 0.f) {
+      const __m512 vd = _mm512_set1_ps(d);
+      auto quant = [&](__m512 v) {
+        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim));
+      };
+      const __m512i q0 = quant(x0), q1 = quant(x1);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o.q.data() + b * 32), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o.q.data() + b * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+      sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    } else {
+      std::memset(o.q.data() + b * 32, 0, 32);
     }
     o.d[b] = d;
     o.ds[b] = (q8_0 ? -128.f : 1.f) * (d * static_cast<float>(sum));
@@ -682,16 +694,29 @@ COURSE_VNNI void tile_dot(const uint8_t* p, int64_t nb, const XN* x, float* out,
   for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(out + m * 16, acc[m]);
 }
 
+// The M rows of x (each K long) quantized for the tile GEMV.
+template <typename T>
+void quantize_rows_nat(const QWeight& w, const T* x, int64_t M, std::vector<XN>& out) {
+  const int64_t K = w.K;
+  out.resize(M);
+  std::vector<float> xf;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row;
+    if constexpr (std::is_same<T, float>::value) {
+      row = x + m * K;
+    } else {
+      xf.resize(K);
+      for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(x[m * K + k]);
+      row = xf.data();
+    }
+    quantize_x_nat(row, K, w.format == QFormat::Q8_0, out[m]);
+  }
+}
+
 template <typename T, int64_t M>
-void gemv_tiles_act8(const QWeight& w, const T* x, T* y, int64_t t0, int64_t t1) {
+void gemv_tiles_act8(const QWeight& w, const XN* xq, T* y, int64_t t0, int64_t t1) {
   const int64_t K = w.K, N = w.N, nb = K / 32;
   const bool q8 = w.format == QFormat::Q8_0;
-  XN xq[M];
-  std::vector<float> xf(K);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(x[m * K + k]);
-    quantize_x_nat(xf.data(), K, q8, xq[m]);
-  }
   const int mode = qgemv_prefetch().load(std::memory_order_relaxed);
   const int64_t pfd = mode == 2 ? kStreamAhead : 0;
   const int64_t tb = qtile_block_bytes(w.format);
@@ -736,8 +761,11 @@ constexpr bool kWide = false;
 bool act8_ok(const QWeight&) { return false; }
 template <typename T, int64_t M>
 void gemv_rows_act8(const QWeight&, const T*, T*, int64_t, int64_t) {}
+struct XN {};
+template <typename T>
+void quantize_rows_nat(const QWeight&, const T*, int64_t, std::vector<XN>&) {}
 template <typename T, int64_t M>
-void gemv_tiles_act8(const QWeight&, const T*, T*, int64_t, int64_t) {}
+void gemv_tiles_act8(const QWeight&, const XN*, T*, int64_t, int64_t) {}
 #endif
 
 // out[m] = x[m] . W[n] for M rows of x (fp32, each K long).
@@ -912,59 +940,55 @@ void gemv_rows(const QWeight& w, const T* x, T* y, int64_t n0, int64_t n1) {
 
 bool qgemv_act8_supported(const QWeight& w) { return act8_ok(w); }
 
+// f(std::integral_constant<int64_t, m>) for the row count m = mm (1..8): the kernels' M is a
+// template argument, so each count has its own unrolled copy.
+template <typename F>
+void by_rows(int64_t mm, F&& f) {
+  switch (mm) {
+    case 1: return f(std::integral_constant<int64_t, 1>{});
+    case 2: return f(std::integral_constant<int64_t, 2>{});
+    case 3: return f(std::integral_constant<int64_t, 3>{});
+    case 4: return f(std::integral_constant<int64_t, 4>{});
+    case 5: return f(std::integral_constant<int64_t, 5>{});
+    case 6: return f(std::integral_constant<int64_t, 6>{});
+    case 7: return f(std::integral_constant<int64_t, 7>{});
+    default: return f(std::integral_constant<int64_t, 8>{});
+  }
+}
+
+// The M rows of x in passes of `per` rows: f(rows of this pass, its x, its y).
+template <typename T, typename F>
+void in_passes(const QWeight& w, const T* x, T* y, int64_t M, int64_t per, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += per) f(std::min(per, M - m0), x + m0 * w.K, y + m0 * w.N);
+}
+
 template <typename T>
 void qgemv(const QWeight& w, const T* x, T* y, int64_t M) {
   const bool act8 = w.act8 && act8_ok(w);
   if (act8 && w.tiles && qtile_ok(w.format, w.N, w.K)) {
+    // x quantized once, before the threads split the tiles.
+    std::vector<XN> xq;
+    quantize_rows_nat(w, x, M, xq);
     at::parallel_for(0, w.N / kTileRows, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows8) {
-        const int64_t mm = std::min(kMaxRows8, M - m0);
-        const T* xm = x + m0 * w.K;
-        T* ym = y + m0 * w.N;
-        switch (mm) {
-          case 1: gemv_tiles_act8<T, 1>(w, xm, ym, t0, t1); break;
-          case 2: gemv_tiles_act8<T, 2>(w, xm, ym, t0, t1); break;
-          case 3: gemv_tiles_act8<T, 3>(w, xm, ym, t0, t1); break;
-          case 4: gemv_tiles_act8<T, 4>(w, xm, ym, t0, t1); break;
-          case 5: gemv_tiles_act8<T, 5>(w, xm, ym, t0, t1); break;
-          case 6: gemv_tiles_act8<T, 6>(w, xm, ym, t0, t1); break;
-          case 7: gemv_tiles_act8<T, 7>(w, xm, ym, t0, t1); break;
-          default: gemv_tiles_act8<T, 8>(w, xm, ym, t0, t1); break;
-        }
+        by_rows(std::min(kMaxRows8, M - m0),
+                [&](auto R) { gemv_tiles_act8<T, R.value>(w, xq.data() + m0, y + m0 * w.N, t0, t1); });
       }
     });
     return;
   }
   at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
     if (act8) {
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows8) {
-        const int64_t mm = std::min(kMaxRows8, M - m0);
-        const T* xm = x + m0 * w.K;
-        T* ym = y + m0 * w.N;
-        switch (mm) {
-          case 1: gemv_rows_act8<T, 1>(w, xm, ym, n0, n1); break;
-          case 2: gemv_rows_act8<T, 2>(w, xm, ym, n0, n1); break;
-          case 3: gemv_rows_act8<T, 3>(w, xm, ym, n0, n1); break;
-          case 4: gemv_rows_act8<T, 4>(w, xm, ym, n0, n1); break;
-          case 5: gemv_rows_act8<T, 5>(w, xm, ym, n0, n1); break;
-          case 6: gemv_rows_act8<T, 6>(w, xm, ym, n0, n1); break;
-          case 7: gemv_rows_act8<T, 7>(w, xm, ym, n0, n1); break;
-          default: gemv_rows_act8<T, 8>(w, xm, ym, n0, n1); break;
-        }
-      }
+      in_passes(w, x, y, M, kMaxRows8, [&](int64_t mm, const T* xm, T* ym) {
+        by_rows(mm, [&](auto R) { gemv_rows_act8<T, R.value>(w, xm, ym, n0, n1); });
+      });
       return;
     }
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-      const int64_t mm = std::min(kMaxRows, M - m0);
-      const T* xm = x + m0 * w.K;
-      T* ym = y + m0 * w.N;
-      switch (mm) {
-        case 1: gemv_rows<T, 1>(w, xm, ym, n0, n1); break;
-        case 2: gemv_rows<T, 2>(w, xm, ym, n0, n1); break;
-        case 3: gemv_rows<T, 3>(w, xm, ym, n0, n1); break;
-        default: gemv_rows<T, 4>(w, xm, ym, n0, n1); break;
-      }
-    }
+    in_passes(w, x, y, M, kMaxRows, [&](int64_t mm, const T* xm, T* ym) {
+      by_rows(std::min<int64_t>(mm, 4), [&](auto R) {
+        if constexpr (R.value <= 4) gemv_rows<T, R.value>(w, xm, ym, n0, n1);
+      });
+    });
   });
 }
 

@@ -148,7 +148,7 @@ fn tour(quick: bool, only: &[String], device: &str, outputs: &Path) -> Result<()
         println!("\n== {} — {}", m.name, m.title);
         let t = Instant::now();
         let mut cmd = Command::new(&bin);
-        cmd.arg("--outputs").arg(outputs).arg("--device").arg(device);
+        cmd.arg("--outputs").arg(outputs).arg("--device").arg(device).args(m.tour_args);
         if quick {
             cmd.arg("--quick");
         }

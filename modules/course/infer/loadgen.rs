@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// One streamed request as the client saw it.
 #[derive(Debug, Clone, Default)]
 pub struct Sample {
-    /// 200, a complete stream ending in `data: [DONE]`, and no error event.
+    /// 200, a complete stream ending in `data: [DONE]` with some content, and no error event.
     pub ok: bool,
     /// The HTTP status (0: no response).
     pub status: u16,
@@ -150,8 +150,13 @@ pub async fn stream_request(addr: SocketAddr, path: &str, body: &str, api_key: O
                 let Some(data) = line.strip_prefix("data:") else { continue };
                 let data = data.trim();
                 if data == "[DONE]" {
-                    s.ok = s.error.is_none();
                     s.tokens = usage_tokens.unwrap_or(events);
+                    // Every request asks for tokens: a stream that carries none was cut short
+                    // (llama-cpp-python's server ends a stream empty when a newer one interrupts it).
+                    if s.error.is_none() && events == 0 {
+                        s.error = Some("the stream ended with no content".into());
+                    }
+                    s.ok = s.error.is_none();
                     return s;
                 }
                 let v: Value = match serde_json::from_str(data) {

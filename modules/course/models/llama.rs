@@ -343,7 +343,8 @@ impl WeightFormat {
 
 /// A named way to run the Llama, as m06's comparison and m07's server spell it: the weights'
 /// storage, the dtype of everything else, whether decoding quantizes the activations to int8
-/// (`_x8`: VNNI byte dot products, llama.cpp's route; prefill keeps the exact path), and whether
+/// (`_x8`: VNNI byte dot products, llama.cpp's route; Q4_1's tiles take every row count that
+/// way, prefill too, NF4's only up to 8 rows), and whether
 /// NF4's codes are chosen by GPTQ against calibration inputs (`nf4_gptq`, which needs them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunFormat {

@@ -178,7 +178,8 @@ fn amx_call(enable: i32) -> (bool, String) {
 /// NF4; scale absmax / 127, round half to even) and meets `W` in AVX-512 VNNI byte dot products;
 /// NF4's code values enter as `round(127 c) / 127`. [`qlinear_int8_activations_reference`] is
 /// its reference. Where [`int8_activations_supported`] says no (another format, another CPU,
-/// more rows), this is [`qlinear`] exactly.
+/// more than 8 rows on a weight without tiles), this is [`qlinear`] exactly. A weight with tiles
+/// ([`QTensors::add_tiles`]) takes any number of rows, 8 at a time: prefill too.
 pub fn qlinear_int8_activations(x: &Tensor, w: &QTensors) -> Result<Tensor> {
     qlinear_id(x, w, w.format.id() | 0x100)
 }
