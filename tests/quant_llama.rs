@@ -81,15 +81,22 @@ fn smollm2_in_the_files_own_blocks_equals_the_dequantized_model() {
 
 /// `Llama::set_int8_activations`: decoding one token at a time through the int8-activation GEMV
 /// stays within the activations' rounding of the exact path (and really takes it where the CPU
-/// has VNNI), while a prefill (more than 8 rows: the exact GEMM) is unchanged to the bit.
+/// has VNNI). Q4_1's weights then carry tiles, and a prefill (more rows) takes int8 activations
+/// too, within the same rounding, and agrees with decoding the same tokens one at a time.
 #[test]
 fn int8_activations_change_decoding_by_their_rounding_only() {
     let exact = load(WeightFormat::Q4_1);
     let mut x8 = load(WeightFormat::Q4_1);
     x8.model.set_int8_activations(true);
     let x = ids(&exact, TEXT);
-    let (a, b) = tch::no_grad(|| (exact.model.forward(&x).unwrap(), x8.model.forward(&x).unwrap()));
-    assert_eq!((&a - &b).abs().max().double_value(&[]), 0.0, "a prefill must take the exact path");
+    let (pa, pb) = tch::no_grad(|| (exact.model.forward(&x).unwrap(), x8.model.forward(&x).unwrap()));
+    let on = course::ops::qmatmul::int8_activations_supported(course::ops::QFormat::Q4_1, 576);
+    let pe = (&pa - &pb).abs().max().double_value(&[]) / pa.abs().max().double_value(&[]);
+    if on {
+        assert!(pe > 0.0 && pe < 0.1, "a prefill with tiles moved the logits by {pe} of their scale");
+    } else {
+        assert_eq!(pe, 0.0, "without VNNI a prefill must take the exact path");
+    }
     let decode = |m: &ChatModel| {
         let mut cache = m.model.new_cache(1, 64);
         let ids: Vec<i64> = Vec::try_from(x.reshape([-1])).unwrap();
@@ -100,13 +107,22 @@ fn int8_activations_change_decoding_by_their_rounding_only() {
         Tensor::cat(&out, 0)
     };
     let (a, b) = (decode(&exact), decode(&x8));
+    // The x8 model's prefill and its token-by-token decoding of the same tokens: fp32 sums in
+    // another order (a mask instead of a cache), which the int8 rounding of the activations can
+    // amplify (a value near a rounding edge moves a whole step): within that rounding, and the
+    // same argmax nearly everywhere.
+    let pb2 = pb.reshape([-1, pb.size()[2]]);
+    let pd = (&pb2 - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]);
+    let pagree =
+        pb2.argmax(-1, false).eq_tensor(&b.argmax(-1, false)).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+    assert!(pd < 0.1 && pagree >= 0.9, "x8 prefill vs x8 decoding: {pd} of the scale, argmax agreement {pagree}");
     let scale = a.abs().max().double_value(&[]);
     let e = (&a - &b).abs().max().double_value(&[]) / scale;
     let agree =
         a.argmax(-1, false).eq_tensor(&b.argmax(-1, false)).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
     if course::ops::qmatmul::int8_activations_supported(course::ops::QFormat::Q4_1, 576) {
         assert!(
-            e > 0.0 && e < 0.05,
+            e > 0.0 && e < 0.1,
             "int8 activations moved {} decoded tokens' logits by {e} of their scale",
             a.size()[0]
         );

@@ -683,11 +683,19 @@ COURSE_VNNI void tile_dot(const uint8_t* p, int64_t nb, const XN* x, float* out,
         w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
       }
     }
+    // The 8 dot products of a block, quads in the outer loop so the rows' chains interleave;
+    // with few rows each row's chain splits in two (int32 sums: exact in any grouping, so a
+    // row's result is the same bits whatever M is).
+    constexpr int P = M <= 4 ? 2 : 1;
+    __m512i s[M][P];
+    for (int64_t m = 0; m < M; ++m)
+      for (int i = 0; i < P; ++i) s[m][i] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j)
+      for (int64_t m = 0; m < M; ++m)
+        s[m][j % P] = _mm512_dpbusd_epi32(s[m][j % P], w[j], _mm512_set1_epi32(load4(x[m].q.data() + b * 32 + 4 * j)));
     for (int64_t m = 0; m < M; ++m) {
-      const int8_t* xq = x[m].q.data() + b * 32;
-      __m512i s = _mm512_setzero_si512();
-      for (int j = 0; j < 8; ++j) s = _mm512_dpbusd_epi32(s, w[j], _mm512_set1_epi32(load4(xq + 4 * j)));
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(x[m].d[b])), acc[m]);
+      const __m512i t = P == 2 ? _mm512_add_epi32(s[m][0], s[m][P - 1]) : s[m][0];
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dw, _mm512_set1_ps(x[m].d[b])), acc[m]);
       acc[m] = _mm512_fmadd_ps(mw, _mm512_set1_ps(x[m].ds[b]), acc[m]);
     }
   }

@@ -10,3 +10,4 @@ pub mod profile;
 pub mod recompute;
 pub mod rng;
 pub mod runtime;
+pub mod simd;
