@@ -135,16 +135,8 @@ fn main() -> Result<()> {
     let state = AppState::new(ServeConfig { addr: "127.0.0.1:0".parse()?, ..Default::default() });
     state.set_backend(Backend { engine, tokenizer, template });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(serve::serve(
-        state,
-        async move {
-            let _ = stop_rx.await;
-        },
-        Some(tx),
-    ));
-    let ours_addr = rt.block_on(rx).context("our server did not start")?;
+    let server = serve::start_on(&rt, state).context("starting our server")?;
+    let ours_addr = server.addr;
 
     let peer = if peer_installed() {
         Some(start_peer(b.threads)?)
@@ -210,7 +202,5 @@ fn main() -> Result<()> {
         }
     }
     drop(peer);
-    let _ = stop_tx.send(());
-    rt.block_on(server)??;
-    Ok(())
+    server.stop(&rt)
 }

@@ -197,22 +197,24 @@ void attend_group(const T* qkv, const T* cos, const T* sin, const float* kh, con
   }
 }
 
-// attend_group for a group of g heads and head_dim hd, where an instance exists; false otherwise.
+// Whether attend_group has an instance for g heads a group and head_dim hd with cache type C.
+template <typename C>
+bool grouped_ok(int64_t g, int64_t hd) {
+  return std::is_same<C, float>::value && hd == 4 * L && g >= 1 && g <= 4;
+}
+
+// attend_group for a group of g heads (grouped_ok<C>(g, hd) holds).
 template <typename T, typename C>
-bool attend_group_any(int64_t g, int64_t hd, const T* qkv, const T* cos, const T* sin, const C* kh, const C* vh,
-                      int64_t b, int64_t j, int64_t p, int64_t H, int64_t KV, T* y, std::vector<float>& sc) {
+void attend_group_any(int64_t g, const T* qkv, const T* cos, const T* sin, const C* kh, const C* vh, int64_t b,
+                      int64_t j, int64_t p, int64_t H, int64_t KV, T* y, std::vector<float>& sc) {
   if constexpr (std::is_same<C, float>::value) {
-    if (hd == 4 * L) {
-      switch (g) {
-        case 1: attend_group<1, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc); return true;
-        case 2: attend_group<2, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc); return true;
-        case 3: attend_group<3, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc); return true;
-        case 4: attend_group<4, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc); return true;
-        default: return false;
-      }
+    switch (g) {
+      case 1: return attend_group<1, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc);
+      case 2: return attend_group<2, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc);
+      case 3: return attend_group<3, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc);
+      default: return attend_group<4, 4>(qkv, cos, sin, kh, vh, b, j, p, H, KV, y, sc);
     }
   }
-  return false;
 }
 
 template <typename T, typename C>
@@ -242,12 +244,12 @@ void decode_attention(const T* qkv, const T* cos, const T* sin, C* cache_k, C* c
   const int64_t group = H / KV;
   const int64_t grain = work * 2 < kSerialElems ? B * H : 1;
   // Grouped: one work item per (sequence, key/value head) and its query heads together.
-  if (std::is_same<C, float>::value && hd == 4 * L && group >= 1 && group <= 4) {
+  if (grouped_ok<C>(group, hd)) {
     at::parallel_for(0, B * KV, work * 2 < kSerialElems ? B * KV : 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> sc;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / KV, j = t % KV, r = rows ? rows[b] : b;
-        attend_group_any<T, C>(group, hd, qkv, cos, sin, cache_k + (r * KV + j) * cap * hd,
+        attend_group_any<T, C>(group, qkv, cos, sin, cache_k + (r * KV + j) * cap * hd,
                                cache_v + (r * KV + j) * cap * hd, b, j, pos[b], H, KV, y, sc);
       }
     });

@@ -395,16 +395,8 @@ fn lesson(args: &Args) -> Result<()> {
     let state = AppState::new(serve_config(a, if quick || args.no_serve { 0 } else { a.port })?);
     state.set_backend(backend);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(serve::serve(
-        state.clone(),
-        async move {
-            let _ = stop_rx.await;
-        },
-        Some(tx),
-    ));
-    let addr = rt.block_on(rx).context("the server did not start")?;
+    let server = serve::start_on(&rt, state.clone())?;
+    let addr = server.addr;
     let levels: &[usize] = if quick { &[1, 2] } else { &[1, 2, 4, 8] };
     let requests = if quick { 2 } else { args.requests };
     let tokens = if quick { 8 } else { args.sweep_tokens };
@@ -479,9 +471,7 @@ fn lesson(args: &Args) -> Result<()> {
         println!("serving on http://{addr}/ (the chat page; the API under /v1). Ctrl-C stops.");
         rt.block_on(serve::ctrl_c());
     }
-    let _ = stop_tx.send(());
-    rt.block_on(server).context("the server task")??;
-    Ok(())
+    server.stop(&rt)
 }
 
 fn main() -> Result<()> {

@@ -42,7 +42,7 @@ pub trait BatchModel: Send {
     fn decode(&mut self, slots: &[usize], tokens: &[i64]) -> Result<Tensor>;
     /// Forgets `slot`'s sequence.
     fn free(&mut self, slot: usize);
-    /// Bytes of the KV cache.
+    /// Bytes of the KV cache (0 before [`BatchModel::start`] made it).
     fn cache_bytes(&self) -> i64;
     /// Called once on the engine's thread before the first request: allocate what should be
     /// that thread's (the KV cache: zero-filling it runs an OpenMP region, and a region on the
@@ -100,14 +100,7 @@ impl BatchModel for LlamaSlots {
         }
     }
     fn cache_bytes(&self) -> i64 {
-        match &self.cache {
-            Some(c) => c.bytes(),
-            None => {
-                let c = &self.model.cfg;
-                let per = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim();
-                per * self.capacity * self.slots as i64 * self.model.cache_kind().elt_size_in_bytes() as i64
-            }
-        }
+        self.cache.as_ref().map_or(0, |c| c.bytes())
     }
     fn start(&mut self) -> Result<()> {
         if self.cache.is_none() {
@@ -625,10 +618,10 @@ impl<'t> Scheduler<'t> {
         s.prefill_secs += t0.elapsed().as_secs_f64();
         s.done_prompt = end;
         if end == prompt.len() {
-            let host = host_logits(&logits)?;
+            let mut host = host_logits(&logits)?;
             let st = &self.shared.stats;
             st.prompt_tokens.fetch_add(prompt.len() as u64, Ordering::Relaxed);
-            take_token(s, host, &self.stop_ids, st)?;
+            take_token(s, &mut host, &self.stop_ids, st)?;
         }
         Ok(())
     }
@@ -645,12 +638,11 @@ impl<'t> Scheduler<'t> {
         let tokens: Vec<i64> = ready.iter().map(|&i| self.running[i].next.expect("filtered")).collect();
         let logits = self.model.decode(&slots, &tokens)?;
         self.shared.stats.steps.fetch_add(1, Ordering::Relaxed);
-        // One copy of all rows to the host, then each row's own vector.
-        let all = host_logits(&logits)?;
+        // One copy of all rows to the host; each row is sampled (and penalised) in place.
+        let mut all = host_logits(&logits)?;
         let vocab = all.len() / ready.len();
-        for (row, &i) in ready.iter().enumerate() {
-            let host = all[row * vocab..(row + 1) * vocab].to_vec();
-            take_token(&mut self.running[i], host, &self.stop_ids, &self.shared.stats)?;
+        for (row, &i) in all.chunks_exact_mut(vocab).zip(&ready) {
+            take_token(&mut self.running[i], row, &self.stop_ids, &self.shared.stats)?;
         }
         Ok(())
     }
@@ -738,11 +730,11 @@ fn host_logits(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// Samples `s`'s next token from `logits`, sends its text, and marks `s` finished where it ends.
-fn take_token(s: &mut Seq<'_>, mut logits: Vec<f32>, stop_ids: &[i64], st: &Stats) -> Result<()> {
+fn take_token(s: &mut Seq<'_>, logits: &mut [f32], stop_ids: &[i64], st: &Stats) -> Result<()> {
     let p = &s.job.req.params;
-    let raw = p.logprobs.map(|_| logits.clone());
-    apply_penalties(&mut logits, &s.counts, p.presence_penalty, p.frequency_penalty);
-    let id = sample_from(&logits, &p.sampling, &mut s.rng);
+    let raw = p.logprobs.map(|_| logits.to_vec());
+    apply_penalties(logits, &s.counts, p.presence_penalty, p.frequency_penalty);
+    let id = sample_from(logits, &p.sampling, &mut s.rng);
     let now = Instant::now();
     match s.last_token {
         Some(prev) => {

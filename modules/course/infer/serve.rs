@@ -181,6 +181,44 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// Serves `state` on its address until Ctrl-C (or `stop` resolves); then new requests get 503,
 /// streams in flight have `grace` to finish, and the engine is stopped. `ready` receives the
 /// bound address (port 0 picks a free one).
+/// A server running on a tokio runtime the caller owns (the lesson and the benchmark drive their
+/// load client on the same runtime): its address, and [`Running::stop`].
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// Starts [`serve`] on `rt` and waits until it listens; a failure to bind comes back as the error.
+pub fn start_on(rt: &tokio::runtime::Runtime, state: Arc<AppState>) -> Result<Running> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = rt.spawn(serve(
+        state,
+        async move {
+            let _ = stop_rx.await;
+        },
+        Some(ready_tx),
+    ));
+    match rt.block_on(ready_rx) {
+        Ok(addr) => Ok(Running { addr, stop, task }),
+        // The ready sender went away unused: the task ended, with its reason.
+        Err(_) => Err(rt
+            .block_on(task)
+            .context("the server task")?
+            .err()
+            .unwrap_or_else(|| anyhow::anyhow!("the server stopped before it listened"))),
+    }
+}
+
+impl Running {
+    /// Stops the server (streams in flight get the configured grace) and waits for it.
+    pub fn stop(self, rt: &tokio::runtime::Runtime) -> Result<()> {
+        let _ = self.stop.send(());
+        rt.block_on(self.task).context("the server task")?
+    }
+}
+
 pub async fn serve(
     state: Arc<AppState>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
